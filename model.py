@@ -224,3 +224,526 @@ def expand_placeholders(ids: list, grid_thws, hidden_stride: int = 2, temporal_p
     if k != len(grids):
         raise ValueError(f"{len(grids)} images but {k} placeholders")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision encoder: SigLIP2-NaViT (spec 5). Module names mirror the checkpoint keys
+# visual_tokenizer.vit.vision_model.{embeddings, encoder.layers.{l}, post_layernorm}.
+
+
+def _block_order(x: torch.Tensor, hs: int) -> torch.Tensor:
+    """(h, w, ...) grid -> (h*w, ...) rows in merge-block order (block row, block col, sub row, sub col)."""
+    h, w = x.shape[:2]
+    x = x.reshape(h // hs, hs, w // hs, hs, *x.shape[2:]).transpose(1, 2)
+    return x.reshape(h * w, *x.shape[4:])
+
+
+def _segments(seg_ids: torch.Tensor) -> dict:
+    """Attention segments from one id per token. Returns the token order that makes segments contiguous
+    (+ cu_seqlens, for flash-attn varlen) and, for SDPA, index matrices (n_segments, L) grouped by length so that
+    all segments of equal length run in one batched call without any (N, N) mask."""
+    _, dense = torch.unique(seg_ids, return_inverse=True)
+    order = torch.argsort(dense, stable=True)
+    counts = torch.bincount(dense)
+    starts = torch.cumsum(counts, 0) - counts
+    groups = []
+    for length in torch.unique(counts).tolist():
+        sel = starts[counts == length]
+        groups.append(order[sel[:, None] + torch.arange(length, device=seg_ids.device)])  # (n, L)
+    cu = F.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
+    return {"order": order, "cu_seqlens": cu, "max_len": int(counts.max()), "groups": groups}
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
+        w = self.patch_embedding.weight  # (D, C, ps, ps): a conv with stride = kernel is a matmul on patches
+        x = F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1), self.patch_embedding.bias)  # (N, D)
+        if not self.cfg.preserve_original_pe:
+            return x
+        s = self.cfg.image_size // self.cfg.patch_size
+        table = self.position_embedding.weight.reshape(s, s, -1).permute(2, 0, 1)[None]  # (1, D, S, S)
+        pes, cache = [], {}
+        for t, h, w_ in grid_thws.tolist():
+            if (h, w_) not in cache:  # bicubic, no antialias, in the parameter dtype (as the official code)
+                pe = F.interpolate(table, size=(h, w_), mode="bicubic", align_corners=False)[0]  # (D, h, w)
+                cache[(h, w_)] = _block_order(pe.permute(1, 2, 0), self.cfg.hidden_stride)  # (h*w, D)
+            pes.append(cache[(h, w_)].repeat(t, 1))  # frames share the same table, no temporal embedding
+        return x + torch.cat(pes)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads, self.head_dim = cfg.num_attention_heads, d // cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seg: dict) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = (p(x).view(n, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if cos is not None:  # 2-D rotary on q and k, computed in fp32 (N, 1, d)
+            q = (q.float() * cos + _rotate_half(q.float()) * sin).to(v.dtype)
+            k = (k.float() * cos + _rotate_half(k.float()) * sin).to(v.dtype)
+        if flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            o = seg["order"]
+            out = flash_attn_varlen_func(q[o], k[o], v[o], seg["cu_seqlens"], seg["cu_seqlens"], seg["max_len"],
+                                         seg["max_len"])
+            out = out[torch.argsort(o)]
+        else:  # SDPA, one batched call per segment length: (n_seg, heads, L, d)
+            outs, perm = [], []
+            for idx in seg["groups"]:
+                qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))
+                outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(-1, self.heads,
+                                                                                              self.head_dim))
+                perm.append(idx.reshape(-1))
+            out = torch.cat(outs)[torch.argsort(torch.cat(perm))]
+        return self.out_proj(out.reshape(n, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class VisionLayer(nn.Module):  # pre-LN
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x, cos, sin, seg):
+        x = x + self.self_attn(self.layer_norm1(x), cos, sin, seg)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class VisionModel(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        self.encoder = VisionEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # in the checkpoint, unused
+        self.gradient_checkpointing = False
+
+    def rotary_angles(self, grid_thws: torch.Tensor, device) -> torch.Tensor:
+        """(N, head_dim/2): [row * inv_freq, col * inv_freq] per patch, row/col within its frame, block order."""
+        dim = self.cfg.hidden_size // self.cfg.num_attention_heads // 2
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        out = []
+        for t, h, w in grid_thws.tolist():
+            rows = torch.arange(h, device=device)[:, None].expand(h, w)
+            cols = torch.arange(w, device=device)[None, :].expand(h, w)
+            rc = _block_order(torch.stack([rows, cols], -1), self.cfg.hidden_stride).float()  # (h*w, 2)
+            out.append(torch.cat([rc[:, :1] * inv_freq, rc[:, 1:] * inv_freq], -1).repeat(t, 1))
+        return torch.cat(out)
+
+    def segment_ids(self, grid_thws: torch.Tensor, windowed: bool, device) -> torch.Tensor:
+        """One id per patch: its frame (full attention) or its window within the frame (windowed attention).
+        Windows tile the merged grid from the top-left in m x m cells, m = window_size // hidden_stride // ps."""
+        hs = self.cfg.hidden_stride
+        m = max(1, self.cfg.window_size // hs // self.cfg.patch_size)
+        ids, offset = [], 0
+        for t, h, w in grid_thws.tolist():
+            if windowed:
+                r = torch.arange(h // hs, device=device)[:, None] // m
+                c = torch.arange(w // hs, device=device)[None, :] // m
+                win = (r * (-(-(w // hs) // m)) + c).reshape(-1).repeat_interleave(hs * hs)  # (h*w,) block order
+                n_win = int(win.max()) + 1
+            else:
+                win, n_win = torch.zeros(h * w, dtype=torch.long, device=device), 1
+            for _ in range(t):  # frames never attend to each other
+                ids.append(win + offset)
+                offset += n_win
+        return torch.cat(ids)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
+        """All images/frames of a batch as one packed sequence: (N, 3*ps*ps) -> last layer output (N, D),
+        before post_layernorm (which Ovis does not use)."""
+        x = self.embeddings(pixel_values, grid_thws)
+        cos = sin = None
+        if self.cfg.use_rope:
+            emb = self.rotary_angles(grid_thws, x.device).repeat(1, 2)[:, None]  # (N, 1, head_dim)
+            cos, sin = emb.cos(), emb.sin()
+        full_at = self.cfg.fullatt_block_indexes
+        full = _segments(self.segment_ids(grid_thws, False, x.device))
+        win = None if full_at is None else _segments(self.segment_ids(grid_thws, True, x.device))
+        for i, layer in enumerate(self.encoder.layers):
+            seg = full if full_at is None or i in full_at else win
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, seg, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, seg)
+        return x
+
+
+class Siglip2Navit(nn.Module):  # only here so the keys read visual_tokenizer.vit.vision_model.*
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.vision_model = VisionModel(cfg)
+
+
+class VisualTokenizer(nn.Module):
+    """ViT -> 2x2 merge -> head (Linear without bias, LayerNorm eps 1e-5) -> softmax over V-4 visual words."""
+
+    def __init__(self, cfg: OvisConfig):
+        super().__init__()
+        v = cfg.vit
+        self.hidden_stride = v.hidden_stride
+        self.vit = Siglip2Navit(v)
+        self.head = nn.Sequential(
+            nn.Linear(v.hidden_size * v.hidden_stride ** 2, cfg.visual_vocab_size - len(INDICATOR_IDS), bias=False),
+            nn.LayerNorm(cfg.visual_vocab_size - len(INDICATOR_IDS)),  # eps 1e-5, unlike the ViT's 1e-6
+        )
+
+    def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
+        x = self.vit.vision_model(pixel_values, grid_thws)  # (N, D)
+        x = x.reshape(-1, x.shape[-1] * self.hidden_stride ** 2)  # (N/4, 4D): a 2x2 block's patches side by side
+        probs = torch.softmax(self.head(x).float(), dim=-1).to(x.dtype)  # (N/4, V-4)
+        return F.pad(probs, (0, len(INDICATOR_IDS)))  # (N/4, V): indicator slots are never produced by images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ovis2.5: visual tokens merged into a plain transformers Qwen3ForCausalLM
+
+
+@dataclass
+class OvisOutput:
+    loss: torch.Tensor | None = None  # mean (or sum) token cross-entropy over target tokens
+    logits: torch.Tensor | None = None  # (B, T, vocab), only when no labels are given
+    n_targets: int = 0  # number of target tokens behind `loss`
+
+
+@dataclass
+class GenState:
+    """What `generate(..., return_state=True)` leaves behind so the next call continues from the KV cache: the
+    cache holds every token so far except `pending` (each row's last sampled token, fed first next time)."""
+    cache: object  # transformers DynamicCache
+    mask: torch.Tensor  # (B, S) 1 where the cached position is a real token, 0 for padding
+    pending: torch.Tensor  # (B,) last sampled token, not yet in the cache
+    pending_real: torch.Tensor  # (B,) bool: pending is a real token (its row was still running)
+    seen: torch.Tensor | None  # (B, vocab) bool: tokens seen so far, for the repetition penalty
+    n_generated: torch.Tensor  # (B,) tokens generated so far across calls (thinking budget)
+    think_closed: torch.Tensor  # (B,) bool: </think> already produced or forced
+
+
+class Ovis25(nn.Module):
+    loss_chunk_size = 1024  # target tokens per cross-entropy chunk: (chunk, vocab) fp32 logits live at a time
+
+    def __init__(self, config: OvisConfig, attn_implementation: str | None = None):
+        super().__init__()
+        from transformers import Qwen3ForCausalLM
+
+        self.config = config
+        self.source_dir = None  # checkpoint dir we were loaded from: its tokenizer/processor files are saved along
+        if attn_implementation is None:
+            attn_implementation = "flash_attention_2" if flash_attn_varlen_func is not None else "sdpa"
+        config.llm._attn_implementation = attn_implementation
+        self.visual_tokenizer = VisualTokenizer(config)
+        self.vte = nn.Embedding(config.visual_vocab_size, config.hidden_size)
+        self.llm = Qwen3ForCausalLM(config.llm)
+        self._tie()
+
+    def _tie(self):
+        if self.config.llm.tie_word_embeddings:
+            self.llm.lm_head.weight = self.llm.model.embed_tokens.weight
+
+    # -- inputs -----------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, grid_thws=None) -> torch.Tensor:
+        """(B, T) ids with placeholders -> (B, T, H) LLM input embeddings. Visual atoms (-300) are filled in
+        row-major order over (batch, sequence) with the visual embeddings of all images, in order."""
+        emb_layer = self.llm.get_input_embeddings()
+        x = emb_layer(input_ids.clamp(min=0))  # (B, T, H); placeholder rows are overwritten below
+        is_atom = input_ids == VISUAL_ATOM_ID
+        n_atoms = int(is_atom.sum())
+        if pixel_values is not None:
+            tokens = self.visual_tokenizer(pixel_values, grid_thws)  # (n_atoms, V)
+            if tokens.shape[0] != n_atoms:
+                raise ValueError(f"{n_atoms} visual atom ids (-300) but the images give {tokens.shape[0]} tokens")
+            vis = (tokens @ self.vte.weight).to(x.dtype)  # soft lookup: (n_atoms, H)
+            x = x.masked_scatter(is_atom[..., None], vis)
+        elif n_atoms:
+            raise ValueError("input_ids contain visual atom ids (-300) but no pixel_values were given")
+        elif self.training or (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            # Keep the ViT, head and vte in every rank's graph even without images: ZeRO-3 gathers parameters
+            # module by module and hangs if one rank skips the ViT. Zero-weighted, so the loss is unchanged.
+            ps = self.config.vit.patch_size
+            dummy = torch.zeros(4, 3 * ps * ps, device=x.device)
+            tok = self.visual_tokenizer(dummy, torch.tensor([[1, 2, 2]], device=x.device))
+            x = x + 0.0 * (tok @ self.vte.weight).sum().to(x.dtype)
+        is_ind = input_ids <= INDICATOR_IDS[0]
+        if bool(is_ind.any()):  # -301..-304 -> the last four vte rows
+            rows = self.config.visual_vocab_size - 305 - input_ids[is_ind]
+            x = x.masked_scatter(is_ind[..., None], self.vte(rows).to(x.dtype))
+        return x
+
+    # -- training / scoring forward -----------------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, grid_thws=None, labels=None,
+                position_ids=None, loss_reduction: str = "mean") -> OvisOutput:
+        """Packed rows: pass `position_ids` that restart at 0 for each sample and no attention_mask; attention
+        then never crosses samples (transformers derives the segments from position_ids). Labels are unshifted
+        (HF convention). With labels, `.logits` is None and the loss is a chunked cross-entropy."""
+        x = self.embed(input_ids, pixel_values, grid_thws)
+        if labels is None:
+            out = self.llm(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            return OvisOutput(logits=out.logits)
+        h = self.llm.model(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state  # (B, T, H)
+        targets = labels[:, 1:].clone()  # position t predicts token t+1
+        if position_ids is not None:  # the last token of one packed sample must not predict the next sample
+            targets[position_ids[:, 1:] == 0] = IGNORE_ID
+        keep = targets != IGNORE_ID
+        loss, n = self.chunked_ce(h[:, :-1][keep], targets[keep])
+        if loss_reduction == "mean":
+            loss = loss / max(n, 1)
+        elif loss_reduction != "sum":
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        return OvisOutput(loss=loss, n_targets=n)
+
+    def chunked_ce(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Sum of token cross-entropies of (n, H) hidden states against (n,) targets, `loss_chunk_size` rows at
+        a time. Each chunk's fp32 logits (chunk, vocab) are recomputed in backward (checkpoint) instead of kept,
+        so peak memory is one chunk instead of (n, vocab) in fp32 plus its gradient. lm_head is called as a
+        module so ZeRO-3 hooks gather its weight."""
+        def ce(hc, tc):
+            return F.cross_entropy(self.llm.lm_head(hc).float(), tc, reduction="sum")
+
+        total = h.new_zeros((), dtype=torch.float32) + 0.0 * h.sum()  # keeps the graph alive with 0 targets
+        for i in range(0, h.shape[0], self.loss_chunk_size):
+            hc, tc = h[i:i + self.loss_chunk_size], targets[i:i + self.loss_chunk_size]
+            total = total + (torch.utils.checkpoint.checkpoint(ce, hc, tc, use_reentrant=False)
+                             if torch.is_grad_enabled() else ce(hc, tc))
+        return total, int(targets.numel())
+
+    def gradient_checkpointing_enable(self):
+        self.visual_tokenizer.vit.vision_model.gradient_checkpointing = True
+        self.llm.model.gradient_checkpointing = True
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, grid_thws=None, max_new_tokens: int = 1024,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 repetition_penalty: float = 1.0, eos_token_ids=EOS_IDS, stop_token_ids=(),
+                 thinking_budget: int | None = None, state: GenState | None = None, return_state: bool = False,
+                 generator: torch.Generator | None = None):
+        """Batched decoding with a KV cache. `input_ids` (B, L) are left-padded with PAD_ID; returns only the new
+        tokens (B, n) with PAD_ID after a row finished (an eos or stop id ends a row and is returned).
+
+        thinking_budget: when a row has generated that many tokens without `</think>`, the official early-stop
+        text (THINK_EARLY_STOP_IDS, ending in `</think>\\n\\n`) is forced and decoding goes on (spec 10.2), per row.
+        If max_new_tokens leaves too little room, the budget shrinks instead of failing. Use with thinking on.
+        state: continue a previous call (return_state=True): `input_ids` are then the new tokens (text + image
+        placeholders, left-padded) appended after everything generated so far; nothing before is re-encoded."""
+        dev = input_ids.device
+        ids = input_ids
+        if state is None:
+            cache_cls = __import__("transformers").DynamicCache
+            st = GenState(cache=cache_cls(config=self.llm.config), mask=ids.new_zeros(ids.shape[0], 0),
+                          pending=None, pending_real=None, seen=None,
+                          n_generated=ids.new_zeros(ids.shape[0]),
+                          think_closed=torch.zeros(ids.shape[0], dtype=torch.bool, device=dev))
+            real = ids != PAD_ID
+        else:
+            st = state
+            ids = torch.cat([st.pending[:, None], ids], 1)
+            real = torch.cat([st.pending_real[:, None], input_ids != PAD_ID], 1)
+        b = ids.shape[0]
+        vocab = self.llm.config.vocab_size
+        if repetition_penalty != 1.0:
+            if st.seen is None:
+                st.seen = torch.zeros(b, vocab, dtype=torch.bool, device=dev)
+            text = real & (ids >= 0)
+            st.seen.scatter_(1, torch.where(text, ids, 0), text)
+        eos = torch.tensor(list(eos_token_ids), device=dev)
+        stop = torch.tensor(list(stop_token_ids) or [-1], device=dev)
+        forced = torch.tensor(THINK_EARLY_STOP_IDS, device=dev)
+        budget = None
+        if thinking_budget is not None:
+            budget = max(0, min(thinking_budget, max_new_tokens - len(THINK_EARLY_STOP_IDS) - 1))
+        force_pos = torch.full((b,), -1, device=dev)  # index into `forced` while forcing, else -1
+
+        x = self.embed(ids, pixel_values, grid_thws)
+        st.mask = torch.cat([st.mask, real.long()], 1)
+        finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        new = []
+        for step in range(max_new_tokens):
+            pos = (st.mask.cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1]:]
+            logits = self.llm(inputs_embeds=x, attention_mask=st.mask, position_ids=pos, cache=st.cache,
+                              use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (B, vocab)
+            tok = self._next_token(logits, st.seen, do_sample, temperature, top_p, top_k, repetition_penalty,
+                                   generator)
+            if budget is not None:  # per-row thinking budget: start forcing, then emit the forced text
+                start = (st.n_generated == budget) & ~st.think_closed & (force_pos < 0)
+                force_pos = torch.where(start, 0, force_pos)
+                forcing = force_pos >= 0
+                tok = torch.where(forcing, forced[force_pos.clamp(min=0, max=len(forced) - 1)], tok)
+                force_pos = torch.where(forcing, force_pos + 1, force_pos)
+                force_pos = torch.where(force_pos >= len(forced), -1, force_pos)
+            tok = torch.where(finished, PAD_ID, tok)
+            was_running = ~finished
+            st.n_generated += was_running.long()
+            st.think_closed |= was_running & (tok == THINK_END_ID)
+            if st.seen is not None:
+                st.seen[torch.arange(b, device=dev), tok] |= was_running
+            new.append(tok)
+            finished = finished | torch.isin(tok, eos) | torch.isin(tok, stop)
+            st.pending, st.pending_real = tok, was_running
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            x = self.llm.get_input_embeddings()(tok[:, None])  # (B, 1, H)
+            st.mask = torch.cat([st.mask, was_running.long()[:, None]], 1)
+        out = torch.stack(new, 1) if new else ids.new_zeros(b, 0)
+        return (out, st) if return_state else out
+
+    @staticmethod
+    def _next_token(logits, seen, do_sample, temperature, top_p, top_k, repetition_penalty, generator):
+        if seen is not None and repetition_penalty != 1.0:  # HF rule: shrink logits of tokens already present
+            pen = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen, pen, logits)
+        if not do_sample:
+            return logits.argmax(-1)
+        logits = logits / max(temperature, 1e-5)
+        if top_k and top_k > 0:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:  # keep the smallest set of tokens whose probability mass reaches top_p
+            sorted_logits, idx = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= top_p
+            logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: "OvisConfig | dict", dtype=torch.float32, device="cpu",
+                    attn_implementation: str | None = None) -> "Ovis25":
+        """Randomly initialised model (tests, demos): Qwen3 init for the LLM, PyTorch defaults elsewhere."""
+        cfg = config if isinstance(config, OvisConfig) else OvisConfig.from_dict(config)
+        return cls(cfg, attn_implementation).to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu",
+                        attn_implementation: str | None = None) -> "Ovis25":
+        """Official checkpoint dir (config.json + model.safetensors or a sharded index). Built on the meta
+        device and filled from the files, so a 9B model never holds two copies of its weights."""
+        from safetensors import safe_open
+
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = OvisConfig.from_dict(json.load(f))
+        with torch.device("meta"):
+            model = cls(cfg, attn_implementation)
+        model = model.to(dtype=dtype).to_empty(device=device)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only "
+                                    "safetensors checkpoints are supported)")
+        params = dict(model.named_parameters())
+        loaded = set()
+        for fn in files:
+            with safe_open(os.path.join(path, fn), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    if k not in params:
+                        raise ValueError(f"{path}/{fn}: unexpected tensor {k!r} (not an Ovis2.5 checkpoint?)")
+                    t = f.get_tensor(k)
+                    if t.shape != params[k].shape:
+                        raise ValueError(f"{path}/{fn}: {k} has shape {tuple(t.shape)}, config says "
+                                         f"{tuple(params[k].shape)}")
+                    with torch.no_grad():
+                        params[k].copy_(t)
+                    loaded.add(k)
+        model._tie()
+        missing = set(dict(model.named_parameters()).keys()) - loaded
+        if missing:
+            raise ValueError(f"{path}: missing tensors {sorted(missing)[:5]} ({len(missing)} in all)")
+        model._init_buffers(device)
+        model.source_dir = os.path.abspath(path)
+        return model
+
+    def _init_buffers(self, device):
+        """Recompute the non-persistent buffers (rotary inv_freq) that to_empty left uninitialised."""
+        rot = self.llm.model.rotary_emb
+        self.llm.model.rotary_emb = type(rot)(config=self.config.llm).to(device)
+
+    def save_pretrained(self, out_dir: str, state_dict: dict | None = None, dtype=None,
+                        max_shard_bytes: int = 5 * 1024 ** 3, source_dir: str | None = None):
+        """Official layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index) with the
+        official key names, lm_head omitted when tied (as the official save), plus tokenizer/processor/generation
+        and remote-code files copied from `source_dir` (default: the dir we were loaded from). Written to a temp
+        dir and renamed, so a crash never leaves a half-written checkpoint. Pass `state_dict` when the live
+        parameters are partitioned (ZeRO-3: engine._zero3_consolidated_16bit_state_dict())."""
+        from safetensors.torch import save_file
+
+        sd = state_dict if state_dict is not None else self.state_dict()
+        tied = self.config.llm.tie_word_embeddings
+        sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items()
+              if not (tied and k == "llm.lm_head.weight")}
+        out_dir = os.path.abspath(out_dir)
+        tmp = out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        shards, cur, size = [], {}, 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        cfg = self.config.to_dict()
+        cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        src = source_dir or self.source_dir
+        for name in AUX_FILES if src else ():
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        if os.path.exists(out_dir):  # swap in the new dir, then drop the old one
+            os.replace(out_dir, out_dir + ".old")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(out_dir + ".old")
+        else:
+            os.replace(tmp, out_dir)
