@@ -367,3 +367,14 @@ def test_bad_inputs_raise_clearly(gm, inputs, tmp_path):
         M.Ovis25.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError):
         M.smart_resize(10, 10, 32, 0, 0)
+
+
+def test_released_9b_config_builds_exact_layout():
+    """The real Ovis2.5-9B config.json gives the published 840 tensors / 9,174,807,784 parameters (meta device)."""
+    cfg = M.OvisConfig.from_dict(json.loads((Path(__file__).parent.parent / "configs" / "ovis25_9b_config.json")
+                                            .read_text()))
+    with torch.device("meta"):
+        m = M.Ovis25(cfg)
+    assert len(m.state_dict()) == 840 and sum(p.numel() for p in m.parameters()) == 9_174_807_784
+    assert m.state_dict()["visual_tokenizer.head.0.weight"].shape == (65532, 4608)
+    assert cfg.vit.fullatt_block_indexes is None and not cfg.llm.tie_word_embeddings

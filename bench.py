@@ -1,0 +1,133 @@
+"""Benchmarks behind the speed/memory targets of the issues. One command per stage, one run each:
+
+    python bench.py model   # packed vs padded fwd+bwd tokens/s on mixed lengths; loss peak memory chunked vs full
+
+Figures are ratios measured on this machine (CPU by default, CUDA when available); absolute numbers depend on it.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import model as M
+
+# A random Ovis2.5 whose per-token compute splits like Ovis2.5-2B's (layers ~6x the lm_head), scaled down to run
+# on a CPU: the vocab is cut to 8192 here because with the real vocab a 512-wide toy model is all lm_head.
+BENCH_CONFIG = {
+    "hidden_size": 512, "visual_vocab_size": 1024,
+    "llm_config": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+                   "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 8192, "rms_norm_eps": 1e-6,
+                   "rope_theta": 1000000, "max_position_embeddings": 40960, "tie_word_embeddings": True},
+    "vit_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "patch_size": 16, "image_size": 64, "hidden_stride": 2, "window_size": 64},
+}
+
+
+def _timed(fn, repeats=3):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_packing():
+    """Same 24 mixed-length samples (64..1024 tokens, loss on the second half of each), two ways:
+    padded micro-batches of 4 samples (the seed's batching) vs rows packed up to 1024 tokens."""
+    torch.manual_seed(0)
+    m = M.Ovis25.from_config(BENCH_CONFIG).train()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.exp(torch.empty(24).uniform_(4.16, 6.93, generator=g)).long().tolist()  # log-uniform 64..1024
+    samples = [torch.randint(0, 8000, (n,), generator=g) for n in lengths]
+    labels = [torch.where(torch.arange(n) >= n // 2, s, M.IGNORE_ID) for s, n in zip(samples, lengths)]
+
+    def padded():
+        for i in range(0, len(samples), 4):
+            chunk, lab = samples[i:i + 4], labels[i:i + 4]
+            t = max(len(s) for s in chunk)
+            ids = torch.zeros(len(chunk), t, dtype=torch.long)  # padding id is masked anyway
+            lb = torch.full((len(chunk), t), M.IGNORE_ID)
+            mask = torch.zeros(len(chunk), t, dtype=torch.long)
+            for r, (s, y) in enumerate(zip(chunk, lab)):
+                ids[r, :len(s)], lb[r, :len(s)], mask[r, :len(s)] = s, y, 1
+            m(ids, attention_mask=mask, labels=lb).loss.backward()
+
+    rows, cur = [], []  # first-fit-decreasing into rows of 1024 tokens
+    for i in sorted(range(len(samples)), key=lambda i: -lengths[i]):
+        for row in rows:
+            if sum(lengths[j] for j in row) + lengths[i] <= 1024:
+                row.append(i)
+                break
+        else:
+            rows.append([i])
+
+    def packed():
+        for row in rows:
+            ids = torch.cat([samples[i] for i in row])[None]
+            lb = torch.cat([labels[i] for i in row])[None]
+            pos = torch.cat([torch.arange(lengths[i]) for i in row])[None]
+            m(ids, labels=lb, position_ids=pos).loss.backward()
+
+    n_real = sum(lengths)
+    t_pad, t_pack = _timed(padded), _timed(packed)
+    n_pad = sum(4 * max(lengths[i:i + 4]) for i in range(0, len(lengths), 4))
+    print(f"packing: {n_real} real tokens | padded {n_real / t_pad:.0f} tok/s ({n_real / n_pad:.0%} real) | "
+          f"packed {n_real / t_pack:.0f} tok/s in {len(rows)} rows ({n_real / (1024 * len(rows)):.0%} real) | "
+          f"packed/padded {t_pad / t_pack:.2f}x")
+    return t_pad / t_pack
+
+
+def _loss_peak_child(mode: str, n_tokens: int):
+    """Runs in a fresh process: peak RSS growth of one loss forward+backward over n_tokens with the real vocab."""
+    torch.manual_seed(0)
+    hidden, vocab = 256, 151936
+    lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+    h = torch.randn(n_tokens, hidden, requires_grad=True)
+    y = torch.randint(0, vocab, (n_tokens,))
+    holder = M.Ovis25.__new__(M.Ovis25)  # only chunked_ce's use of self.llm.lm_head is needed
+    torch.nn.Module.__init__(holder)
+    holder.llm = torch.nn.Module()
+    holder.llm.lm_head = lm_head
+    with open("/proc/self/statm") as f:  # current resident set (pages); ru_maxrss below is the high-water mark
+        base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    if mode == "chunked":
+        loss, _ = M.Ovis25.chunked_ce(holder, h, y)
+    else:  # what a plain HF loss does: all logits in fp32, then cross-entropy
+        loss = torch.nn.functional.cross_entropy(lm_head(h).float(), y, reduction="sum")
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mode": mode, "peak_mib": (peak - base) / 1024, "loss": loss.item()}))
+
+
+def bench_loss_memory(n_tokens=8192):
+    res = {}
+    for mode in ("full", "chunked"):
+        out = subprocess.run([sys.executable, __file__, "_loss_child", mode, str(n_tokens)], capture_output=True,
+                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = res["chunked"]["peak_mib"] / res["full"]["peak_mib"]
+    assert abs(res["chunked"]["loss"] - res["full"]["loss"]) / res["full"]["loss"] < 1e-4
+    print(f"loss memory at {n_tokens} tokens, vocab 151936: full logits +{res['full']['peak_mib']:.0f} MiB | "
+          f"chunked ({M.Ovis25.loss_chunk_size}/chunk) +{res['chunked']['peak_mib']:.0f} MiB | "
+          f"chunked/full {ratio:.2f}x")
+    return ratio
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "model"
+    if what == "_loss_child":
+        _loss_peak_child(sys.argv[2], int(sys.argv[3]))
+    elif what == "model":
+        torch.set_num_threads(os.cpu_count() or 1)
+        speed, mem = bench_packing(), bench_loss_memory()
+        print(f"model: packed/padded {speed:.2f}x (target >= 1.3x) | chunked/full loss memory {mem:.2f}x "
+              f"(target <= 0.25x)")
+    else:
+        sys.exit(f"unknown benchmark {what!r}; choose from: model")
