@@ -14,6 +14,7 @@ import time
 
 import torch
 
+import data
 import model as M
 
 # A random Ovis2.5 whose per-token compute splits like Ovis2.5-2B's (layers ~6x the lm_head), scaled down to run
@@ -59,14 +60,7 @@ def bench_packing():
                 ids[r, :len(s)], lb[r, :len(s)], mask[r, :len(s)] = s, y, 1
             m(ids, attention_mask=mask, labels=lb).loss.backward()
 
-    rows, cur = [], []  # first-fit-decreasing into rows of 1024 tokens
-    for i in sorted(range(len(samples)), key=lambda i: -lengths[i]):
-        for row in rows:
-            if sum(lengths[j] for j in row) + lengths[i] <= 1024:
-                row.append(i)
-                break
-        else:
-            rows.append([i])
+    rows = data.pack(lengths, 1024)  # the same packing as training
 
     def packed():
         for row in rows:

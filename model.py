@@ -427,6 +427,49 @@ class VisualTokenizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checkpoint reading (shared by from_pretrained and the ZeRO-3 loader of the training scripts)
+
+
+def checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                            "checkpoints are supported)")
+
+
+def iter_checkpoint(path: str):
+    """Yields (key, tensor) of an official checkpoint one tensor at a time (memory-mapped, never all at once)."""
+    from safetensors import safe_open
+
+    for fn in checkpoint_files(path):
+        with safe_open(os.path.join(path, fn), framework="pt", device="cpu") as f:
+            for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield k, f.get_tensor(k)
+
+
+def load_weights(model: nn.Module, path: str, copy=None) -> set:
+    """Copy checkpoint tensors into `model`'s parameters by official key name; returns the loaded keys. `copy(param,
+    tensor)` replaces the plain copy, e.g. to write into ZeRO-3 partitioned parameters under GatheredParameters."""
+    params = dict(model.named_parameters())
+    loaded = set()
+    for k, t in iter_checkpoint(path):
+        if k not in params:
+            raise ValueError(f"{path}: unexpected tensor {k!r} (not an Ovis2.5 checkpoint, or another config?)")
+        p = params[k]
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, the config gives {shape}")
+        with torch.no_grad():
+            copy(p, t) if copy is not None else p.copy_(t)
+        loaded.add(k)
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Ovis2.5: visual tokens merged into a plain transformers Qwen3ForCausalLM
 
 
@@ -654,36 +697,12 @@ class Ovis25(nn.Module):
                         attn_implementation: str | None = None) -> "Ovis25":
         """Official checkpoint dir (config.json + model.safetensors or a sharded index). Built on the meta
         device and filled from the files, so a 9B model never holds two copies of its weights."""
-        from safetensors import safe_open
-
         with open(os.path.join(path, "config.json")) as f:
             cfg = OvisConfig.from_dict(json.load(f))
         with torch.device("meta"):
             model = cls(cfg, attn_implementation)
         model = model.to(dtype=dtype).to_empty(device=device)
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.exists(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only "
-                                    "safetensors checkpoints are supported)")
-        params = dict(model.named_parameters())
-        loaded = set()
-        for fn in files:
-            with safe_open(os.path.join(path, fn), framework="pt", device="cpu") as f:
-                for k in f.keys():
-                    if k not in params:
-                        raise ValueError(f"{path}/{fn}: unexpected tensor {k!r} (not an Ovis2.5 checkpoint?)")
-                    t = f.get_tensor(k)
-                    if t.shape != params[k].shape:
-                        raise ValueError(f"{path}/{fn}: {k} has shape {tuple(t.shape)}, config says "
-                                         f"{tuple(params[k].shape)}")
-                    with torch.no_grad():
-                        params[k].copy_(t)
-                    loaded.add(k)
+        loaded = load_weights(model, path)
         model._tie()
         missing = set(dict(model.named_parameters()).keys()) - loaded
         if missing:

@@ -1,0 +1,626 @@
+"""From a file on disk to token ids, labels and pixels: the one path SFT, LoRA, GRPO and inference share.
+
+Data format (the seed's, spec seed-behaviour 1): a JSON list (or JSONL, or `{"conversations": [samples]}`) of
+    {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"] | absent,
+     "conversations": [{"from": "system" | "human" | "gpt" (also user/assistant/ignored_gpt), "value": "..."}]}
+Paths are relative to `image_dir`. `<image>` in system/human turns marks where the k-th image goes (a sample with
+images but no `<image>` gets them prepended to its first human turn). Other keys (`answer`, `bbox`) pass through.
+
+Training rendering = the official Qwen3ConversationFormatter (spec 9.4, 11.1), reproduced token for token:
+* each turn is `<|im_start|>{role}\n{value}<|im_end|>\n`, tokenized on its own, chunk-wise around placeholders;
+* a gpt turn without a `<think>...</think>` block gets `<think>\n\n</think>\n\n` inserted after its role prefix;
+* labels: only gpt turns, from after the role prefix (and after an inserted empty think) through `<|im_end|>`; the
+  `\n` after `<|im_end|>`, system/user turns and all visual tokens are -100; the very last `\n` is dropped.
+Tool turns (spec 14), inside a gpt value:
+* `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>`: the crop of the sample's first image is computed here (with
+  tools.py) and its visual tokens sit exactly where `<image>` is, unlearned. The seed's old format (a Crop call not
+  followed by `<image>`, e.g. refcoco_converted.json) gets the `<image>` inserted: at inference the tool loop always
+  answers a Crop with an image, so training must show one (counted as `auto_crops`, reported by `check`).
+* `<tool_call>Identify [...]</tool_call><tool_response>name</tool_response>`: the response, markers included, is
+  unlearned; any other tool call must be followed directly by its result, else the sample is rejected.
+* the `<tool_call>...</tool_call>` text is learned. `tool_result_ids` / `tool_result_pixels` define what the
+  inference tool loop appends after `</tool_call>`; they give the same ids and pixels as this rendering.
+Inference / rollout prompts = the chat template (spec 9.2-9.3): `build_inputs` (`prompt_messages` turns a data
+sample into its prompt messages for GRPO / eval). Video works there; training samples are image-only.
+
+Over-long samples are never cut inside an image: policy "drop" (SampleError, counted) or "truncate" (official).
+Bad samples raise SampleError(file, index, id, field, why); `SFTDataset` skips them with a counted warning.
+Packing: `pack` (best-fit-decreasing rows of <= max_tokens), `plan_epoch` (steps x ranks x grad_accum), `collate`.
+Also the run helpers of the stage scripts (`load_config`, `setup_distributed`) and `python data.py check`.
+"""
+
+import bisect
+import json
+import os
+import random
+import re
+import sys
+import types
+import typing
+from collections import Counter
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import model
+import tools
+from model import IGNORE_ID, IMAGE_TOKEN_ID, PAD_ID, VIDEO_TOKEN_ID, VISUAL_ATOM_ID
+
+ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "ignored_gpt": "ignored"}
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+PLACEHOLDERS = {"<image>": IMAGE_TOKEN_ID, "<video>": VIDEO_TOKEN_ID}
+FORBIDDEN = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # would break the turn structure or the pad mask
+CROP_MIN_PIXELS, CROP_MAX_PIXELS = 448 * 448, 896 * 896  # tool crops: small crops are upscaled to min_pixels
+
+
+class SampleError(ValueError):
+    """A bad sample: where it is and why. str() is the one-line report `file:index id=... field=...: why`."""
+
+    def __init__(self, file, index, id, field: str, why: str):
+        self.file, self.index, self.id, self.field, self.why = file, index, id, field, why
+        super().__init__(f"{file}:{index} id={id} field={field}: {why}")
+
+
+def load_samples(path, errors: list | None = None) -> list[dict]:
+    """Read a JSON list / JSONL file; each sample gets `_file` and `_index` (for error reports). Bad lines and
+    non-object samples raise SampleError, or are appended to `errors` and skipped when a list is given."""
+    path, out = str(path), []
+    text = Path(path).read_text(encoding="utf-8")
+    try:  # a JSON list, one sample, or the seed's gallery {"conversations": [samples]}
+        items = json.loads(text)
+        conv = items.get("conversations") if isinstance(items, dict) else None
+        items = conv if conv and isinstance(conv[0], dict) and "conversations" in conv[0] else items
+        items = list(enumerate(items if isinstance(items, list) else [items]))
+    except json.JSONDecodeError as e:  # JSONL (a broken JSON list is reported as one error)
+        items = [(0, e)] if text.lstrip().startswith("[") else [
+            (i, _json(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
+    for i, s in items:
+        if isinstance(s, dict):
+            out.append({**s, "_file": path, "_index": i})
+            continue
+        why = f"invalid JSON: {s}" if isinstance(s, json.JSONDecodeError) else f"not an object: {type(s).__name__}"
+        err = SampleError(path, i, None, "json", why)
+        if errors is None:
+            raise err
+        errors.append(err)
+    return out
+
+
+def _json(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return e
+
+
+def tokenize_with_placeholders(texts, tokenizer, placeholders=("<image>", "<video>")):
+    """Split each text on the placeholder strings, tokenize the chunks (add_special_tokens=False, one batched call)
+    and join them with the placeholder ids (-200 / -201). Chunk-wise tokenization is part of the contract (9.3)."""
+    single = isinstance(texts, str)
+    pat = re.compile("(" + "|".join(re.escape(p) for p in placeholders) + ")")
+    pieces = [pat.split(t) for t in ([texts] if single else texts)]  # even: text chunk, odd: placeholder
+    chunks = [c for ps in pieces for c in ps[0::2]]
+    enc = iter(tokenizer(chunks, add_special_tokens=False)["input_ids"] if chunks else [])
+    out = [[i for j, p in enumerate(ps) for i in (next(enc) if j % 2 == 0 else [PLACEHOLDERS[p]])] for ps in pieces]
+    return out[0] if single else out
+
+
+def tool_result_ids(result: tools.ToolResult, tokenizer) -> list[int]:
+    """What follows `</tool_call>`: an image result is one `<image>` placeholder (expand it with the grid from
+    tool_result_pixels), a text result or an error is `<tool_response>text</tool_response>`. Never learned."""
+    if result.kind == "image":
+        return [IMAGE_TOKEN_ID]
+    text = f"<tool_response>{tools.safe_text(result.text)}</tool_response>"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tool_result_pixels(result: tools.ToolResult, crop_min_pixels: int = CROP_MIN_PIXELS,
+                       crop_max_pixels: int = CROP_MAX_PIXELS, patch_size: int = 16, hidden_stride: int = 2):
+    """Pixels of a tool result: (pixel_values (N, 3*ps*ps), grid_thws (1, 3)) for a crop, (None, None) for text."""
+    if result.kind != "image":
+        return None, None
+    return model.preprocess_image(result.image, crop_min_pixels, crop_max_pixels, patch_size, hidden_stride)
+
+
+def _grid(size, min_pixels, max_pixels, patch_size, hidden_stride) -> torch.Tensor:
+    """grid_thw of an image of size (W, H) without decoding it (same rule as model.preprocess_image)."""
+    h, w = model.smart_resize(size[1], size[0], patch_size * hidden_stride, min_pixels, max_pixels)
+    return torch.tensor([[1, h // patch_size, w // patch_size]])
+
+
+def _open(path: Path, decode: bool):
+    """An RGB image (decode) or just its (W, H) size read from the header (fast, for the length pass)."""
+    with Image.open(path) as im:
+        return im.convert("RGB") if decode else im.size  # convert() decodes: a truncated file raises here
+
+
+def _assistant_tools(value: str, registry: tools.Registry, fail) -> tuple[str, list, Counter, int]:
+    """Check the tool turns of one gpt value. Returns (value with old-format Crop results inserted, the Crop calls
+    in the order of their `<image>`, tool-call counts by name, number of inserted `<image>`)."""
+    for a in ("tool_call", "tool_response"):
+        if value.count(f"<{a}>") != value.count(f"</{a}>"):
+            fail(f"unbalanced <{a}>...</{a}> tags")
+    out, pos, crops, counts = [], 0, [], Counter()
+    for k, m in enumerate(tools.CALL_RE.finditer(value)):
+        call = tools.parse_tool_call(m.group(1))
+        tool = None if call.error else registry.get(call.name)
+        counts[tool.name if tool else call.name or "?"] += 1
+        out.append(value[pos:m.end()])
+        pos, after, what = m.end(), value[m.end():], f"tool call {k + 1} ({call.name or '?'})"
+        why = call.error or ("" if tool else f"unknown tool {call.name!r}")
+        if after.startswith("<tool_response>"):  # a text result recorded in the data; a recorded error is fine
+            if why and not after.startswith("<tool_response>Error"):
+                fail(f"{what}: {why}")
+            continue
+        if why or tool.returns != "image":
+            fail(f"{what}: {why or 'must be followed directly by <tool_response>...</tool_response>'}")
+        out.append("" if after.startswith("<image>") else "<image>")  # the seed's old format: add the result
+        crops.append(call)
+    new = "".join(out) + value[pos:]
+    if new.count("<image>") != len(crops) or "<video>" in new:
+        fail("<image> in a gpt turn must directly follow the </tool_call> of a Crop")
+    if new.count("<tool_response>") != new.count("</tool_call><tool_response>"):
+        fail("<tool_response> must directly follow </tool_call>")
+    return new, crops, counts, new.count("<image>") - value.count("<image>")
+
+
+def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pixels: int = 448 * 448,
+                  single_image_max_pixels: int = 1792 * 1792, multiple_image_min_pixels: int = 448 * 448,
+                  multiple_image_max_pixels: int = 896 * 896, crop_min_pixels: int = CROP_MIN_PIXELS,
+                  crop_max_pixels: int = CROP_MAX_PIXELS, max_length: int | None = None,
+                  text_max_length: int | None = None, overlong: str = "drop", registry: tools.Registry | None = None,
+                  bbox_format: str = "pixel", patch_size: int = 16, hidden_stride: int = 2,
+                  with_pixels: bool = True) -> dict:
+    """One training sample -> {input_ids (L,), labels (L,), pixel_values (N, 3*ps*ps) | None, grid_thws (n, 3) |
+    None, id, n_images, tool_calls, auto_crops}; raises SampleError. Budgets as spec 11.2 (originals: single or
+    multiple_*, negative multiple_* fall back to single; crops: crop_*). `with_pixels=False` reads only image headers
+    (same ids and grids, no pixels). Over `max_length` (`text_max_length` without images): `overlong` drop|truncate."""
+    f, idx, sid = sample.get("_file", "?"), sample.get("_index", "?"), sample.get("id", sample.get("_index"))
+
+    def fail(field, why):
+        raise SampleError(f, idx, sid, field, why)
+
+    registry, conv = registry or tools.default_registry(bbox_format), sample.get("conversations")
+    paths = [sample["image"]] if isinstance(sample.get("image"), str) else sample.get("image") or []
+    if not isinstance(conv, list) or not conv:
+        fail("conversations", "missing or empty list of turns")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        fail("image", "must be a path or a list of paths")
+    if "video" in sample or "video_frames" in sample:
+        fail("video", "video samples are not supported for training")
+    turns, crops, calls, auto = [], [], Counter(), 0  # turns: (role, role prefix, value)
+    for t, turn in enumerate(conv):
+        fld = f"conversations[{t}]"
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            fail(fld, f"a turn needs 'from' in {sorted(ROLES)} and a string 'value'")
+        role, value, prefix = ROLES[turn["from"]], turn["value"], f"<|im_start|>{ROLES[turn['from']]}\n"
+        if any(s in value for s in FORBIDDEN):
+            fail(fld + ".value", f"contains one of the reserved tokens {FORBIDDEN}")
+        if role in ("assistant", "ignored"):
+            value, c, n, a = _assistant_tools(value, registry, lambda why, fld=fld: fail(fld + ".value", why))
+            crops, auto = crops + [(x, fld + ".value") for x in c], auto + a
+            calls.update(n)
+            think = role == "ignored" or ("<think>" in value and "</think>" in value)
+            prefix = "<|im_start|>assistant\n" + ("" if think else EMPTY_THINK)  # official: empty think inserted
+        turns.append((role, prefix, value))
+    if not any(r == "assistant" for r, _, _ in turns):
+        fail("conversations", "no gpt turn: nothing to learn")
+    n_ph = sum(v.count("<image>") for r, _, v in turns if r in ("system", "user"))
+    if paths and n_ph == 0:  # LLaVA-style data without markers: the images open the first human turn
+        u = next((i for i, (r, _, _) in enumerate(turns) if r == "user"), 0)
+        turns[u], n_ph = (*turns[u][:2], "<image>\n" * len(paths) + turns[u][2]), len(paths)
+    if n_ph != len(paths):
+        fail("image", f"{len(paths)} images but {n_ph} <image> placeholders in system/human turns")
+    if crops and not paths:
+        fail("image", "the sample has a Crop call but no image to crop")
+
+    # tokens: turn by turn, chunk-wise around placeholders (the official formatter's way); labels by token count
+    ids_per_turn = tokenize_with_placeholders([p + v + "<|im_end|>\n" for _, p, v in turns] +
+                                              [p for _, p, _ in turns], tokenizer, ("<image>",))
+    tr_open, tr_close = tokenizer.convert_tokens_to_ids(["<tool_response>", "</tool_response>"])
+    ids, labels, crop_it, img_it, visuals = [], [], iter(crops), iter(range(len(paths))), []
+    for (role, _, _), t_ids, p_ids in zip(turns, ids_per_turn, ids_per_turn[len(turns):]):
+        lab, inside = [IGNORE_ID] * len(t_ids), False
+        if role == "assistant":  # learn the answer and its <|im_end|>; not the prefix, tool results, trailing "\n"
+            for j in range(len(p_ids), len(t_ids) - 1):
+                inside = inside or t_ids[j] == tr_open
+                lab[j] = IGNORE_ID if inside or t_ids[j] < 0 else t_ids[j]
+                inside = inside and t_ids[j] != tr_close
+        visuals += [next(crop_it) if role in ("assistant", "ignored") else (next(img_it), "image")
+                    for i in t_ids if i == IMAGE_TOKEN_ID]  # (what fills the placeholder, field for errors)
+        ids, labels = ids + t_ids, labels + lab
+    if turns[-1][0] == "assistant":  # the official formatter drops the last "\n"
+        ids, labels = ids[:-1], labels[:-1]
+    if PAD_ID in ids:
+        fail("conversations", f"text tokenizes to the pad id {PAD_ID}")
+
+    # pixels (or only grids) per placeholder; crops are cut from the first image by the registry's own tool
+    n_img, imgs, pixels, grids = len(paths), [], [], []
+    lo = single_image_min_pixels if n_img <= 1 or multiple_image_min_pixels < 0 else multiple_image_min_pixels
+    hi = single_image_max_pixels if n_img <= 1 else (
+        multiple_image_max_pixels if multiple_image_max_pixels >= 0 else max(lo, single_image_max_pixels // n_img))
+    geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
+    for p in paths:
+        try:
+            imgs.append(_open(Path(image_dir) / p, with_pixels))  # RGB image, or only (W, H) from the header
+        except Exception as e:
+            fail("image", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} image "
+                          f"{Path(image_dir) / p} ({type(e).__name__}: {e})")
+    for x, fld in visuals:
+        pv = None
+        try:
+            if isinstance(x, int):  # an original image
+                pv, g = model.preprocess_image(imgs[x], lo, hi, **geo) if with_pixels else (None, _grid(
+                    imgs[x], lo, hi, **geo))
+            elif with_pixels:  # a crop, cut by the very tool call the inference loop would run
+                res = registry.execute(x, imgs[:1], paths[:1])
+                if res.kind != "image":
+                    raise ValueError(res.text)
+                pv, g = tool_result_pixels(res, crop_min_pixels, crop_max_pixels, **geo)
+            else:  # only the crop's size: same box rule, no decoding
+                x1, y1, x2, y2 = registry.get(x.name).box(x.args, imgs[0])
+                g = _grid((x2 - x1, y2 - y1), crop_min_pixels, crop_max_pixels, **geo)
+        except ValueError as e:
+            fail(fld, f"cannot preprocess: {e}" if isinstance(x, int) else f"{x.raw.strip()!r}: {e}")
+        pixels, grids = pixels + [pv], grids + [g]
+
+    # expand placeholders: [start] + [atom] * n + [end], all unlearned
+    n_vis = iter([model.num_visual_tokens(g[0], hidden_stride) + 2 for g in grids])
+    labels = [x for i, lab in zip(ids, labels) for x in ([IGNORE_ID] * next(n_vis) if i == IMAGE_TOKEN_ID else [lab])]
+    ids = model.expand_placeholders(ids, torch.cat(grids) if grids else None, hidden_stride)
+    limit = max_length if (grids or text_max_length is None) else text_max_length
+    if limit is not None and len(ids) > limit:
+        if overlong != "truncate":
+            fail("length", f"{len(ids)} tokens > max_length {limit} (overlong={overlong!r})")
+        ids, labels, pixels, grids = truncate(ids, labels, pixels, grids, limit, hidden_stride)
+    return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels),
+            "pixel_values": torch.cat(pixels) if with_pixels and pixels else None,
+            "grid_thws": torch.cat(grids) if grids else None, "n_images": n_img, "tool_calls": calls,
+            "auto_crops": auto}
+
+
+def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int, hidden_stride: int = 2):
+    """The official truncation (spec 11.3): keep the first max_length tokens; a cut inside an image goes back to
+    just after the last text token; only images whose atoms all survive keep their pixels (lists per image)."""
+    ids, labels = ids[:max_length], labels[:max_length]
+    if ids and ids[-1] in (VISUAL_ATOM_ID, model.INDICATOR_IDS[0], model.INDICATOR_IDS[2]):
+        cut = max((j + 1 for j, i in enumerate(ids) if i >= 0), default=0)
+        ids, labels = ids[:cut], labels[:cut]
+    atoms, keep = ids.count(VISUAL_ATOM_ID), 0
+    while keep < len(grids) and atoms >= model.num_visual_tokens(grids[keep][0], hidden_stride):
+        atoms, keep = atoms - model.num_visual_tokens(grids[keep][0], hidden_stride), keep + 1
+    return ids, labels, pixels[:keep], grids[:keep]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference / rollout prompts: the chat template of tokenizer_config.json (spec 9.2), written out in Python
+
+
+def _strip(text: str) -> str:
+    return text.replace("<image>", "").replace("<video>", "")
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False):
+    """Messages -> (prompt text with <image>/<video> placeholders, [("image", x) | ("video", frames)] in order).
+    Literal <image>/<video> in text is removed, images come from content items (joined by "\\n"); assistant
+    history keeps only the text after its last </think>. Tool results are appended as ids, never rendered."""
+    out, visuals = [], []
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role in ("system", "user"):
+            if isinstance(content, str):
+                body = _strip(content)
+            else:
+                parts = []
+                for it in content:
+                    if it.get("type") == "text" and "text" in it:
+                        parts.append(_strip(it["text"]))
+                    elif it.get("type") in ("image", "video"):
+                        parts.append(f"<{it['type']}>")
+                        visuals.append((it["type"], it.get(it["type"])))
+                    else:
+                        raise ValueError(f"invalid content item {it!r}: use text, image or video")
+                body = "\n".join(parts)
+        elif role == "assistant":
+            if not isinstance(content, str):
+                if any(it.get("type") != "text" or "text" not in it for it in content):
+                    raise ValueError("assistant content must be text only")
+                content = "".join(it["text"] for it in content)
+            body = _strip(content).split("</think>")[-1].lstrip("\n")
+        else:
+            raise ValueError(f"invalid role {role!r}: use system, user or assistant")
+        out.append(f"<|im_start|>{role}\n{body}<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n" + (EMPTY_THINK if enable_thinking is False else ""))
+    return "".join(out), visuals
+
+
+def _as_image(x) -> Image.Image:
+    return x if isinstance(x, Image.Image) else _open(Path(x), True)
+
+
+def build_inputs(messages: list[dict], tokenizer, enable_thinking: bool = False, add_generation_prompt: bool = True,
+                 min_pixels: int = 448 * 448, max_pixels: int = 1792 * 1792, patch_size: int = 16,
+                 hidden_stride: int = 2) -> dict:
+    """The official `preprocess_inputs`: {input_ids (1, L) with expanded placeholders, pixel_values (N, 3*ps*ps) |
+    None, grid_thws (n, 3) | None, prompt}. Image items hold a PIL image or a path; video items a list of them."""
+    text, visuals = render_chat(messages, add_generation_prompt, enable_thinking)
+    video = "<video>" in text  # as the official code: a prompt with a video has no image placeholders
+    if video and (len(visuals) != 1 or visuals[0][0] != "video"):
+        raise ValueError("a video cannot be combined with images or other videos")
+    ids = tokenize_with_placeholders(text, tokenizer, ("<video>",) if video else ("<image>",))
+    geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
+    pv = [model.preprocess_video([_as_image(f) for f in x], min_pixels, max_pixels, **geo) if kind == "video" else
+          model.preprocess_image(_as_image(x), min_pixels, max_pixels, **geo) for kind, x in visuals]
+    grids = torch.cat([g for _, g in pv]) if pv else None
+    ids = model.expand_placeholders(ids, grids, hidden_stride)
+    return {"input_ids": torch.tensor([ids], dtype=torch.long), "pixel_values": torch.cat([p for p, _ in pv]) if pv
+            else None, "grid_thws": grids, "prompt": text}
+
+
+def prompt_messages(sample: dict, image_dir=".") -> list[dict]:
+    """A data sample's turns before its first gpt turn as chat messages (for GRPO / eval prompts): each `<image>`
+    of a human turn becomes an image item (path). Same tokens as the training rendering for "<image>\nquestion"."""
+    paths = sample.get("image") or []
+    paths = [paths] if isinstance(paths, str) else paths
+    turns = [(ROLES.get(t["from"]), t["value"]) for t in sample["conversations"]]
+    if paths and not any("<image>" in v for r, v in turns if r in ("system", "user")):  # as encode_sample
+        u = next(i for i, (r, _) in enumerate(turns) if r == "user")
+        turns[u] = ("user", "<image>\n" * len(paths) + turns[u][1])
+    images, msgs = iter(paths), []
+    for role, value in turns:
+        if role in ("assistant", "ignored"):
+            break
+        content = [{"type": "image", "image": str(Path(image_dir) / next(images))} if p.startswith("<image>") else
+                   {"type": "text", "text": p} for p in re.split(r"(<image>\n?)", value) if p]
+        msgs.append({"role": role, "content": content})
+    return msgs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: dataset with counted skips, packing into token-budget rows, sharding, collation
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """The samples of one or more files, encoded on access (`encode_sample` keywords in **kw). Construction runs a
+    length pass (text + image headers only) that drops bad and over-long samples with a counted report; `lengths`
+    feeds `plan_epoch`. A sample that still fails when its pixels are read (a truncated image) comes back as None
+    and is counted in `skipped`; `collate` leaves it out, so a long run never crashes on one bad file."""
+
+    def __init__(self, paths, tokenizer, image_dir=".", log=print, **kw):
+        from tqdm import tqdm
+
+        self.tokenizer, self.image_dir, self.kw, errors = tokenizer, image_dir, kw, []
+        samples = [s for p in ([paths] if isinstance(paths, (str, Path)) else paths) for s in load_samples(p, errors)]
+        self.samples, self.lengths = [], []
+        for s in tqdm(samples, desc="length pass", disable=len(samples) < 2000, file=sys.stderr):
+            try:
+                self.lengths.append(len(encode_sample(s, tokenizer, image_dir, with_pixels=False, **kw)["input_ids"]))
+                self.samples.append(s)
+            except SampleError as e:
+                errors.append(e)
+        self.skipped = Counter("over-long" if e.field == "length" else e.field.split("[")[0] for e in errors)
+        for e in errors[:10]:
+            log(f"warning: skipping {e}")
+        log(f"data: {len(self.samples)} samples, {sum(self.lengths)} tokens; skipped {len(errors)} "
+            f"{dict(self.skipped)}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict | None:
+        try:
+            return encode_sample(self.samples[i], self.tokenizer, self.image_dir, **self.kw)
+        except SampleError as e:
+            self.skipped["at load"] += 1
+            print(f"warning: skipping {e}", file=sys.stderr)
+            return None
+
+
+def pack(lengths: list[int], max_tokens: int, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of sample indices into rows of <= max_tokens tokens (a longer sample gets a
+    row of its own). Deterministic for (seed, epoch): equal lengths are tie-broken and rows ordered by a seeded
+    shuffle. Sorting by length makes the row count the same in every epoch."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: ties keep the shuffled order
+    rows, free = [], []  # free: sorted (remaining capacity, row) of rows that can still take tokens
+    for i in order:
+        j = bisect.bisect_left(free, (lengths[i], -1))  # the tightest row that fits
+        if j < len(free):
+            cap, r = free.pop(j)
+        else:
+            cap, r = max_tokens, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if cap - lengths[i] > 0:
+            bisect.insort(free, (cap - lengths[i], r))
+    rng.shuffle(rows)
+    return rows
+
+
+def plan_epoch(lengths: list[int], max_tokens: int, world_size: int = 1, grad_accum: int = 1, seed: int = 0,
+               epoch: int = 0) -> list[list[list[int]]]:
+    """plan[step] = world_size * grad_accum micro-batches (rows of sample indices); rank r takes plan[step][r::W].
+    The last step is filled up with repeats of the epoch's first rows, so every rank runs the same number of
+    micro-batches per step (no rank waits on a collective that others never reach) and no sample is skipped."""
+    rows, per_step = pack(lengths, max_tokens, seed, epoch), world_size * grad_accum
+    n_steps = -(-len(rows) // per_step)
+    rows = rows + [rows[i % len(rows)] for i in range(n_steps * per_step - len(rows))]
+    return [rows[s * per_step:(s + 1) * per_step] for s in range(n_steps)]
+
+
+def collate(rows: list[list[dict | None]], pad_to_multiple: int = 1) -> dict:
+    """Rows of encoded samples -> one packed micro-batch: input_ids / labels / position_ids (R, T), pixel_values
+    (N, 3*ps*ps) | None, grid_thws (n, 3) | None (row-major sample order = the model's visual-atom order),
+    n_target_tokens (supervised tokens, for loss normalisation across micro-batches and ranks).
+    position_ids restart at 0 for every sample and for the row-end padding (PAD_ID, label -100), and no
+    attention_mask is returned: attention stays inside each sample. A micro-batch without images gets
+    pixel_values=None; the model then runs its zero-weighted dummy image in training so that every ZeRO-3 rank
+    touches the ViT (spec 13) without changing the loss."""
+    rows = [[s for s in r if s is not None] for r in rows]
+    rows = [r for r in rows if r] or [[]]
+    T = max(1, max(sum(len(s["input_ids"]) for s in r) for r in rows))
+    T = -(-T // pad_to_multiple) * pad_to_multiple
+    ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_ID, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    pv, grids = [], []
+    for r, row in enumerate(rows):
+        off = 0
+        for s in row:
+            n = len(s["input_ids"])
+            ids[r, off:off + n], labels[r, off:off + n] = s["input_ids"], s["labels"]
+            pos[r, off:off + n] = torch.arange(n)
+            if s["grid_thws"] is not None:
+                pv.append(s["pixel_values"])
+                grids.append(s["grid_thws"])
+            off += n
+        pos[r, off:] = torch.arange(T - off)  # padding is a "sample" of its own
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "pixel_values": torch.cat(pv) if pv else None,
+            "grid_thws": torch.cat(grids) if grids else None, "n_samples": sum(len(r) for r in rows),
+            "n_target_tokens": int(((labels != IGNORE_ID) & (pos != 0)).sum())}  # a sample's 1st token is no target
+
+
+def collate_row(samples: list[dict | None]) -> dict:
+    return collate([samples])
+
+
+def micro_batches(dataset: SFTDataset, max_tokens: int, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
+                  seed: int = 0, epoch: int = 0, start_step: int = 0, num_workers: int = 0):
+    """This rank's micro-batches of one epoch from optimizer step `start_step` on (resume): grad_accum of them per
+    step, one packed row each. Returns (DataLoader, number of optimizer steps in the epoch)."""
+    plan = plan_epoch(dataset.lengths, max_tokens, world_size, grad_accum, seed, epoch)
+    mine = [mb for step in plan[start_step:] for mb in step[rank::world_size]]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate_row,
+                                       num_workers=num_workers), len(plan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run helpers every stage script shares
+
+
+def _coerce(v, tp, key: str):
+    opts = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if type(None) in opts and (v is None or (isinstance(v, str) and v.lower() in ("none", "null"))):
+        return None
+    if isinstance(v, str) and str not in opts:  # CLI text -> JSON value (true, 3, 1e-5, [1, 2])
+        try:
+            v = json.loads(v.lower() if v.lower() in ("true", "false") else v)
+        except ValueError:
+            pass
+    for t in opts:
+        base = typing.get_origin(t) or t
+        if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(base, type) and isinstance(v, base) and not (isinstance(v, bool) and base is not bool):
+            return v
+    raise ValueError(f"config key {key!r}: {v!r} is not a {tp}")
+
+
+def load_config(cls, argv: list[str] | None = None):
+    """cls() defaults <- `--config x.json` <- `--key=value` / `--key value` overrides. Unknown keys are errors
+    (JSON keys starting with "_" are comments); values are parsed by the field's type (bool, int, float, str,
+    X | None, list, dict). The deepspeed launcher's --local_rank is accepted and ignored (LOCAL_RANK is in env)."""
+    argv, cli, i = list(sys.argv[1:] if argv is None else argv), [], 0
+    while i < len(argv):
+        if not argv[i].startswith("--"):
+            raise ValueError(f"unexpected argument {argv[i]!r}; use --key=value")
+        k, eq, v = argv[i][2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ValueError(f"--{k} needs a value")
+            v, i = argv[i + 1], i + 1
+        cli.append((k.replace("-", "_"), v))
+        i += 1
+    items = []
+    for path in [v for k, v in cli if k == "config"]:
+        with open(path) as f:
+            items += [(k, v) for k, v in json.load(f).items() if not k.startswith("_")]
+    items += [(k, v) for k, v in cli if k not in ("config", "local_rank")]
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for k, _ in items:
+        if k not in names:
+            raise ValueError(f"unknown config key {k!r}; valid keys: {', '.join(names)}")
+    return cls(**{k: _coerce(v, hints[k], k) for k, v in items})
+
+
+def load_tokenizer(path: str):
+    """The Qwen3 tokenizer of a checkpoint dir, by class: AutoTokenizer would read config.json, meet the official
+    auto_map and ask to run remote code."""
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast.from_pretrained(path)
+
+
+def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
+    """deepspeed.init_distributed for launcher runs and for a plain `python x.py` (single process: env defaults).
+    Returns (rank, world_size, local_rank)."""
+    import socket
+    from datetime import timedelta
+
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:  # the CPU shm op serves only inference all-reduce but costs a 30 s compile on first init
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=timeout_s))
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python data.py check --data x.json --image_dir DIR
+
+
+def check(argv: list[str] | None = None) -> int:
+    """Validate data files: one line per bad sample, then totals. Returns the exit code (1 if any sample is bad)."""
+    import argparse
+
+    from tqdm import tqdm
+    ap = argparse.ArgumentParser(prog="python data.py check")
+    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--image_dir", default=".")
+    ap.add_argument("--tokenizer", default=str(Path(__file__).parent / "assets" / "tiny"))
+    ap.add_argument("--max_length", type=int, default=None)
+    ap.add_argument("--bbox_format", default="pixel", choices=tools.BBOX_FORMATS)
+    a = ap.parse_args(argv)
+    tok, errors = load_tokenizer(a.tokenizer), []
+    samples = [s for p in a.data for s in load_samples(p, errors)]
+    n_total, lengths, images, calls, auto = len(samples) + len(errors), [], 0, Counter(), 0
+    for s in tqdm(samples, desc="check", disable=len(samples) < 500, file=sys.stderr):
+        try:
+            out = encode_sample(s, tok, a.image_dir, max_length=a.max_length, bbox_format=a.bbox_format)
+        except SampleError as e:
+            errors.append(e)
+            continue
+        lengths.append(len(out["input_ids"]))
+        images, auto = images + out["n_images"], auto + out["auto_crops"]
+        calls.update(out["tool_calls"])
+    for e in sorted(errors, key=lambda e: (str(e.file), e.index if isinstance(e.index, int) else -1)):
+        print(f"BAD {e}")
+    q = sorted(lengths) or [0]
+    pct = {p: q[min(len(q) - 1, p * len(q) // 100)] for p in (50, 90, 99)}
+    n_long = sum(e.field == "length" for e in errors)
+    print(f"samples {n_total}: ok {len(lengths)}, bad {len(errors)}, over-long {n_long} | images {images} | "
+          f"tool calls {dict(calls)}, old-format crops given their image {auto}")
+    print(f"tokens per sample: p50 {pct[50]} p90 {pct[90]} p99 {pct[99]} max {q[-1]}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["check"]:
+        sys.exit("usage: python data.py check --data x.json [--image_dir DIR] [--max_length N]")
+    sys.exit(check(sys.argv[2:]))

@@ -1,0 +1,284 @@
+"""The tools the model may call while it thinks: Crop (returns an image) and Identify (returns text).
+
+Call convention (spec 14, the seed's data format): the model writes `<tool_call>Crop [x1, y1, x2, y2]</tool_call>`
+inside its own (assistant) turn; the Qwen3 JSON form `<tool_call>{"name": "Crop", "arguments": {"bbox": [...]}}
+</tool_call>` is accepted too. The system answers right after `</tool_call>`: an image result becomes the visual
+tokens of one image, a text result becomes `<tool_response>...</tool_response>`. How a result turns into token ids
+is defined once, in data.py (`tool_result_ids`, `tool_result_pixels`), for training and inference alike.
+
+Rules every tool follows:
+* every failure is a result, never an exception: `ToolResult(text="Error: ...", error=True)`, which the model reads;
+* a tool only touches the images of the current conversation (passed in by the caller), never a path from model text;
+* coordinates refer to the ORIGINAL first image of the conversation, in the registry's `bbox_format`:
+  `pixel` (seed data, default), `norm` ([0, 1], Ovis grounding style) or `norm1000` ([0, 1000]).
+"""
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # complete calls in a text
+_NAME_RE = re.compile(r"\s*([A-Za-z_][\w.-]*)\s*(.*)", re.DOTALL)
+_NUM_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+BBOX_FORMATS = ("pixel", "norm", "norm1000")
+MIN_CROP_SIDE = 32  # = patch 16 x merge stride 2, the resize factor: smaller crops carry < 1 visual token a side
+
+
+@dataclass
+class ToolCall:
+    """A parsed call. `args` is a list of numbers (bracket form) or the JSON `arguments` value; `error` is set when
+    the text could not be parsed (the registry then answers with that error)."""
+    name: str = ""
+    args: object = None
+    raw: str = ""
+    error: str | None = None
+
+
+@dataclass
+class ToolResult:
+    """What a tool returns: an image (Crop) or a text (Identify, every error)."""
+    name: str
+    text: str | None = None
+    image: Image.Image | None = None
+    error: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.image is not None else "text"
+
+
+def safe_text(s: str) -> str:
+    """Tool text goes between <tool_response> markers: angle brackets would let it forge special tokens
+    (`</tool_response>`, `<|im_end|>`), so they become look-alike guillemets."""
+    return str(s).replace("<", "\u2039").replace(">", "\u203a")
+
+
+def _err(name: str, why: str) -> ToolResult:
+    return ToolResult(name=name, text=safe_text(f"Error: {why}"), error=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing (tolerant; never raises)
+
+
+def parse_tool_call(text: str) -> ToolCall:
+    """Parse `Name [a, b, c, d]` / `Name [a b c d]` / `{"name": ..., "arguments": ...}`, with or without the
+    surrounding <tool_call> tags (the last call in `text` is used). Any string in, a ToolCall out."""
+    try:
+        text = str(text)
+        if "<tool_call>" in text:
+            text = text.rsplit("<tool_call>", 1)[1]
+        raw = text.split("</tool_call>", 1)[0]
+        body = raw.strip()
+        if body.startswith("{"):
+            try:
+                obj = json.loads(body)
+            except ValueError as e:
+                return ToolCall(raw=raw, error=f"tool call is not valid JSON ({e.msg})")
+            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+                return ToolCall(raw=raw, error='JSON tool call needs a string "name"')
+            return ToolCall(name=obj["name"].strip(), args=obj.get("arguments", obj.get("parameters")), raw=raw)
+        m = _NAME_RE.fullmatch(body)
+        if m is None:
+            return ToolCall(raw=raw, error="no tool name; write <tool_call>Name [x1, y1, x2, y2]</tool_call>")
+        name, rest = m.group(1), m.group(2).strip()
+        inner = rest[1:-1] if len(rest) >= 2 and rest[0] + rest[-1] in ("[]", "()") else rest
+        if inner.strip() == "":
+            return ToolCall(name=name, args=[], raw=raw)
+        parts = [p for p in re.split(r"[\s,]+", inner.strip()) if p]
+        if not all(_NUM_RE.fullmatch(p) for p in parts):
+            return ToolCall(name=name, raw=raw, error=f"arguments of {name} must be numbers, got [{inner.strip()}]")
+        return ToolCall(name=name, args=[float(p) for p in parts], raw=raw)
+    except Exception as e:  # pragma: no cover - belt and braces: parsing must never take the loop down
+        return ToolCall(raw="", error=f"unparsable tool call ({type(e).__name__})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry
+
+
+def bbox_args(args) -> list[float]:
+    """Accept [x1, y1, x2, y2] or a JSON dict holding it under bbox / bbox_2d / box; raise ValueError otherwise."""
+    if isinstance(args, str):  # OpenAI-style JSON arguments given as a string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            raise ValueError("arguments are not valid JSON") from None
+    if isinstance(args, dict):
+        args = next((args[k] for k in ("bbox", "bbox_2d", "box") if k in args), None)
+    if not isinstance(args, (list, tuple)) or len(args) != 4:
+        raise ValueError("a box needs exactly 4 numbers [x1, y1, x2, y2]")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in args):
+        raise ValueError("box values must be finite numbers")
+    return [float(v) for v in args]
+
+
+def to_pixels(box, size: tuple[int, int], bbox_format: str = "pixel") -> list[float]:
+    """Box in `bbox_format` -> float pixel box of an image of `size` = (W, H), corners put in order (no clamping)."""
+    if bbox_format not in BBOX_FORMATS:
+        raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
+    x1, y1, x2, y2 = bbox_args(box)
+    if bbox_format != "pixel":
+        sx, sy = (size[0], size[1]) if bbox_format == "norm" else (size[0] / 1000, size[1] / 1000)
+        x1, x2, y1, y2 = x1 * sx, x2 * sx, y1 * sy, y2 * sy
+    return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+
+
+def crop_box(box, size: tuple[int, int], bbox_format: str = "pixel",
+             min_side: int = MIN_CROP_SIDE) -> tuple[int, int, int, int]:
+    """The integer pixel box Crop cuts: corners swapped if needed, clamped to the image, outward-rounded, and grown
+    around its centre to at least `min_side` a side (never beyond the image). Raises ValueError on a zero-area box."""
+    W, H = size
+    x1, y1, x2, y2 = to_pixels(box, size, bbox_format)
+    x1, x2 = min(max(x1, 0.0), W), min(max(x2, 0.0), W)
+    y1, y2 = min(max(y1, 0.0), H), min(max(y2, 0.0), H)
+    if x2 - x1 <= 0 or y2 - y1 <= 0:
+        raise ValueError(f"box {[round(v, 2) for v in bbox_args(box)]} has zero area inside the {W}x{H} image")
+    x1, y1, x2, y2 = math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
+
+    def grow(a: int, b: int, limit: int) -> tuple[int, int]:
+        side = min(min_side, limit)
+        if b - a >= side:
+            return a, b
+        a = min(max(round((a + b) / 2 - side / 2), 0), limit - side)  # centred, shifted back inside the image
+        return a, a + side
+
+    (x1, x2), (y1, y2) = grow(x1, x2, W), grow(y1, y2, H)
+    return x1, y1, x2, y2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tools and registry
+
+
+class Tool:
+    """A tool: a `name`, a `description` (goes into the system prompt) and `run(args, images, keys)` returning a
+    ToolResult. `images` are the conversation's images (originals, in order), `keys` their names in the data.
+    An image tool (returns = "image") also has `box(args, size)`: data.py sizes its result without decoding."""
+    name = ""
+    returns = "text"  # "image" or "text": tells the data checker what must follow the call
+
+    @property
+    def description(self) -> str:
+        return ""
+
+    def run(self, args, images: list, keys: list) -> ToolResult:
+        raise NotImplementedError
+
+
+@dataclass
+class Crop(Tool):
+    bbox_format: str = "pixel"
+    min_side: int = MIN_CROP_SIDE
+    name = "Crop"
+    returns = "image"
+
+    @property
+    def description(self) -> str:
+        return ("Crop [x1, y1, x2, y2]: zoom into a region of the image; the cropped region is shown to you right "
+                f"after the call. Coordinates: {_FMT_DOC[self.bbox_format]}.")
+
+    def box(self, args, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        return crop_box(args, size, self.bbox_format, self.min_side)
+
+    def run(self, args, images: list, keys: list) -> ToolResult:
+        if not images:
+            return _err(self.name, "there is no image to crop in this conversation")
+        return ToolResult(name=self.name, image=images[0].crop(self.box(args, images[0].size)))
+
+
+def iou(a, b) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@dataclass
+class Identify(Tool):
+    """`backend` answers a name: either a JSON map file / dict `{image_key: [{"bbox": [...], "name": ...}]}` (boxes
+    in the same bbox_format as the call; best IoU wins, no overlap -> "unknown") or a callable
+    `(image, pixel_box, image_key) -> str` (e.g. a face recogniser)."""
+    backend: object = None
+    bbox_format: str = "pixel"
+    name = "Identify"
+    table: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.backend, str):
+            with open(self.backend) as f:
+                self.table = json.load(f)
+        elif isinstance(self.backend, dict):
+            self.table = self.backend
+
+    @property
+    def description(self) -> str:
+        return ("Identify [x1, y1, x2, y2]: name the person or object in a region; the answer comes back as "
+                f"<tool_response>name</tool_response>. Coordinates: {_FMT_DOC[self.bbox_format]}.")
+
+    def run(self, args, images: list, keys: list) -> ToolResult:
+        if not images:
+            return _err(self.name, "there is no image in this conversation")
+        img, key = images[0], (keys[0] if keys else "")
+        box = to_pixels(args, img.size, self.bbox_format)
+        crop_box(args, img.size, self.bbox_format)  # same validation as Crop (zero area -> error)
+        if callable(self.backend):
+            return ToolResult(name=self.name, text=safe_text(self.backend(img, box, key)))
+        entries = self.table.get(key) or self.table.get(str(key).rsplit("/", 1)[-1]) or []
+        scored = [(iou(box, to_pixels(e["bbox"], img.size, self.bbox_format)), str(e["name"])) for e in entries]
+        best = max(scored, default=(0.0, "unknown"), key=lambda x: x[0])
+        return ToolResult(name=self.name, text=safe_text(best[1] if best[0] > 0 else "unknown"))
+
+
+_FMT_DOC = {"pixel": "pixels of the original image, x1,y1 = top-left, x2,y2 = bottom-right",
+            "norm": "fractions of the image width/height in [0, 1], x1,y1 = top-left, x2,y2 = bottom-right",
+            "norm1000": "integers 0-1000 relative to the image width/height, x1,y1 = top-left, x2,y2 = bottom-right"}
+
+
+class Registry:
+    """Name -> tool. `execute` turns any call (parsed or not) into a ToolResult and never raises."""
+
+    def __init__(self, tools: list[Tool] = ()):
+        self.tools: dict[str, Tool] = {}
+        for t in tools:
+            self.register(t)
+
+    def register(self, tool: Tool) -> None:
+        self.tools[tool.name.lower()] = tool
+
+    def get(self, name: str) -> Tool | None:
+        return self.tools.get(str(name).lower())
+
+    def system_prompt(self) -> str:
+        lines = ["You can use tools while you think. Call a tool by writing <tool_call>Name [x1, y1, x2, y2]"
+                 "</tool_call>; its result appears right after the call. Available tools:"]
+        lines += [f"- {t.description}" for t in self.tools.values()]
+        lines.append("After using the tools, give your final answer.")
+        return "\n".join(lines)
+
+    def execute(self, call: "ToolCall | str", images: list = (), keys: list = ()) -> ToolResult:
+        """Run a call on the conversation's images. Bad calls, unknown tools and tool crashes become error results."""
+        try:
+            if not isinstance(call, ToolCall):
+                call = parse_tool_call(call)
+            if call.error:
+                return _err(call.name or "?", call.error)
+            tool = self.get(call.name)
+            if tool is None:
+                return _err(call.name, f"unknown tool {call.name!r}; available: {', '.join(self.names())}")
+            return tool.run(call.args, list(images), list(keys))
+        except Exception as e:  # a tool failure is something the model reads, not a crash
+            return _err(getattr(call, "name", "?") or "?", str(e) or type(e).__name__)
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.tools.values()]
+
+
+def default_registry(bbox_format: str = "pixel", identify_backend: "str | dict | Callable | None" = None) -> Registry:
+    """Crop + Identify with one coordinate convention."""
+    if bbox_format not in BBOX_FORMATS:
+        raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
+    return Registry([Crop(bbox_format=bbox_format), Identify(backend=identify_backend, bbox_format=bbox_format)])
