@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM  # imported up front: never inside zero.Init
 
 try:  # optional GPU kernel; never required
     from flash_attn import flash_attn_varlen_func
@@ -80,8 +81,6 @@ class OvisConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "OvisConfig":
-        from transformers import Qwen3Config
-
         v = dict(d.get("vit_config") or {})
         fb = v.get("fullatt_block_indexes")
         if isinstance(fb, str):  # the official form: "7|15|23"
@@ -498,8 +497,6 @@ class Ovis25(nn.Module):
 
     def __init__(self, config: OvisConfig, attn_implementation: str | None = None):
         super().__init__()
-        from transformers import Qwen3ForCausalLM
-
         self.config = config
         self.source_dir = None  # checkpoint dir we were loaded from: its tokenizer/processor files are saved along
         if attn_implementation is None:
@@ -607,8 +604,7 @@ class Ovis25(nn.Module):
         dev = input_ids.device
         ids = input_ids
         if state is None:
-            cache_cls = __import__("transformers").DynamicCache
-            st = GenState(cache=cache_cls(config=self.llm.config), mask=ids.new_zeros(ids.shape[0], 0),
+            st = GenState(cache=DynamicCache(config=self.llm.config), mask=ids.new_zeros(ids.shape[0], 0),
                           pending=None, pending_real=None, seen=None,
                           n_generated=ids.new_zeros(ids.shape[0]),
                           think_closed=torch.zeros(ids.shape[0], dtype=torch.bool, device=dev))

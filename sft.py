@@ -222,6 +222,7 @@ def memory_gb() -> float:
 
 
 def main(cfg: Config):
+    owns_group = not dist.is_initialized()  # tests run several mains in one process group
     rank, world, _ = data.setup_distributed(cfg.dist_timeout_s)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -331,18 +332,23 @@ def main(cfg: Config):
             dist.all_reduce(counts)
             n_targets = counts[0].clamp(min=1)
             loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
-            for mb in mbs:
+            grad_norm = None
+            for i, mb in enumerate(mbs):
                 out = engine(**to_device(mb, engine.device), loss_reduction="sum")
                 # engine.backward divides by gas and the gradient all-reduce averages over ranks, so scaling by
                 # gas * world / n_targets leaves exactly d(sum of token losses / n_targets). Never divide again.
                 engine.backward(out.loss * (gas * world / n_targets).to(out.loss.dtype))
+                if i == gas - 1 and engine.zero_optimization_stage() == 0:  # ZeRO stages report it themselves
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                                              if p.grad is not None]).item()
                 engine.step()
                 loss_sum += out.loss.detach().double()
             dist.all_reduce(loss_sum)
             step += 1
             dt = time.time() - t0
             rec = {"step": step, "epoch": epoch, "loss": (loss_sum / n_targets).item(),
-                   "lr": sched.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "lr": sched.get_last_lr()[0],
+                   "grad_norm": grad_norm if grad_norm is not None else float(engine.get_global_grad_norm() or 0),
                    "tokens_per_s": counts[1].item() / dt, "real_token_frac": (counts[1] / counts[2]).item(),
                    "mem_gb": memory_gb(), "time_s": dt}
             if step % eval_every == 0 and eval_ds is not None:
@@ -375,7 +381,9 @@ def main(cfg: Config):
     log(f"done: deployable model in {cfg.output_dir}/final")
     tb and tb.close()
     wb and wb.finish()
-    dist.destroy_process_group()
+    if owns_group:
+        dist.destroy_process_group()
+    return model  # the trained module (tests compare it with the export); partitioned under ZeRO-3
 
 
 if __name__ == "__main__":

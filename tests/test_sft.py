@@ -1,0 +1,247 @@
+"""sft.py on real DeepSpeed engines (CPU, gloo): in-process single-rank runs and 2-rank runs through the launchers.
+All fp32 so that equalities are tight."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import model as M
+import sft
+import tools
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "data" / "demo"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_one():
+    """One process group for all in-process runs (DeepSpeed caches groups; re-creating them breaks it)."""
+    data.setup_distributed(120)
+    yield
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random Ovis2.5 saved in the official layout with the real tokenizer files: the run's model_path."""
+    d = tmp_path_factory.mktemp("base") / "tiny"
+    torch.manual_seed(0)
+    m = M.Ovis25.from_config(json.loads((ROOT / "assets" / "tiny" / "config.json").read_text()))
+    m.save_pretrained(str(d), source_dir=str(ROOT / "assets" / "tiny"))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """10 mixed samples of different lengths: Crop calls with inline images, Identify calls, text-only, thinking."""
+    demo = json.loads((DEMO / "sft.json").read_text())
+    seed = json.loads((DEMO / "seed_samples.json").read_text())
+    p = tmp_path_factory.mktemp("data") / "small.json"
+    p.write_text(json.dumps(demo[:6] + seed))
+    return str(p)
+
+
+def cfg_for(base, data_path, out, **kw):
+    c = dict(model_path=base, data_path=data_path, image_dir=str(DEMO), output_dir=str(out),
+             zero_config=str(ROOT / "zero_configs" / "zero2.json"), lr=2e-3, schedule="cosine", warmup_ratio=0.0,
+             max_tokens=700, max_length=1024, single_image_min_pixels=4096, single_image_max_pixels=20480,
+             multiple_image_min_pixels=4096, multiple_image_max_pixels=8192, crop_min_pixels=4096,
+             crop_max_pixels=8192, bf16=False, gradient_checkpointing=False, seed=0, log_interval=1, epochs=1)
+    c.update(kw)
+    return c
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: str, cfg: dict, tmp: Path, timeout=300):
+    path = tmp / f"cfg_{launcher}_{os.getpid()}_{len(list(tmp.iterdir()))}.json"
+    path.write_text(json.dumps(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    port = str(free_port())
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", port]
+    r = subprocess.run(cmd + [str(ROOT / "sft.py"), "--config", str(path), "--dist_timeout_s=120"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def run_inprocess(cfg: dict):
+    return sft.main(sft.Config(**cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_config_errors_are_clear(base, small_data, tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'lrr'"):
+        data.load_config(sft.Config, ["--lrr=1e-5"])
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"lr": 1e-4, "max_tokns": 10}))
+    with pytest.raises(ValueError, match="max_tokns"):
+        data.load_config(sft.Config, ["--config", str(cfg_file)])
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"lr": 1e-4, "max_tokens": 10, "_comment": "ignored"}))
+    c = data.load_config(sft.Config, ["--config", str(good), "--lr=3e-5", "--local_rank=0", "--bf16", "false"])
+    assert c.max_tokens == 10
+    assert c.lr == 3e-5 and c.bf16 is False  # CLI overrides JSON overrides defaults; launcher arg accepted
+    with pytest.raises(ValueError, match="train_modules"):
+        sft.parse_train_modules("llm|vision", 1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        sft.lr_lambda(sft.Config(schedule="cosin"), 10)
+
+
+def test_lr_schedule_and_param_groups(base):
+    f = sft.lr_lambda(sft.Config(schedule="cosine", warmup_ratio=0.1, min_lr_ratio=0.1), 100)
+    assert f(0) < f(5) < f(9) <= 1.0 and abs(f(10) - 1.0) < 1e-9 and abs(f(100) - 0.1) < 1e-9
+    m = M.Ovis25.from_pretrained(base)
+    groups = sft.param_groups(m, sft.Config(train_modules="llm:1e-4|visual_tokenizer.head:5e-5", lr=1e-3,
+                                            weight_decay=0.1))
+    lrs = {(g["lr"], g["weight_decay"]) for g in groups}
+    assert lrs == {(1e-4, 0.1), (1e-4, 0.0), (5e-5, 0.1), (5e-5, 0.0)}
+    assert not any(p.requires_grad for p in m.visual_tokenizer.vit.parameters()) and not m.vte.weight.requires_grad
+    assert all(p.requires_grad for p in m.llm.parameters())
+
+
+def test_frozen_modules_bit_identical_and_export_reloads(base, small_data, tmp_path):
+    out = tmp_path / "frozen"
+    live = run_inprocess(cfg_for(base, small_data, out, train_modules="llm|visual_tokenizer.head:0"))
+    before, after = load_file(f"{base}/model.safetensors"), load_file(f"{out}/final/model.safetensors")
+    assert set(before) == set(after)  # official key set, lm_head omitted (tied)
+    for k in before:
+        if k.startswith(("visual_tokenizer.", "vte.")):  # frozen, or trained with lr 0
+            assert torch.equal(before[k], after[k]), k
+    k = "llm.model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(before[k], after[k])
+    for f in ("tokenizer_config.json", "vocab.json", "merges.txt", "preprocessor_config.json", "config.json"):
+        assert (out / "final" / f).exists(), f
+    reloaded = M.Ovis25.from_pretrained(str(out / "final")).eval()
+    live.eval()
+    tok = data.load_tokenizer(str(out / "final"))
+    sample = json.loads(Path(small_data).read_text())[0]
+    enc = data.encode_sample(sample, tok, str(DEMO), single_image_min_pixels=4096, single_image_max_pixels=20480,
+                             crop_min_pixels=4096, crop_max_pixels=8192)
+    with torch.no_grad():
+        args = (enc["input_ids"][None], None, enc["pixel_values"], enc["grid_thws"])
+        assert torch.equal(live(*args).logits, reloaded(*args).logits)
+    rec = metrics(out)
+    assert rec[-1]["loss"] < rec[0]["loss"] and all(r["real_token_frac"] > 0.97 for r in rec)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "real_token_frac", "mem_gb"} <= set(rec[0])
+
+
+def test_eval_early_stopping_keeps_best(base, small_data, tmp_path, capsys):
+    out = tmp_path / "es"
+    # lr so large that eval gets worse after the first steps: early stopping must trigger and keep the best
+    run_inprocess(cfg_for(base, small_data, out, eval_data_path=small_data, eval_interval=1, lr=0.5,
+                          schedule="constant", early_stopping_patience=2, epochs=3, max_tokens=400))
+    rec = metrics(out)
+    evals = [r["eval_loss"] for r in rec if "eval_loss" in r]
+    stdout = capsys.readouterr().out
+    assert "early stopping at step" in stdout and len(evals) == len(rec) >= 3  # eval_interval=1: one per step
+    assert rec[-1]["epoch"] < 2  # stopped well before the 3 epochs
+    best = min(evals)
+    assert evals[-1] > best and evals[-2] > best  # stopped after `patience` evals without improvement
+    assert (out / "best" / "model.safetensors").exists() and (out / "final" / "model.safetensors").exists()
+
+
+def test_two_ranks_zero2_equal_one_rank_grad_accum(base, small_data, tmp_path):
+    """2 ranks x GA 1 (torchrun) == 1 rank x GA 2: the same rows per step, loss normalised by the global target
+    token count; losses per step and final weights agree."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_inprocess(cfg_for(base, small_data, one, gradient_accumulation_steps=2, max_tokens=400))
+    launch("torchrun", cfg_for(base, small_data, two, gradient_accumulation_steps=1, max_tokens=400), tmp_path)
+    a, b = metrics(one), metrics(two)
+    assert len(a) == len(b) >= 3
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(1, abs(x["loss"])), (x, y)
+    wa, wb = load_file(f"{one}/final/model.safetensors"), load_file(f"{two}/final/model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_two_ranks_zero3_launcher_resume_halfway(base, small_data, tmp_path):
+    """deepspeed launcher, ZeRO-3 (partitioned load from rank 0, gathered export): an interrupted run resumed from
+    its halfway checkpoint reproduces the uninterrupted run's losses and weights."""
+    out = tmp_path / "z3"
+    c = cfg_for(base, small_data, out, zero_config=str(ROOT / "zero_configs" / "zero3.json"), max_tokens=300,
+                epochs=2, save_interval=2, keep_last=10)
+    launch("deepspeed", c, tmp_path)
+    full = metrics(out)
+    n = len(full)
+    assert n >= 4
+    w_full = load_file(f"{out}/final/model.safetensors")
+    # simulate a crash after the halfway checkpoint: keep only step <= half, point `latest` at it
+    ck = out / "checkpoints"
+    half = sorted(d for d in os.listdir(ck) if d.startswith("step"))[(n // 2 - 1) // 2]
+    for d in os.listdir(ck):
+        if d.startswith("step") and d > half:
+            subprocess.run(["rm", "-rf", str(ck / d)], check=True)
+    (ck / "latest").write_text(half)
+    step_half = int(half[4:])
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:step_half]))
+    stdout = launch("deepspeed", {**c, "resume": "auto"}, tmp_path)
+    assert f"resumed from {ck}/{half} at step {step_half}" in stdout
+    resumed = metrics(out)
+    assert len(resumed) == n
+    for x, y in zip(full, resumed):
+        assert x["step"] == y["step"] and abs(x["loss"] - y["loss"]) <= 1e-6 * max(1, abs(x["loss"])), (x, y)
+    w = load_file(f"{out}/final/model.safetensors")
+    assert set(w) == set(w_full) == set(load_file(f"{base}/model.safetensors"))
+    for k in w:
+        assert torch.allclose(w[k], w_full[k], atol=1e-6), k
+
+
+def test_overfit_one_tool_sample_greedy_reproduces_it(base, tmp_path):
+    """Train on one Crop sample until greedy decoding with the real tool (a crop of the image inserted after
+    </tool_call>, exactly as the training rendering) reproduces the training encoding token for token."""
+    sample = json.loads((DEMO / "sft.json").read_text())[0]
+    (tmp_path / "one.json").write_text(json.dumps([sample]))
+    out = tmp_path / "overfit"
+    m = run_inprocess(cfg_for(base, str(tmp_path / "one.json"), out, zero_config=str(ROOT / "zero_configs" /
+                                                                                           "zero0.json"),
+                              lr=1e-2, schedule="constant", max_steps=70, max_tokens=2048, save_interval=1000))
+    m.eval()
+    tok = data.load_tokenizer(base)
+    pix = dict(single_image_min_pixels=4096, single_image_max_pixels=20480, crop_min_pixels=4096,
+               crop_max_pixels=8192)
+    target = data.encode_sample(sample, tok, str(DEMO), **pix)
+    msgs = data.prompt_messages(sample, str(DEMO))
+    inp = data.build_inputs(msgs, tok, enable_thinking=True, min_pixels=4096, max_pixels=20480)
+    ids = inp["input_ids"]
+    gen, st = m.generate(ids, inp["pixel_values"], inp["grid_thws"], max_new_tokens=200,
+                         stop_token_ids=[tok.convert_tokens_to_ids("</tool_call>")], return_state=True)
+    text = tok.decode(gen[0])
+    assert text.rstrip().endswith("</tool_call>") and "Crop [" in text
+    image = Image.open(DEMO / sample["image"])
+    res = tools.default_registry("pixel").execute(text, [image], [sample["image"]])
+    assert not res.error and res.image is not None
+    add = data.tool_result_ids(res, tok)
+    pv, g = data.tool_result_pixels(res, 4096, 8192)
+    add = M.expand_placeholders(add, g)
+    gen2 = m.generate(torch.tensor([add]), pv, g, max_new_tokens=200, state=st)
+    full = ids[0].tolist() + gen[0].tolist() + add + gen2[0].tolist()
+    assert full[-1] == M.IM_END_ID
+    assert full == target["input_ids"].tolist()  # training drops the final "\n" after <|im_end|> as well
+    # the crop inserted at inference is pixel-for-pixel the crop the training encoding holds
+    n_orig = int(inp["pixel_values"].shape[0])
+    assert torch.equal(target["pixel_values"][n_orig:], pv)
