@@ -1,6 +1,7 @@
 """Benchmarks behind the speed/memory targets of the issues. One command per stage, one run each:
 
     python bench.py model   # packed vs padded fwd+bwd tokens/s on mixed lengths; loss peak memory chunked vs full
+    python bench.py sft     # sft.py tokens/s and real-token fraction: packed micro-batches vs one sample each
 
 Figures are ratios measured on this machine (CPU by default, CUDA when available); absolute numbers depend on it.
 """
@@ -114,6 +115,30 @@ def bench_loss_memory(n_tokens=8192):
     return ratio
 
 
+def bench_sft():
+    """sft.py on the bundled demo data (tiny model, one epoch, one process), twice on the same data: packed rows of
+    up to 1024 tokens vs one sample per micro-batch (max_tokens=1: every sample is its own row, the seed's way)."""
+    import tempfile
+
+    res = {}
+    for name, max_tokens in (("one sample/micro-batch", 1), ("packed", 1024)):
+        out = tempfile.mkdtemp(prefix="bench_sft_")
+        subprocess.run([sys.executable, "sft.py", "--config", "configs/demo_sft.json", "--epochs=1",
+                        f"--max_tokens={max_tokens}", f"--output_dir={out}", "--eval_data_path=",
+                        "--save_interval=100000"], check=True, capture_output=True,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rec = [json.loads(line) for line in f][1:]  # the first step includes warm-up
+        tokens = sum(r["tokens_per_s"] * r["time_s"] for r in rec)
+        seen = sum(r["tokens_per_s"] * r["time_s"] / r["real_token_frac"] for r in rec)
+        res[name] = (tokens / sum(r["time_s"] for r in rec), tokens / seen, len(rec) + 1)
+        print(f"sft {name}: {res[name][0]:.0f} tok/s, {res[name][1]:.1%} real tokens, {res[name][2]} steps")
+    ratio = res["packed"][0] / res["one sample/micro-batch"][0]
+    print(f"sft: packed/one-sample {ratio:.2f}x tokens/s (target >= 1.5x), real tokens {res['packed'][1]:.1%} "
+          "(target >= 97%)")
+    return ratio
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "model"
     if what == "_loss_child":
@@ -123,5 +148,7 @@ if __name__ == "__main__":
         speed, mem = bench_packing(), bench_loss_memory()
         print(f"model: packed/padded {speed:.2f}x (target >= 1.3x) | chunked/full loss memory {mem:.2f}x "
               f"(target <= 0.25x)")
+    elif what == "sft":
+        bench_sft()
     else:
-        sys.exit(f"unknown benchmark {what!r}; choose from: model")
+        sys.exit(f"unknown benchmark {what!r}; choose from: model, sft")

@@ -245,3 +245,12 @@ def test_overfit_one_tool_sample_greedy_reproduces_it(base, tmp_path):
     # the crop inserted at inference is pixel-for-pixel the crop the training encoding holds
     n_orig = int(inp["pixel_values"].shape[0])
     assert torch.equal(target["pixel_values"][n_orig:], pv)
+
+
+def test_shipped_configs_parse():
+    for f in sorted((ROOT / "configs").glob("*sft*.json")):
+        c = data.load_config(sft.Config, ["--config", str(f)])
+        assert (ROOT / c.zero_config).exists() and sft.parse_train_modules(c.train_modules, c.lr), f
+    for f in sorted((ROOT / "zero_configs").glob("*.json")):
+        text = f.read_text()
+        assert '"auto"' not in text and "optimizer\"" not in text and "scheduler" not in text, f
