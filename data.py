@@ -1,32 +1,22 @@
 """From a file on disk to token ids, labels and pixels: the one path SFT, LoRA, GRPO and inference share.
 
-Data format (the seed's, spec seed-behaviour 1): a JSON list (or JSONL, or `{"conversations": [samples]}`) of
+Data (spec seed-behaviour 1): a JSON list, JSONL or `{"conversations": [samples]}` of
     {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"] | absent,
      "conversations": [{"from": "system" | "human" | "gpt" (also user/assistant/ignored_gpt), "value": "..."}]}
-Paths are relative to `image_dir`. `<image>` in system/human turns marks where the k-th image goes (a sample with
-images but no `<image>` gets them prepended to its first human turn). Other keys (`answer`, `bbox`) pass through.
-
-Training rendering = the official Qwen3ConversationFormatter (spec 9.4, 11.1), reproduced token for token:
+Paths are relative to `image_dir`; `<image>` in system/human turns places the k-th image (without any, the images
+open the first human turn). Other keys pass through.
+Training rendering = the official Qwen3ConversationFormatter (spec 9.4, 11.1), token for token:
 * each turn is `<|im_start|>{role}\n{value}<|im_end|>\n`, tokenized on its own, chunk-wise around placeholders;
-* a gpt turn without a `<think>...</think>` block gets `<think>\n\n</think>\n\n` inserted after its role prefix;
-* labels: only gpt turns, from after the role prefix (and after an inserted empty think) through `<|im_end|>`; the
-  `\n` after `<|im_end|>`, system/user turns and all visual tokens are -100; the very last `\n` is dropped.
-Tool turns (spec 14), inside a gpt value:
-* `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>`: the crop of the sample's first image is computed here (with
-  tools.py) and its visual tokens sit exactly where `<image>` is, unlearned. The seed's old format (a Crop call not
-  followed by `<image>`, e.g. refcoco_converted.json) gets the `<image>` inserted: at inference the tool loop always
-  answers a Crop with an image, so training must show one (counted as `auto_crops`, reported by `check`).
-* `<tool_call>Identify [...]</tool_call><tool_response>name</tool_response>`: the response, markers included, is
-  unlearned; any other tool call must be followed directly by its result, else the sample is rejected.
-* the `<tool_call>...</tool_call>` text is learned. `tool_result_ids` / `tool_result_pixels` define what the
-  inference tool loop appends after `</tool_call>`; they give the same ids and pixels as this rendering.
-Inference / rollout prompts = the chat template (spec 9.2-9.3): `build_inputs` (`prompt_messages` turns a data
-sample into its prompt messages for GRPO / eval). Video works there; training samples are image-only.
-
-Over-long samples are never cut inside an image: policy "drop" (SampleError, counted) or "truncate" (official).
-Bad samples raise SampleError(file, index, id, field, why); `SFTDataset` skips them with a counted warning.
-Packing: `pack` (best-fit-decreasing rows of <= max_tokens), `plan_epoch` (steps x ranks x grad_accum), `collate`.
-Also the run helpers of the stage scripts (`load_config`, `setup_distributed`) and `python data.py check`.
+* a gpt turn without a `<think>...</think>` block gets `<think>\n\n</think>\n\n` after its role prefix;
+* labels: gpt turns only, after the role prefix (and inserted think) through `<|im_end|>`; the last `\n` is dropped.
+Tool turns (spec 14) in a gpt value: the `<tool_call>...</tool_call>` text is learned, its result never.
+* `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>`: the crop of the first image sits at `<image>`; a Crop
+  without `<image>` (the seed's old format) gets one (`auto_crops`): inference always answers a Crop with an image.
+* any other call must be followed directly by `<tool_response>result</tool_response>`, else the sample is rejected.
+`tool_result_ids` / `tool_result_pixels` give the inference tool loop the same ids and pixels as this rendering.
+Prompts = the chat template (spec 9.2-9.3): `build_inputs`, `prompt_messages`; video works only there.
+Over-long samples are never cut inside an image: `overlong` "drop" (SampleError) or "truncate" (official).
+Also: `SFTDataset` (bad samples skipped, counted), `pack`, `plan_epoch`, `collate`, run helpers, `python data.py check`.
 """
 
 import bisect
@@ -65,16 +55,15 @@ class SampleError(ValueError):
 
 
 def load_samples(path, errors: list | None = None) -> list[dict]:
-    """Read a JSON list / JSONL file; each sample gets `_file` and `_index` (for error reports). Bad lines and
-    non-object samples raise SampleError, or are appended to `errors` and skipped when a list is given."""
-    path, out = str(path), []
-    text = Path(path).read_text(encoding="utf-8")
-    try:  # a JSON list, one sample, or the seed's gallery {"conversations": [samples]}
+    """Read a JSON list (or one sample, or the seed's `{"conversations": [samples]}`) or JSONL; each sample gets
+    `_file` and `_index`. Bad JSON and non-objects raise SampleError, or go to `errors` if a list is given."""
+    path, text, out = str(path), Path(path).read_text(encoding="utf-8"), []
+    try:
         items = json.loads(text)
         conv = items.get("conversations") if isinstance(items, dict) else None
         items = conv if conv and isinstance(conv[0], dict) and "conversations" in conv[0] else items
         items = list(enumerate(items if isinstance(items, list) else [items]))
-    except json.JSONDecodeError as e:  # JSONL (a broken JSON list is reported as one error)
+    except json.JSONDecodeError as e:  # JSONL (a broken JSON list is one error)
         items = [(0, e)] if text.lstrip().startswith("[") else [
             (i, _json(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
     for i, s in items:
@@ -82,10 +71,9 @@ def load_samples(path, errors: list | None = None) -> list[dict]:
             out.append({**s, "_file": path, "_index": i})
             continue
         why = f"invalid JSON: {s}" if isinstance(s, json.JSONDecodeError) else f"not an object: {type(s).__name__}"
-        err = SampleError(path, i, None, "json", why)
         if errors is None:
-            raise err
-        errors.append(err)
+            raise SampleError(path, i, None, "json", why)
+        errors.append(SampleError(path, i, None, "json", why))
     return out
 
 
@@ -97,8 +85,8 @@ def _json(line: str):
 
 
 def tokenize_with_placeholders(texts, tokenizer, placeholders=("<image>", "<video>")):
-    """Split each text on the placeholder strings, tokenize the chunks (add_special_tokens=False, one batched call)
-    and join them with the placeholder ids (-200 / -201). Chunk-wise tokenization is part of the contract (9.3)."""
+    """Split each text on the placeholders, tokenize the chunks (no special tokens, one batched call) and join them
+    with the placeholder ids (-200 / -201). Chunk-wise tokenization is part of the contract (9.3)."""
     single = isinstance(texts, str)
     pat = re.compile("(" + "|".join(re.escape(p) for p in placeholders) + ")")
     pieces = [pat.split(t) for t in ([texts] if single else texts)]  # even: text chunk, odd: placeholder
@@ -109,8 +97,8 @@ def tokenize_with_placeholders(texts, tokenizer, placeholders=("<image>", "<vide
 
 
 def tool_result_ids(result: tools.ToolResult, tokenizer) -> list[int]:
-    """What follows `</tool_call>`: an image result is one `<image>` placeholder (expand it with the grid from
-    tool_result_pixels), a text result or an error is `<tool_response>text</tool_response>`. Never learned."""
+    """What follows `</tool_call>`: one `<image>` placeholder for an image (its grid: tool_result_pixels), else
+    `<tool_response>text</tool_response>`. Never learned."""
     if result.kind == "image":
         return [IMAGE_TOKEN_ID]
     text = f"<tool_response>{tools.safe_text(result.text)}</tool_response>"
@@ -132,17 +120,16 @@ def _grid(size, min_pixels, max_pixels, patch_size, hidden_stride) -> torch.Tens
 
 
 def _open(path: Path, decode: bool):
-    """An RGB image (decode) or just its (W, H) size read from the header (fast, for the length pass)."""
+    """An RGB image (decode) or just its (W, H) from the header (fast, for the length pass)."""
     with Image.open(path) as im:
         return im.convert("RGB") if decode else im.size  # convert() decodes: a truncated file raises here
 
 
-def _assistant_tools(value: str, registry: tools.Registry, fail) -> tuple[str, list, Counter, int]:
+def _assistant_tools(value: str, registry: tools.Registry, need) -> tuple[str, list, Counter, int]:
     """Check the tool turns of one gpt value. Returns (value with old-format Crop results inserted, the Crop calls
     in the order of their `<image>`, tool-call counts by name, number of inserted `<image>`)."""
     for a in ("tool_call", "tool_response"):
-        if value.count(f"<{a}>") != value.count(f"</{a}>"):
-            fail(f"unbalanced <{a}>...</{a}> tags")
+        need(value.count(f"<{a}>") == value.count(f"</{a}>"), f"unbalanced <{a}>...</{a}> tags")
     out, pos, crops, counts = [], 0, [], Counter()
     for k, m in enumerate(tools.CALL_RE.finditer(value)):
         call = tools.parse_tool_call(m.group(1))
@@ -152,18 +139,17 @@ def _assistant_tools(value: str, registry: tools.Registry, fail) -> tuple[str, l
         pos, after, what = m.end(), value[m.end():], f"tool call {k + 1} ({call.name or '?'})"
         why = call.error or ("" if tool else f"unknown tool {call.name!r}")
         if after.startswith("<tool_response>"):  # a text result recorded in the data; a recorded error is fine
-            if why and not after.startswith("<tool_response>Error"):
-                fail(f"{what}: {why}")
+            need(not why or after.startswith("<tool_response>Error"), f"{what}: {why}")
             continue
-        if why or tool.returns != "image":
-            fail(f"{what}: {why or 'must be followed directly by <tool_response>...</tool_response>'}")
+        need(not why and tool.returns == "image",
+             f"{what}: {why or 'must be followed directly by <tool_response>...</tool_response>'}")
         out.append("" if after.startswith("<image>") else "<image>")  # the seed's old format: add the result
         crops.append(call)
     new = "".join(out) + value[pos:]
-    if new.count("<image>") != len(crops) or "<video>" in new:
-        fail("<image> in a gpt turn must directly follow the </tool_call> of a Crop")
-    if new.count("<tool_response>") != new.count("</tool_call><tool_response>"):
-        fail("<tool_response> must directly follow </tool_call>")
+    need(new.count("<image>") == len(crops) and "<video>" not in new,
+         "<image> in a gpt turn must directly follow the </tool_call> of a Crop")
+    need(new.count("<tool_response>") == new.count("</tool_call><tool_response>"),
+         "<tool_response> must directly follow </tool_call>")
     return new, crops, counts, new.count("<image>") - value.count("<image>")
 
 
@@ -178,44 +164,41 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
     None, id, n_images, tool_calls, auto_crops}; raises SampleError. Budgets as spec 11.2 (originals: single or
     multiple_*, negative multiple_* fall back to single; crops: crop_*). `with_pixels=False` reads only image headers
     (same ids and grids, no pixels). Over `max_length` (`text_max_length` without images): `overlong` drop|truncate."""
-    f, idx, sid = sample.get("_file", "?"), sample.get("_index", "?"), sample.get("id", sample.get("_index"))
+    sid = sample.get("id", sample.get("_index"))
 
-    def fail(field, why):
-        raise SampleError(f, idx, sid, field, why)
+    def need(ok, field: str, why: str):
+        if not ok:
+            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sid, field, why)
 
     registry, conv = registry or tools.default_registry(bbox_format), sample.get("conversations")
     paths = [sample["image"]] if isinstance(sample.get("image"), str) else sample.get("image") or []
-    if not isinstance(conv, list) or not conv:
-        fail("conversations", "missing or empty list of turns")
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        fail("image", "must be a path or a list of paths")
-    if "video" in sample or "video_frames" in sample:
-        fail("video", "video samples are not supported for training")
+    need(isinstance(conv, list) and conv, "conversations", "missing or empty list of turns")
+    need(isinstance(paths, list) and all(isinstance(p, str) for p in paths), "image",
+         "must be a path or a list of paths")
+    need("video" not in sample and "video_frames" not in sample, "video",
+         "video samples are not supported for training")
     turns, crops, calls, auto = [], [], Counter(), 0  # turns: (role, role prefix, value)
     for t, turn in enumerate(conv):
         fld = f"conversations[{t}]"
-        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-            fail(fld, f"a turn needs 'from' in {sorted(ROLES)} and a string 'value'")
-        role, value, prefix = ROLES[turn["from"]], turn["value"], f"<|im_start|>{ROLES[turn['from']]}\n"
-        if any(s in value for s in FORBIDDEN):
-            fail(fld + ".value", f"contains one of the reserved tokens {FORBIDDEN}")
+        need(isinstance(turn, dict) and turn.get("from") in ROLES and isinstance(turn.get("value"), str), fld,
+             f"a turn needs 'from' in {sorted(ROLES)} and a string 'value'")
+        role, value = ROLES[turn["from"]], turn["value"]
+        need(not any(s in value for s in FORBIDDEN), fld + ".value", f"contains one of the reserved tokens {FORBIDDEN}")
+        prefix = f"<|im_start|>{role}\n"
         if role in ("assistant", "ignored"):
-            value, c, n, a = _assistant_tools(value, registry, lambda why, fld=fld: fail(fld + ".value", why))
+            value, c, n, a = _assistant_tools(value, registry, lambda ok, why, f=fld + ".value": need(ok, f, why))
             crops, auto = crops + [(x, fld + ".value") for x in c], auto + a
             calls.update(n)
             think = role == "ignored" or ("<think>" in value and "</think>" in value)
             prefix = "<|im_start|>assistant\n" + ("" if think else EMPTY_THINK)  # official: empty think inserted
         turns.append((role, prefix, value))
-    if not any(r == "assistant" for r, _, _ in turns):
-        fail("conversations", "no gpt turn: nothing to learn")
+    need(any(r == "assistant" for r, _, _ in turns), "conversations", "no gpt turn: nothing to learn")
     n_ph = sum(v.count("<image>") for r, _, v in turns if r in ("system", "user"))
     if paths and n_ph == 0:  # LLaVA-style data without markers: the images open the first human turn
         u = next((i for i, (r, _, _) in enumerate(turns) if r == "user"), 0)
         turns[u], n_ph = (*turns[u][:2], "<image>\n" * len(paths) + turns[u][2]), len(paths)
-    if n_ph != len(paths):
-        fail("image", f"{len(paths)} images but {n_ph} <image> placeholders in system/human turns")
-    if crops and not paths:
-        fail("image", "the sample has a Crop call but no image to crop")
+    need(n_ph == len(paths), "image", f"{len(paths)} images but {n_ph} <image> placeholders in system/human turns")
+    need(paths or not crops, "image", "the sample has a Crop call but no image to crop")
 
     # tokens: turn by turn, chunk-wise around placeholders (the official formatter's way); labels by token count
     ids_per_turn = tokenize_with_placeholders([p + v + "<|im_end|>\n" for _, p, v in turns] +
@@ -234,8 +217,7 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
         ids, labels = ids + t_ids, labels + lab
     if turns[-1][0] == "assistant":  # the official formatter drops the last "\n"
         ids, labels = ids[:-1], labels[:-1]
-    if PAD_ID in ids:
-        fail("conversations", f"text tokenizes to the pad id {PAD_ID}")
+    need(PAD_ID not in ids, "conversations", f"text tokenizes to the pad id {PAD_ID}")
 
     # pixels (or only grids) per placeholder; crops are cut from the first image by the registry's own tool
     n_img, imgs, pixels, grids = len(paths), [], [], []
@@ -247,10 +229,9 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
         try:
             imgs.append(_open(Path(image_dir) / p, with_pixels))  # RGB image, or only (W, H) from the header
         except Exception as e:
-            fail("image", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} image "
-                          f"{Path(image_dir) / p} ({type(e).__name__}: {e})")
+            need(False, "image", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} image "
+                                 f"{Path(image_dir) / p} ({type(e).__name__}: {e})")
     for x, fld in visuals:
-        pv = None
         try:
             if isinstance(x, int):  # an original image
                 pv, g = model.preprocess_image(imgs[x], lo, hi, **geo) if with_pixels else (None, _grid(
@@ -262,9 +243,9 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
                 pv, g = tool_result_pixels(res, crop_min_pixels, crop_max_pixels, **geo)
             else:  # only the crop's size: same box rule, no decoding
                 x1, y1, x2, y2 = registry.get(x.name).box(x.args, imgs[0])
-                g = _grid((x2 - x1, y2 - y1), crop_min_pixels, crop_max_pixels, **geo)
+                pv, g = None, _grid((x2 - x1, y2 - y1), crop_min_pixels, crop_max_pixels, **geo)
         except ValueError as e:
-            fail(fld, f"cannot preprocess: {e}" if isinstance(x, int) else f"{x.raw.strip()!r}: {e}")
+            need(False, fld, f"cannot preprocess: {e}" if isinstance(x, int) else f"{x.raw.strip()!r}: {e}")
         pixels, grids = pixels + [pv], grids + [g]
 
     # expand placeholders: [start] + [atom] * n + [end], all unlearned
@@ -273,8 +254,7 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
     ids = model.expand_placeholders(ids, torch.cat(grids) if grids else None, hidden_stride)
     limit = max_length if (grids or text_max_length is None) else text_max_length
     if limit is not None and len(ids) > limit:
-        if overlong != "truncate":
-            fail("length", f"{len(ids)} tokens > max_length {limit} (overlong={overlong!r})")
+        need(overlong == "truncate", "length", f"{len(ids)} tokens > max_length {limit} (overlong={overlong!r})")
         ids, labels, pixels, grids = truncate(ids, labels, pixels, grids, limit, hidden_stride)
     return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels),
             "pixel_values": torch.cat(pixels) if with_pixels and pixels else None,
@@ -295,51 +275,32 @@ def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int
     return ids, labels, pixels[:keep], grids[:keep]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Inference / rollout prompts: the chat template of tokenizer_config.json (spec 9.2), written out in Python
-
-
-def _strip(text: str) -> str:
-    return text.replace("<image>", "").replace("<video>", "")
+# --- Inference / rollout prompts: the chat template of tokenizer_config.json (spec 9.2), written out in Python ---
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False):
     """Messages -> (prompt text with <image>/<video> placeholders, [("image", x) | ("video", frames)] in order).
-    Literal <image>/<video> in text is removed, images come from content items (joined by "\\n"); assistant
-    history keeps only the text after its last </think>. Tool results are appended as ids, never rendered."""
+    Visuals come from content items (joined by "\\n"), not text; assistant history: only the text after </think>."""
+    strip = lambda s: s.replace("<image>", "").replace("<video>", "")
     out, visuals = [], []
     for m in messages:
-        role, content = m["role"], m["content"]
-        if role in ("system", "user"):
-            if isinstance(content, str):
-                body = _strip(content)
-            else:
-                parts = []
-                for it in content:
-                    if it.get("type") == "text" and "text" in it:
-                        parts.append(_strip(it["text"]))
-                    elif it.get("type") in ("image", "video"):
-                        parts.append(f"<{it['type']}>")
-                        visuals.append((it["type"], it.get(it["type"])))
-                    else:
-                        raise ValueError(f"invalid content item {it!r}: use text, image or video")
-                body = "\n".join(parts)
-        elif role == "assistant":
-            if not isinstance(content, str):
-                if any(it.get("type") != "text" or "text" not in it for it in content):
-                    raise ValueError("assistant content must be text only")
-                content = "".join(it["text"] for it in content)
-            body = _strip(content).split("</think>")[-1].lstrip("\n")
-        else:
+        role, content, parts = m["role"], m["content"], []
+        if role not in ("system", "user", "assistant"):
             raise ValueError(f"invalid role {role!r}: use system, user or assistant")
+        for it in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if it.get("type") == "text" and "text" in it:
+                parts.append(it["text"] if role == "assistant" else strip(it["text"]))
+            elif it.get("type") in ("image", "video") and role != "assistant":
+                parts.append(f"<{it['type']}>")
+                visuals.append((it["type"], it.get(it["type"])))
+            else:
+                raise ValueError("assistant content must be text only" if role == "assistant" else
+                                 f"invalid content item {it!r}: use text, image or video")
+        body = strip("".join(parts)).split("</think>")[-1].lstrip("\n") if role == "assistant" else "\n".join(parts)
         out.append(f"<|im_start|>{role}\n{body}<|im_end|>\n")
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n" + (EMPTY_THINK if enable_thinking is False else ""))
     return "".join(out), visuals
-
-
-def _as_image(x) -> Image.Image:
-    return x if isinstance(x, Image.Image) else _open(Path(x), True)
 
 
 def build_inputs(messages: list[dict], tokenizer, enable_thinking: bool = False, add_generation_prompt: bool = True,
@@ -353,8 +314,9 @@ def build_inputs(messages: list[dict], tokenizer, enable_thinking: bool = False,
         raise ValueError("a video cannot be combined with images or other videos")
     ids = tokenize_with_placeholders(text, tokenizer, ("<video>",) if video else ("<image>",))
     geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
-    pv = [model.preprocess_video([_as_image(f) for f in x], min_pixels, max_pixels, **geo) if kind == "video" else
-          model.preprocess_image(_as_image(x), min_pixels, max_pixels, **geo) for kind, x in visuals]
+    image = lambda x: x if isinstance(x, Image.Image) else _open(Path(x), True)
+    pv = [model.preprocess_video([image(f) for f in x], min_pixels, max_pixels, **geo) if kind == "video" else
+          model.preprocess_image(image(x), min_pixels, max_pixels, **geo) for kind, x in visuals]
     grids = torch.cat([g for _, g in pv]) if pv else None
     ids = model.expand_placeholders(ids, grids, hidden_stride)
     return {"input_ids": torch.tensor([ids], dtype=torch.long), "pixel_values": torch.cat([p for p, _ in pv]) if pv
@@ -362,10 +324,9 @@ def build_inputs(messages: list[dict], tokenizer, enable_thinking: bool = False,
 
 
 def prompt_messages(sample: dict, image_dir=".") -> list[dict]:
-    """A data sample's turns before its first gpt turn as chat messages (for GRPO / eval prompts): each `<image>`
-    of a human turn becomes an image item (path). Same tokens as the training rendering for "<image>\nquestion"."""
-    paths = sample.get("image") or []
-    paths = [paths] if isinstance(paths, str) else paths
+    """A data sample's turns before its first gpt turn as chat messages (GRPO / eval prompts), `<image>` as image
+    items (paths). Same tokens as the training rendering for "<image>\nquestion"."""
+    paths = [sample["image"]] if isinstance(sample.get("image"), str) else sample.get("image") or []
     turns = [(ROLES.get(t["from"]), t["value"]) for t in sample["conversations"]]
     if paths and not any("<image>" in v for r, v in turns if r in ("system", "user")):  # as encode_sample
         u = next(i for i, (r, _) in enumerate(turns) if r == "user")
@@ -380,19 +341,15 @@ def prompt_messages(sample: dict, image_dir=".") -> list[dict]:
     return msgs
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training: dataset with counted skips, packing into token-budget rows, sharding, collation
+# --- Training: dataset with counted skips, packing into token-budget rows, sharding, collation ---
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """The samples of one or more files, encoded on access (`encode_sample` keywords in **kw). Construction runs a
-    length pass (text + image headers only) that drops bad and over-long samples with a counted report; `lengths`
-    feeds `plan_epoch`. A sample that still fails when its pixels are read (a truncated image) comes back as None
-    and is counted in `skipped`; `collate` leaves it out, so a long run never crashes on one bad file."""
+    """Samples of one or more files, encoded on access (**kw: `encode_sample`'s). A length pass (text + image headers)
+    drops bad samples, counted; `lengths` feeds `plan_epoch`. One failing at load (truncated image) is None."""
 
     def __init__(self, paths, tokenizer, image_dir=".", log=print, **kw):
         from tqdm import tqdm
-
         self.tokenizer, self.image_dir, self.kw, errors = tokenizer, image_dir, kw, []
         samples = [s for p in ([paths] if isinstance(paths, (str, Path)) else paths) for s in load_samples(p, errors)]
         self.samples, self.lengths = [], []
@@ -421,9 +378,8 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 def pack(lengths: list[int], max_tokens: int, seed: int = 0, epoch: int = 0) -> list[list[int]]:
-    """Best-fit-decreasing bin packing of sample indices into rows of <= max_tokens tokens (a longer sample gets a
-    row of its own). Deterministic for (seed, epoch): equal lengths are tie-broken and rows ordered by a seeded
-    shuffle. Sorting by length makes the row count the same in every epoch."""
+    """Best-fit-decreasing packing of sample indices into rows of <= max_tokens tokens (longer: a row of its own).
+    A (seed, epoch) shuffle breaks ties and orders the rows; the row count is the same in every epoch."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -446,8 +402,7 @@ def pack(lengths: list[int], max_tokens: int, seed: int = 0, epoch: int = 0) -> 
 def plan_epoch(lengths: list[int], max_tokens: int, world_size: int = 1, grad_accum: int = 1, seed: int = 0,
                epoch: int = 0) -> list[list[list[int]]]:
     """plan[step] = world_size * grad_accum micro-batches (rows of sample indices); rank r takes plan[step][r::W].
-    The last step is filled up with repeats of the epoch's first rows, so every rank runs the same number of
-    micro-batches per step (no rank waits on a collective that others never reach) and no sample is skipped."""
+    The last step is filled up with the first rows: every rank runs as many micro-batches (no collective hangs)."""
     rows, per_step = pack(lengths, max_tokens, seed, epoch), world_size * grad_accum
     n_steps = -(-len(rows) // per_step)
     rows = rows + [rows[i % len(rows)] for i in range(n_steps * per_step - len(rows))]
@@ -455,13 +410,10 @@ def plan_epoch(lengths: list[int], max_tokens: int, world_size: int = 1, grad_ac
 
 
 def collate(rows: list[list[dict | None]], pad_to_multiple: int = 1) -> dict:
-    """Rows of encoded samples -> one packed micro-batch: input_ids / labels / position_ids (R, T), pixel_values
-    (N, 3*ps*ps) | None, grid_thws (n, 3) | None (row-major sample order = the model's visual-atom order),
-    n_target_tokens (supervised tokens, for loss normalisation across micro-batches and ranks).
-    position_ids restart at 0 for every sample and for the row-end padding (PAD_ID, label -100), and no
-    attention_mask is returned: attention stays inside each sample. A micro-batch without images gets
-    pixel_values=None; the model then runs its zero-weighted dummy image in training so that every ZeRO-3 rank
-    touches the ViT (spec 13) without changing the loss."""
+    """Rows of encoded samples (None: dropped) -> one packed micro-batch: input_ids / labels / position_ids (R, T),
+    pixel_values | None, grid_thws | None (row-major), n_samples, n_target_tokens (for loss normalisation).
+    position_ids restart at 0 per sample and for the padding, so attention stays inside each sample (no mask).
+    Without images pixel_values is None: the model runs its zero-weighted dummy image (ZeRO-3, spec 13)."""
     rows = [[s for s in r if s is not None] for r in rows]
     rows = [r for r in rows if r] or [[]]
     T = max(1, max(sum(len(s["input_ids"]) for s in r) for r in rows))
@@ -492,16 +444,15 @@ def collate_row(samples: list[dict | None]) -> dict:
 
 def micro_batches(dataset: SFTDataset, max_tokens: int, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
                   seed: int = 0, epoch: int = 0, start_step: int = 0, num_workers: int = 0):
-    """This rank's micro-batches of one epoch from optimizer step `start_step` on (resume): grad_accum of them per
-    step, one packed row each. Returns (DataLoader, number of optimizer steps in the epoch)."""
+    """This rank's micro-batches (one packed row each) of one epoch from optimizer step `start_step` on (resume).
+    Returns (DataLoader, number of optimizer steps in the epoch)."""
     plan = plan_epoch(dataset.lengths, max_tokens, world_size, grad_accum, seed, epoch)
     mine = [mb for step in plan[start_step:] for mb in step[rank::world_size]]
     return torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate_row,
                                        num_workers=num_workers), len(plan)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Run helpers every stage script shares
+# --- Run helpers every stage script shares, and `python data.py check --data x.json --image_dir DIR` ---
 
 
 def _coerce(v, tp, key: str):
@@ -523,50 +474,41 @@ def _coerce(v, tp, key: str):
 
 
 def load_config(cls, argv: list[str] | None = None):
-    """cls() defaults <- `--config x.json` <- `--key=value` / `--key value` overrides. Unknown keys are errors
-    (JSON keys starting with "_" are comments); values are parsed by the field's type (bool, int, float, str,
-    X | None, list, dict). The deepspeed launcher's --local_rank is accepted and ignored (LOCAL_RANK is in env)."""
-    argv, cli, i = list(sys.argv[1:] if argv is None else argv), [], 0
-    while i < len(argv):
-        if not argv[i].startswith("--"):
-            raise ValueError(f"unexpected argument {argv[i]!r}; use --key=value")
-        k, eq, v = argv[i][2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ValueError(f"--{k} needs a value")
-            v, i = argv[i + 1], i + 1
-        cli.append((k.replace("-", "_"), v))
-        i += 1
-    items = []
-    for path in [v for k, v in cli if k == "config"]:
-        with open(path) as f:
-            items += [(k, v) for k, v in json.load(f).items() if not k.startswith("_")]
+    """cls() defaults <- `--config x.json` <- `--key=value` / `--key value`, parsed by the field's type. Unknown keys
+    are errors; JSON keys starting with "_" are comments; deepspeed's --local_rank is ignored (LOCAL_RANK is in env)."""
+    argv, cli = list(sys.argv[1:] if argv is None else argv), []
+    while argv:
+        arg = argv.pop(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; use --key=value")
+        k, eq, v = arg[2:].partition("=")
+        if not (eq or argv):
+            raise ValueError(f"--{k} needs a value")
+        cli.append((k.replace("-", "_"), v if eq else argv.pop(0)))
+    configs = [json.loads(Path(v).read_text()) for k, v in cli if k == "config"]
+    items = [(k, v) for c in configs for k, v in c.items() if not k.startswith("_")]
     items += [(k, v) for k, v in cli if k not in ("config", "local_rank")]
-    hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     for k, _ in items:
         if k not in names:
             raise ValueError(f"unknown config key {k!r}; valid keys: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
     return cls(**{k: _coerce(v, hints[k], k) for k, v in items})
 
 
 def load_tokenizer(path: str):
-    """The Qwen3 tokenizer of a checkpoint dir, by class: AutoTokenizer would read config.json, meet the official
-    auto_map and ask to run remote code."""
+    """The Qwen3 tokenizer of a checkpoint dir, by class (AutoTokenizer would ask to run the official remote code)."""
     from transformers import Qwen2TokenizerFast
-
     return Qwen2TokenizerFast.from_pretrained(path)
 
 
 def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
-    """deepspeed.init_distributed for launcher runs and for a plain `python x.py` (single process: env defaults).
-    Returns (rank, world_size, local_rank)."""
+    """deepspeed.init_distributed, also for a plain `python x.py` (one process). Returns (rank, world, local_rank)."""
     import socket
     from datetime import timedelta
 
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401
-
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -579,10 +521,6 @@ def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=timeout_s))
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# python data.py check --data x.json --image_dir DIR
 
 
 def check(argv: list[str] | None = None) -> int:
