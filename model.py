@@ -490,6 +490,7 @@ class GenState:
     seen: torch.Tensor | None  # (B, vocab) bool: tokens seen so far, for the repetition penalty
     n_generated: torch.Tensor  # (B,) tokens generated so far across calls (thinking budget)
     think_closed: torch.Tensor  # (B,) bool: </think> already produced or forced
+    force_pos: torch.Tensor  # (B,) next index into THINK_EARLY_STOP_IDS while forcing it, else -1
 
 
 class Ovis25(nn.Module):
@@ -598,7 +599,8 @@ class Ovis25(nn.Module):
 
         thinking_budget: when a row has generated that many tokens without `</think>`, the official early-stop
         text (THINK_EARLY_STOP_IDS, ending in `</think>\\n\\n`) is forced and decoding goes on (spec 10.2), per row.
-        If max_new_tokens leaves too little room, the budget shrinks instead of failing. Use with thinking on.
+        A fresh call whose max_new_tokens leaves too little room shrinks the budget instead of failing; with
+        `state`, the count and any half-forced text carry over from the previous calls. Use with thinking on.
         state: continue a previous call (return_state=True): `input_ids` are then the new tokens (text + image
         placeholders, left-padded) appended after everything generated so far; nothing before is re-encoded."""
         dev = input_ids.device
@@ -607,7 +609,8 @@ class Ovis25(nn.Module):
             st = GenState(cache=DynamicCache(config=self.llm.config), mask=ids.new_zeros(ids.shape[0], 0),
                           pending=None, pending_real=None, seen=None,
                           n_generated=ids.new_zeros(ids.shape[0]),
-                          think_closed=torch.zeros(ids.shape[0], dtype=torch.bool, device=dev))
+                          think_closed=torch.zeros(ids.shape[0], dtype=torch.bool, device=dev),
+                          force_pos=torch.full((ids.shape[0],), -1, device=dev))
             real = ids != PAD_ID
         else:
             st = state
@@ -624,9 +627,10 @@ class Ovis25(nn.Module):
         stop = torch.tensor(list(stop_token_ids) or [-1], device=dev)
         forced = torch.tensor(THINK_EARLY_STOP_IDS, device=dev)
         budget = None
-        if thinking_budget is not None:
-            budget = max(0, min(thinking_budget, max_new_tokens - len(THINK_EARLY_STOP_IDS) - 1))
-        force_pos = torch.full((b,), -1, device=dev)  # index into `forced` while forcing, else -1
+        if thinking_budget is not None:  # per row, counted across calls; forcing resumes in the next call if cut
+            budget = torch.full_like(st.n_generated, thinking_budget)
+            if state is None:  # one-shot call: shrink so the forced text and an answer still fit (no ValueError)
+                budget = budget.clamp(max=max_new_tokens - len(THINK_EARLY_STOP_IDS) - 1).clamp(min=0)
 
         x = self.embed(ids, pixel_values, grid_thws)
         st.mask = torch.cat([st.mask, real.long()], 1)
@@ -639,12 +643,12 @@ class Ovis25(nn.Module):
             tok = self._next_token(logits, st.seen, do_sample, temperature, top_p, top_k, repetition_penalty,
                                    generator)
             if budget is not None:  # per-row thinking budget: start forcing, then emit the forced text
-                start = (st.n_generated == budget) & ~st.think_closed & (force_pos < 0)
-                force_pos = torch.where(start, 0, force_pos)
-                forcing = force_pos >= 0
-                tok = torch.where(forcing, forced[force_pos.clamp(min=0, max=len(forced) - 1)], tok)
-                force_pos = torch.where(forcing, force_pos + 1, force_pos)
-                force_pos = torch.where(force_pos >= len(forced), -1, force_pos)
+                fp = st.force_pos
+                fp = torch.where((st.n_generated >= budget) & ~st.think_closed & (fp < 0), 0, fp)
+                forcing = (fp >= 0) & ~finished
+                tok = torch.where(forcing, forced[fp.clamp(min=0, max=len(forced) - 1)], tok)
+                fp = torch.where(forcing, fp + 1, fp)
+                st.force_pos = torch.where(fp >= len(forced), -1, fp)
             tok = torch.where(finished, PAD_ID, tok)
             was_running = ~finished
             st.n_generated += was_running.long()

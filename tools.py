@@ -282,3 +282,119 @@ def default_registry(bbox_format: str = "pixel", identify_backend: "str | dict |
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
     return Registry([Crop(bbox_format=bbox_format), Identify(backend=identify_backend, bbox_format=bbox_format)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tool loop (infer.py, GRPO rollouts): batched, each result appended as training renders it, KV continuation
+
+TOOL_CALL_END_ID = 151658  # `</tool_call>`: a row stops there, its call runs, the result is appended
+NO_MORE_TOOLS = "Error: no more tool calls are available; give your final answer."  # calls after max_tool_calls
+
+
+@dataclass
+class Rollout:
+    """One row. `token_ids` = prompt + all after it (visual ids expanded); `gen_mask[i]` = 1 iff token i was sampled
+    by the model (0: prompt, tool results, forced thinking-budget text); `pixel_values`/`grid_thws`: every image of
+    token_ids in order (prompt's, then crops), so one forward re-scores it. `text`: the output after the prompt, tool
+    results included (a crop reads `<image>`); `tool_calls`: {name, args, ok, result}; `finish`: "eos" | "length"."""
+    text: str = ""
+    thinking: str = ""
+    answer: str = ""
+    tool_calls: list = field(default_factory=list)
+    crops: list = field(default_factory=list)
+    token_ids: list = field(default_factory=list)
+    gen_mask: list = field(default_factory=list)
+    prompt_len: int = 0
+    pixel_values: object = None
+    grid_thws: object = None
+    n_generated: int = 0
+    finish: str = ""
+
+
+def split_output(text: str) -> tuple[str, str]:
+    """(thinking, answer): thinking = inside the first <think>...</think> (to the end if unclosed); answer = inside
+    <answer>...</answer> when present, else all after </think> (all of the text without a think block)."""
+    head, closed, tail = text.partition("</think>")
+    rest = tail if closed else ("" if "<think>" in head else text)
+    m = re.search(r"<answer>(.*?)(?:</answer>|$)", rest, re.DOTALL)
+    return (head.split("<think>", 1)[1].strip() if "<think>" in head else ""), (m.group(1) if m else rest).strip()
+
+
+def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, keys: list | None = None,
+                  registry: "Registry | None" = None, max_tool_calls: int = 8, max_new_tokens: int = 1024,
+                  thinking_budget: int | None = None, kv_cache: bool = True, crop_min_pixels: int | None = None,
+                  crop_max_pixels: int | None = None, **sampling) -> list[Rollout]:
+    """Generate for a batch of prompts (data.build_inputs dicts), running tool calls as they come. A round decodes
+    all running rows (left-padded) until each stopped on `</tool_call>` or an eos; each call is then run by
+    `registry` on its row's `images` (`keys`: their names, for Identify maps) and the result appended as
+    data.tool_result_ids / tool_result_pixels render it. Bad or unknown calls and every call past `max_tool_calls`
+    (NO_MORE_TOOLS) become error responses. Waiting rows continue from the KV cache (kv_cache=False: re-prefill all
+    each round, the reference); finished rows leave the batch. `max_new_tokens`, `thinking_budget` (thinking on
+    only) count model tokens per row over all rounds. registry=None: no tools. `sampling`: Ovis25.generate's."""
+    import torch  # here, not at the top: data imports tools
+
+    import data
+    import model as M
+
+    if thinking_budget is not None and not kv_cache:
+        raise ValueError("thinking_budget needs kv_cache=True (it counts tokens over all rounds)")
+    vit, dev, forced = model.config.vit, next(model.parameters()).device, len(M.THINK_EARLY_STOP_IDS)
+    images, keys = images or [[] for _ in prompts], keys or [[] for _ in prompts]
+    crop_px = (crop_min_pixels or data.CROP_MIN_PIXELS, crop_max_pixels or data.CROP_MAX_PIXELS)
+    eos, stop = tuple(sampling.pop("eos_token_ids", M.EOS_IDS)), (TOOL_CALL_END_ID,) if registry else ()
+    budget = None if thinking_budget is None else max(0, min(thinking_budget, max_new_tokens - forced - 1))
+    outs = [Rollout(token_ids=t, gen_mask=[0] * len(t), prompt_len=len(t))
+            for t in (p["input_ids"].reshape(-1).tolist() for p in prompts)]
+    pix = [[(p["pixel_values"], p["grid_thws"])] if p.get("grid_thws") is not None else [] for p in prompts]
+    active, st = list(range(len(prompts))), None
+    chunk, new_pix = [o.token_ids for o in outs], [x for p in pix for x in p]
+    while active:
+        left = [max_new_tokens - outs[i].n_generated for i in active]
+        n = max(left)  # generate shrinks a thinking budget to fit its own max_new_tokens: give a thinker room
+        if budget is not None and st is not None and bool((~st.think_closed & (st.n_generated <= budget)).any()):
+            n = max(n, budget + forced + 1)
+        if not kv_cache:
+            chunk, new_pix, st = [outs[i].token_ids for i in active], [x for i in active for x in pix[i]], None
+        n_pad = max(map(len, chunk))
+        ids = torch.tensor([[M.PAD_ID] * (n_pad - len(c)) + c for c in chunk], device=dev)
+        pv, g = (torch.cat([x[k] for x in new_pix]).to(dev) if new_pix else None for k in (0, 1))
+        new, st = model.generate(ids, pv, g, max_new_tokens=n, eos_token_ids=eos, stop_token_ids=stop,
+                                 thinking_budget=budget, state=st, return_state=True, **sampling)
+        keep, chunk, new_pix = [], [], []
+        for j, i in enumerate(active):
+            o, toks = outs[i], new[j].tolist()
+            end = next((k + 1 for k, t in enumerate(toks) if t in eos or t in stop), len(toks))
+            toks = toks[:min(end, left[j])]  # a row past its own budget is cut (and leaves the batch)
+            o.token_ids, o.gen_mask, o.n_generated = o.token_ids + toks, o.gen_mask + [1] * len(toks), \
+                o.n_generated + len(toks)
+            said = tokenizer.decode(toks[:-1] if toks and toks[-1] in eos else toks)
+            o.text += said
+            if not (toks and toks[-1] in stop and o.n_generated < max_new_tokens):
+                o.finish = "eos" if toks and toks[-1] in eos else "length"
+                continue
+            call = parse_tool_call(said) if "<tool_call>" in said else ToolCall(error="</tool_call> without a start")
+            res = (registry.execute(call, images[i], keys[i]) if len(o.tool_calls) < max_tool_calls else
+                   ToolResult(name=call.name, text=NO_MORE_TOOLS, error=True))
+            o.tool_calls.append({"name": res.name, "args": call.args, "ok": not res.error, "result": res.text})
+            add = data.tool_result_ids(res, tokenizer)
+            p, g = data.tool_result_pixels(res, *crop_px, vit.patch_size, vit.hidden_stride)
+            if g is not None:
+                add = M.expand_placeholders(add, g, vit.hidden_stride)
+                o.crops, pix[i], new_pix = o.crops + [res.image], pix[i] + [(p, g)], new_pix + [(p, g)]
+            o.text += "<image>" if g is not None else tokenizer.decode(add)
+            o.token_ids, o.gen_mask, keep, chunk = o.token_ids + add, o.gen_mask + [0] * len(add), keep + [j], \
+                chunk + [add]
+        if kv_cache and 0 < len(keep) < len(active):  # finished rows leave the cache
+            idx = torch.tensor(keep, device=dev)
+            st.cache.batch_select_indices(idx)
+            for k in ("mask", "pending", "pending_real", "seen", "n_generated", "think_closed", "force_pos"):
+                setattr(st, k, None if getattr(st, k) is None else getattr(st, k)[idx])
+        active = [active[j] for j in keep]
+    for o, px in zip(outs, pix):
+        gen = [k for k, v in enumerate(o.gen_mask) if v]
+        if budget is not None and M.THINK_END_ID not in [o.token_ids[k] for k in gen[:budget]]:
+            for k in gen[budget:budget + forced]:  # forced at exactly `budget` generated tokens: not sampled
+                o.gen_mask[k] = 0
+        o.thinking, o.answer = split_output(o.text)
+        o.pixel_values, o.grid_thws = (torch.cat([x[k] for x in px]) if px else None for k in (0, 1))
+    return outs

@@ -378,3 +378,15 @@ def test_released_9b_config_builds_exact_layout():
     assert len(m.state_dict()) == 840 and sum(p.numel() for p in m.parameters()) == 9_174_807_784
     assert m.state_dict()["visual_tokenizer.head.0.weight"].shape == (65532, 4608)
     assert cfg.vit.fullatt_block_indexes is None and not cfg.llm.tie_word_embeddings
+
+
+def test_thinking_budget_spans_continuation_calls(gm, inputs):
+    """The budget counts tokens across calls (the tool loop's rounds): a first call that ends early on a stop id,
+    then a continuation with nothing appended, force the early-stop text at the same point as one call."""
+    ids, pv, g = _case(inputs, "single_image_think")
+    one = gm.generate(ids, pv, g, max_new_tokens=40, thinking_budget=5)[0].tolist()
+    a, st = gm.generate(ids, pv, g, max_new_tokens=40, thinking_budget=5, stop_token_ids=[one[0]],
+                        return_state=True)
+    assert a[0].tolist() == one[:1]
+    b = gm.generate(ids.new_zeros(1, 0), max_new_tokens=39, thinking_budget=5, state=st)
+    assert a[0].tolist() + b[0].tolist() == one and one[5:29] == list(M.THINK_EARLY_STOP_IDS)

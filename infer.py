@@ -1,0 +1,191 @@
+"""Ask a (fine-tuned) Ovis2.5 questions about images; its Crop / Identify calls run automatically (tools.run_tool_loop).
+
+Launch:
+    python infer.py --model DIR --image a.jpg --prompt "What is written on the sign?" --think --tools
+    python infer.py --model DIR --input q.jsonl --output a.jsonl --image-dir data/demo --tools --batch-size 8
+    python infer.py --model DIR --adapter LORA_DIR --image a.jpg --prompt "..." --greedy
+Batch input: JSONL lines `{"id", "image": path | [paths], "prompt"}`, `{"id", "messages": [...]}` or data samples
+(`{"id", "image", "conversations"}`: the turns before the first gpt turn); paths relative to --image-dir. Output:
+JSONL `{"id", "answer", "thinking", "text", "tool_calls", "n_generated", "finish"}`, appended batch by batch; ids
+already in --output are skipped, so an interrupted run resumes. Sampling defaults: the checkpoint's
+generation_config.json; --greedy, --temperature etc. override.
+
+Python:
+    import infer
+    eng = infer.load("path/to/Ovis2.5-2B", adapter=None, dtype=torch.bfloat16, device="cuda")
+    r = infer.chat(eng, image="a.jpg", prompt="...", enable_thinking=True, tools=True)   # a tools.Rollout
+    print(r.thinking, r.answer, r.tool_calls)
+"""
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import data
+import model as ovis
+import tools as tool_lib
+
+
+@dataclass
+class Engine:
+    model: ovis.Ovis25
+    tokenizer: object
+    sampling: dict = field(default_factory=dict)  # generate() keywords from generation_config.json
+
+
+def load(model_path: str, adapter: str | None = None, dtype=None, device=None) -> Engine:
+    """Checkpoint dir (official layout + tokenizer files) -> Engine. `adapter`: a peft LoRA dir saved from a
+    PeftModel around `model.llm` (the Qwen3 LLM); it is merged into the weights. Defaults: cuda + bf16, else fp32."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    m = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device).eval()
+    if adapter:
+        from peft import PeftModel
+
+        m.llm = PeftModel.from_pretrained(m.llm, adapter).merge_and_unload()
+        m._tie()
+    gen, path = {}, os.path.join(model_path, "generation_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            g = json.load(f)
+        gen = {k: g[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty") if k in g}
+        eos = g.get("eos_token_id")
+        if eos is not None:
+            gen["eos_token_ids"] = tuple(eos if isinstance(eos, list) else [eos])
+    return Engine(m, data.load_tokenizer(model_path), gen)
+
+
+def _request(req: dict, image_dir: str = ".") -> tuple[list, list, list]:
+    """A request ({"messages"} | {"image", "prompt"} | a data sample) -> (chat messages, its images, their keys).
+    Keys (what an Identify map is indexed by) are the paths as written in the request, relative to image_dir."""
+    imgs = req.get("image") or []
+    imgs = imgs if isinstance(imgs, list) else [imgs]
+    if "messages" in req:
+        msgs, image_dir = req["messages"], "."  # paths as written in the messages
+        imgs = [it["image"] for m in msgs if not isinstance(m["content"], str) for it in m["content"]
+                if it.get("type") == "image"]
+    opened = [i if isinstance(i, Image.Image) else _rgb(Path(image_dir) / i) for i in imgs]
+    if "conversations" in req:
+        msgs = data.prompt_messages(req, image_dir)
+    elif "messages" not in req:
+        msgs = [{"role": "user", "content": [{"type": "image", "image": i} for i in opened] +
+                 [{"type": "text", "text": req.get("prompt", "")}]}]
+    return msgs, opened, [i if isinstance(i, str) else "" for i in imgs]
+
+
+def _rgb(path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def chat_batch(engine: Engine, requests: list, image_dir: str = ".", *, enable_thinking: bool = False,
+               thinking_budget: int | None = None, tools: "bool | tool_lib.Registry" = False, max_tool_calls: int = 5,
+               identify=None, bbox_format: str = "pixel", max_new_tokens: int = 2048, min_pixels: int = 448 * 448,
+               max_pixels: int = 1792 * 1792, crop_min_pixels: int | None = None, crop_max_pixels: int | None = None,
+               **sampling) -> list:
+    """Requests (see _request) -> one tools.Rollout each, generated as one left-padded batch. tools=True: Crop +
+    Identify (`identify`: its map file / dict / callable), and the registry's system prompt when there is none.
+    thinking_budget applies with enable_thinking only; `sampling` overrides engine.sampling (generate keywords)."""
+    registry = tools if isinstance(tools, tool_lib.Registry) else (
+        tool_lib.default_registry(bbox_format, identify) if tools else None)
+    prompts, images, keys = [], [], []
+    for req in requests:
+        msgs, imgs, k = _request(req, image_dir)
+        if registry and not any(m["role"] == "system" for m in msgs):
+            msgs = [{"role": "system", "content": registry.system_prompt()}] + msgs
+        prompts.append(data.build_inputs(msgs, engine.tokenizer, enable_thinking, True, min_pixels, max_pixels))
+        images.append(imgs)
+        keys.append(k)
+    return tool_lib.run_tool_loop(
+        engine.model, engine.tokenizer, prompts, images, keys, registry, max_tool_calls, max_new_tokens,
+        thinking_budget if enable_thinking else None, crop_min_pixels=crop_min_pixels,
+        crop_max_pixels=crop_max_pixels, **{**engine.sampling, **sampling})
+
+
+def chat(engine: Engine, messages: list | None = None, image=None, prompt: str | None = None, **kw):
+    """One conversation: `messages` (chat format, image items hold a path or a PIL image) or `image`(s) + `prompt`.
+    Keywords as chat_batch (enable_thinking, thinking_budget, tools, max_tool_calls, do_sample, ...)."""
+    return chat_batch(engine, [{"messages": messages} if messages else {"image": image, "prompt": prompt}], **kw)[0]
+
+
+def record(rid, r) -> dict:
+    return {"id": rid, "answer": r.answer, "thinking": r.thinking, "text": r.text, "tool_calls": r.tool_calls,
+            "n_generated": r.n_generated, "finish": r.finish}
+
+
+def done_ids(path: str) -> set:
+    """Ids already answered in `path`; a torn last line (an interrupted write) is removed."""
+    if not os.path.exists(path):
+        return set()
+    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        Path(path).write_text("".join(lines[:-1]), encoding="utf-8")
+        lines = lines[:-1]
+    return {json.loads(x)["id"] for x in lines if x.strip()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--adapter")
+    ap.add_argument("--image", nargs="*", default=[])
+    ap.add_argument("--prompt")
+    ap.add_argument("--input")
+    ap.add_argument("--output")
+    ap.add_argument("--image-dir", default=".")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--think", action="store_true", help="enable thinking")
+    ap.add_argument("--thinking-budget", type=int)
+    ap.add_argument("--tools", action="store_true", help="Crop + Identify, run automatically")
+    ap.add_argument("--identify", help="Identify map: JSON {image_key: [{bbox, name}]}")
+    ap.add_argument("--bbox-format", default="pixel", choices=tool_lib.BBOX_FORMATS)
+    ap.add_argument("--max-tool-calls", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=2048)
+    ap.add_argument("--greedy", action="store_true")
+    for k in ("temperature", "top_p", "repetition_penalty"):
+        ap.add_argument("--" + k.replace("_", "-"), type=float)
+    ap.add_argument("--top-k", type=int)
+    for k in ("min_pixels", "max_pixels", "crop_min_pixels", "crop_max_pixels"):  # image budgets (crops: data.py's)
+        ap.add_argument("--" + k.replace("_", "-"), type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    a = ap.parse_args(argv)
+    if bool(a.input) == bool(a.prompt) or bool(a.input) != bool(a.output):
+        ap.error("give --prompt (one question) or --input and --output (a batch)")
+    eng = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device)
+    torch.manual_seed(a.seed)
+    kw = dict(enable_thinking=a.think, thinking_budget=a.thinking_budget, tools=a.tools, identify=a.identify,
+              bbox_format=a.bbox_format, max_tool_calls=a.max_tool_calls, max_new_tokens=a.max_new_tokens)
+    kw.update({k: getattr(a, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "min_pixels",
+                                          "max_pixels", "crop_min_pixels", "crop_max_pixels")
+               if getattr(a, k) is not None}, **({"do_sample": False} if a.greedy else {}))
+    if a.prompt:
+        r = chat_batch(eng, [{"image": a.image, "prompt": a.prompt}], a.image_dir, **kw)[0]
+        for c in r.tool_calls:
+            print(f"[tool] {c['name']} {c['args']} -> {'ok' if c['ok'] else 'error'}: {c['result'] or '<image>'}")
+        print(f"[thinking]\n{r.thinking}\n" if r.thinking else "", f"[answer]\n{r.answer}", sep="")
+        return 0
+    from tqdm import tqdm
+
+    reqs = [{**r, "id": r.get("id", i)} for i, r in enumerate(data.load_samples(a.input))]
+    seen = done_ids(a.output)
+    todo = [r for r in reqs if r["id"] not in seen]
+    with open(a.output, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="infer", unit="q") as bar:
+        for s in range(0, len(todo), a.batch_size):
+            batch = todo[s:s + a.batch_size]
+            for req, r in zip(batch, chat_batch(eng, batch, a.image_dir, **kw)):
+                f.write(json.dumps(record(req["id"], r), ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(batch))
+    print(f"{len(todo)} answered, {len(reqs) - len(todo)} already in {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
