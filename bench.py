@@ -2,6 +2,7 @@
 
     python bench.py model   # packed vs padded fwd+bwd tokens/s on mixed lengths; loss peak memory chunked vs full
     python bench.py sft     # sft.py tokens/s and real-token fraction: packed micro-batches vs one sample each
+    python bench.py infer   # a 3-Crop tool trajectory: KV continuation vs re-prefill per turn; generation tok/s
 
 Figures are ratios measured on this machine (CPU by default, CUDA when available); absolute numbers depend on it.
 """
@@ -14,9 +15,11 @@ import sys
 import time
 
 import torch
+from PIL import Image
 
 import data
 import model as M
+import tools
 
 # A random Ovis2.5 whose per-token compute splits like Ovis2.5-2B's (layers ~6x the lm_head), scaled down to run
 # on a CPU: the vocab is cut to 8192 here because with the real vocab a 512-wide toy model is all lm_head.
@@ -139,6 +142,63 @@ def bench_sft():
     return ratio
 
 
+def bench_infer(turn_tokens: int = 32, n_calls: int = 3, side: int = 1792, crop: int = 600, rows: int = 1):
+    """A 3-tool-call trajectory as the tool loop runs it (tools.run_tool_loop): prompt (text + one 448x448 image)
+    -> generate -> Crop -> generate -> Crop -> generate -> Crop -> generate. Each round's generation is fixed to
+    `turn_tokens` tokens (a random model never writes `</tool_call>` on cue); each Crop is executed by the registry
+    and appended with data.tool_result_ids / tool_result_pixels, exactly the loop's per-round calls. Two ways:
+    continuing from the KV cache (state=...) vs re-prefilling the whole sequence with every image each round.
+    Defaults: one row, a photo at Ovis2.5's max_pixels (1792 px, 3136 visual tokens), 600 px crops (~340 tokens
+    each at the crop budget), 32 tokens per turn. The ratio falls as turns get longer (decode dominates) and rises
+    with rows (GRPO's num_generations re-prefill every row): `python bench.py infer 128 3 1792 600 4`
+    = turn_tokens n_calls side crop rows."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    m = M.Ovis25.from_config(BENCH_CONFIG, device=dev).eval()
+    vit = m.config.vit
+    g = torch.Generator().manual_seed(0)
+    img = Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy())
+    pv0, g0 = M.preprocess_image(img, side * side, side * side)
+    prompt = M.expand_placeholders(torch.randint(0, 8000, (64,), generator=g).tolist() + [M.IMAGE_TOKEN_ID], g0)
+    registry = tools.default_registry()
+    crops = []
+    for k in range(n_calls):  # real Crop calls on the image, rendered as the loop renders them
+        res = registry.execute(f"Crop [{40 * k}, {30 * k}, {40 * k + crop}, {30 * k + crop}]", [img], ["bench"])
+        p, gg = data.tool_result_pixels(res, data.CROP_MIN_PIXELS, data.CROP_MAX_PIXELS, vit.patch_size,
+                                        vit.hidden_stride)
+        crops.append((M.expand_placeholders([M.IMAGE_TOKEN_ID], gg, vit.hidden_stride), p, gg))
+    kw = dict(max_new_tokens=turn_tokens, do_sample=False, eos_token_ids=())
+
+    def run(kv: bool):
+        seq, pvs, gs, n_gen = list(prompt), [pv0], [g0], 0
+        new, st = m.generate(torch.tensor([seq] * rows, device=dev), torch.cat([pv0] * rows).to(dev),
+                             torch.cat([g0] * rows).to(dev), return_state=True, **kw)
+        for ids, p, gg in crops:
+            seq, pvs, gs, n_gen = seq + new[0].tolist() + ids, pvs + [p], gs + [gg], n_gen + new.numel()
+            if kv:
+                new, st = m.generate(torch.tensor([ids] * rows, device=dev), torch.cat([p] * rows).to(dev),
+                                     torch.cat([gg] * rows).to(dev), state=st, return_state=True, **kw)
+            else:
+                new = m.generate(torch.tensor([seq] * rows, device=dev), torch.cat(pvs * rows).to(dev),
+                                 torch.cat(gs * rows).to(dev), **kw)
+        return seq + new[0].tolist(), n_gen + new.numel()
+
+    with torch.no_grad():
+        m.generate(torch.tensor([prompt[:8]], device=dev), max_new_tokens=4, do_sample=False)  # warm-up
+        t0 = time.perf_counter()
+        seq_kv, n_gen = run(True)
+        t_kv = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        seq_re, _ = run(False)
+        t_re = time.perf_counter() - t0
+    same = seq_kv == seq_re
+    print(f"infer ({dev}): {rows} rows x {n_calls}-Crop trajectory of {len(seq_kv)} tokens ({side}px image, "
+          f"{crop}px crops, {turn_tokens} tokens/turn, {n_gen} generated) | KV continuation "
+          f"{t_kv:.2f}s, re-prefill per turn {t_re:.2f}s: {t_re / t_kv:.2f}x (target >= 2x) | generation "
+          f"{n_gen / t_kv:.0f} tok/s | same tokens: {same}")
+    return t_re / t_kv
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "model"
     if what == "_loss_child":
@@ -150,5 +210,8 @@ if __name__ == "__main__":
               f"(target <= 0.25x)")
     elif what == "sft":
         bench_sft()
+    elif what == "infer":
+        torch.set_num_threads(os.cpu_count() or 1)
+        bench_infer(*map(int, sys.argv[2:]))
     else:
-        sys.exit(f"unknown benchmark {what!r}; choose from: model, sft")
+        sys.exit(f"unknown benchmark {what!r}; choose from: model, sft, infer")
