@@ -3,7 +3,7 @@
 Launch:
     python infer.py --model DIR --image a.jpg --prompt "What is written on the sign?" --think --tools
     python infer.py --model DIR --input q.jsonl --output a.jsonl --image-dir data/demo --tools --batch-size 8
-    python infer.py --model DIR --adapter LORA_DIR --image a.jpg --prompt "..." --greedy
+    python infer.py --adapter out/demo_lora/final --image a.jpg --prompt "..." --greedy    # base read from the adapter
 Batch input: JSONL lines `{"id", "image": path | [paths], "prompt"}`, `{"id", "messages": [...]}` or data samples
 (`{"id", "image", "conversations"}`: the turns before the first gpt turn); paths relative to --image-dir. Output:
 JSONL `{"id", "answer", "thinking", "text", "tool_calls", "n_generated", "finish"}`, appended batch by batch; ids
@@ -38,17 +38,15 @@ class Engine:
     sampling: dict = field(default_factory=dict)  # generate() keywords from generation_config.json
 
 
-def load(model_path: str, adapter: str | None = None, dtype=None, device=None) -> Engine:
-    """Checkpoint dir (official layout + tokenizer files) -> Engine. `adapter`: a peft LoRA dir saved from a
-    PeftModel around `model.llm` (the Qwen3 LLM); it is merged into the weights. Defaults: cuda + bf16, else fp32."""
+def load(model_path: str | None, adapter: str | None = None, dtype=None, device=None) -> Engine:
+    """Checkpoint dir (official layout + tokenizer files) -> Engine. `adapter`: a LoRA dir from lora.py, merged into
+    the weights (model_path None = the base recorded in it). Defaults: cuda + bf16, else fp32."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    model_path = model_path or ovis.adapter_base(adapter)
     m = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device).eval()
     if adapter:
-        from peft import PeftModel
-
-        m.llm = PeftModel.from_pretrained(m.llm, adapter).merge_and_unload()
-        m._tie()
+        m = ovis.load_adapter(m, adapter).merge_and_unload()
     gen, path = {}, os.path.join(model_path, "generation_config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -131,8 +129,8 @@ def done_ids(path: str) -> set:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--adapter")
+    ap.add_argument("--model", help="checkpoint dir (default with --adapter: the base recorded in it)")
+    ap.add_argument("--adapter", help="LoRA dir from lora.py, merged at load")
     ap.add_argument("--image", nargs="*", default=[])
     ap.add_argument("--prompt")
     ap.add_argument("--input")
@@ -156,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
     a = ap.parse_args(argv)
+    if not (a.model or a.adapter):
+        ap.error("give --model, --adapter or both")
     if bool(a.input) == bool(a.prompt) or bool(a.input) != bool(a.output):
         ap.error("give --prompt (one question) or --input and --output (a batch)")
     eng = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device)

@@ -468,6 +468,50 @@ def load_weights(model: nn.Module, path: str, copy=None) -> set:
     return loaded
 
 
+def adapter_base(adapter_dir: str) -> str:
+    """The base checkpoint recorded in a peft adapter dir (lora.py writes its absolute path)."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, not a peft LoRA adapter (lora.py writes one "
+                                "to output_dir/final)")
+    with open(path) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}: base_model_name_or_path is empty; pass the base checkpoint explicitly")
+    return base
+
+
+def load_adapter(model: nn.Module, adapter_dir: str):
+    """A peft LoRA dir written by lora.py (adapter_config.json + adapter_model.safetensors, keys
+    `base_model.model.<official name>`, modules_to_save as full tensors) -> a PeftModel around `model`. Every tensor
+    is checked against the base first, so an adapter of another model fails naming the tensor and both shapes."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    adapter_base(adapter_dir)  # a clear error when it is no adapter dir
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            shape, name = tuple(f.get_slice(key).get_shape()), key.removeprefix("base_model.model.")
+            if ".lora_A." in name or ".lora_B." in name:
+                target, ab = name.split(".lora_")[0], name.split(".lora_")[1][0]
+                lin = modules.get(target)
+                if not isinstance(lin, nn.Linear):
+                    raise ValueError(f"{path}: {key}: the base has no linear layer {target!r}")
+                want, got = (lin.in_features, shape[1]) if ab == "A" else (lin.out_features, shape[0])
+            else:  # a modules_to_save tensor: a full copy of the base's
+                if name not in params:
+                    raise ValueError(f"{path}: {key}: the base has no parameter {name!r}")
+                want, got = tuple(params[name].shape), shape
+            if want != got:
+                raise ValueError(f"{path}: {key} has shape {shape}, which does not fit the base ({want} expected): "
+                                 "the adapter was trained on another model")
+    return PeftModel.from_pretrained(model, adapter_dir)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Ovis2.5: visual tokens merged into a plain transformers Qwen3ForCausalLM
 
@@ -491,6 +535,19 @@ class GenState:
     n_generated: torch.Tensor  # (B,) tokens generated so far across calls (thinking budget)
     think_closed: torch.Tensor  # (B,) bool: </think> already produced or forced
     force_pos: torch.Tensor  # (B,) next index into THINK_EARLY_STOP_IDS while forcing it, else -1
+
+
+def _held(w: torch.Tensor) -> torch.Tensor:
+    """A frozen ZeRO-3 weight used outside its module's forward, or across checkpointed chunks, is freed before the
+    backward that needs it (no gradient hook fetches it back): use a gathered copy instead. A collective: call it
+    the same number of times on every rank. Any other weight is returned as is."""
+    if hasattr(w, "ds_id") and not w.requires_grad and torch.is_grad_enabled():
+        import deepspeed
+
+        # already gathered (small persistent weights, or active in the running module): only copy
+        with deepspeed.zero.GatheredParameters([w], enabled=w.ds_status.name != "AVAILABLE"):
+            return w.detach().clone()
+    return w
 
 
 class Ovis25(nn.Module):
@@ -525,7 +582,7 @@ class Ovis25(nn.Module):
             tokens = self.visual_tokenizer(pixel_values, grid_thws)  # (n_atoms, V)
             if tokens.shape[0] != n_atoms:
                 raise ValueError(f"{n_atoms} visual atom ids (-300) but the images give {tokens.shape[0]} tokens")
-            vis = (tokens @ self.vte.weight).to(x.dtype)  # soft lookup: (n_atoms, H)
+            vis = (tokens @ _held(self.vte.weight)).to(x.dtype)  # soft lookup: (n_atoms, H)
             x = x.masked_scatter(is_atom[..., None], vis)
         elif n_atoms:
             raise ValueError("input_ids contain visual atom ids (-300) but no pixel_values were given")
@@ -535,7 +592,7 @@ class Ovis25(nn.Module):
             ps = self.config.vit.patch_size
             dummy = torch.zeros(4, 3 * ps * ps, device=x.device)
             tok = self.visual_tokenizer(dummy, torch.tensor([[1, 2, 2]], device=x.device))
-            x = x + 0.0 * (tok @ self.vte.weight).sum().to(x.dtype)
+            x = x + 0.0 * (tok @ _held(self.vte.weight)).sum().to(x.dtype)
         is_ind = input_ids <= INDICATOR_IDS[0]
         if bool(is_ind.any()):  # -301..-304 -> the last four vte rows
             rows = self.config.visual_vocab_size - 305 - input_ids[is_ind]
@@ -570,9 +627,16 @@ class Ovis25(nn.Module):
         """Sum of token cross-entropies of (n, H) hidden states against (n,) targets, `loss_chunk_size` rows at
         a time. Each chunk's fp32 logits (chunk, vocab) are recomputed in backward (checkpoint) instead of kept,
         so peak memory is one chunk instead of (n, vocab) in fp32 plus its gradient. lm_head is called as a
-        module so ZeRO-3 hooks gather its weight."""
+        module so ZeRO-3 hooks gather its weight, except a frozen ZeRO-3 weight (LoRA, frozen LLM): no gradient hook
+        keeps that one gathered until the chunk's backward, so one gathered copy serves all chunks of this call."""
+        head = self.llm.lm_head
+        w = _held(head.weight)
+        if w is not head.weight:
+            def head(x):
+                return F.linear(x, w)
+
         def ce(hc, tc):
-            return F.cross_entropy(self.llm.lm_head(hc).float(), tc, reduction="sum")
+            return F.cross_entropy(head(hc).float(), tc, reduction="sum")
 
         total = h.new_zeros((), dtype=torch.float32) + 0.0 * h.sum()  # keeps the graph alive with 0 targets
         for i in range(0, h.shape[0], self.loss_chunk_size):

@@ -143,13 +143,18 @@ def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
         mcfg = ovis.OvisConfig.from_dict(json.load(f))
     attn = cfg.attn_implementation or None
     if ds_config["zero_optimization"].get("stage", 0) == 3:
+        # zero.Init skips the Qwen3 init: a random model is built plainly (tiny ones) and copied in
+        src = ovis.Ovis25.from_config(mcfg, attn_implementation=attn).state_dict() if cfg.init_random else None
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             m = ovis.Ovis25(mcfg, attn)
-        if not cfg.init_random:
-            def copy(p, t):
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if rank == 0:
-                        p.data.copy_(t)
+        def copy(p, t):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(t)
+        if src is not None:
+            for name, p in m.named_parameters():
+                copy(p, src[name])
+        else:
             ovis.load_weights(m, cfg.model_path, copy)
     elif cfg.init_random:
         m = ovis.Ovis25.from_config(mcfg, attn_implementation=attn)

@@ -199,24 +199,34 @@ def test_infer_cli_single_and_resumable_batch(trained, tokenizer, tmp_path, caps
 
 
 def test_peft_lora_adapter_is_merged(trained, tmp_path):
+    """An adapter in lora.py's layout (peft around the whole model, ViT adapters and a full head copy included) is
+    merged at load; with no model path the base recorded in the adapter is used."""
     from peft import LoraConfig, get_peft_model
 
     m, _, _ = trained
-    ckpt, lora = tmp_path / "ckpt", tmp_path / "lora"
+    ckpt, adapter = tmp_path / "ckpt", tmp_path / "lora"
     m.save_pretrained(str(ckpt), source_dir=str(ROOT / "assets" / "tiny"))
-    base = M.Ovis25.from_pretrained(str(ckpt)).eval()
-    peft_llm = get_peft_model(base.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                   init_lora_weights=False))
-    peft_llm.save_pretrained(str(lora))
-    ids = torch.tensor([[151644, 872, 198, 9707, 151645]])
+    peft_model = get_peft_model(M.Ovis25.from_pretrained(str(ckpt)).eval(), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, modules_to_save=["visual_tokenizer.head"],
+        target_modules=r"(llm\.model|visual_tokenizer\.vit\.vision_model\.encoder)\.layers\.\d+\.self_attn\.(q|v)_proj"))
+    peft_model.peft_config["default"].base_model_name_or_path = str(ckpt)
     with torch.no_grad():
-        want = peft_llm(input_ids=ids).logits
-        plain = M.Ovis25.from_pretrained(str(ckpt)).llm(input_ids=ids).logits
-        eng = infer.load(str(ckpt), adapter=str(lora), device="cpu")
-        got = eng.model.llm(input_ids=ids).logits
+        head = peft_model.base_model.model.visual_tokenizer.head.modules_to_save["default"]
+        head[0].weight.mul_(1.5)
+    peft_model.save_pretrained(str(adapter))
+    ids = torch.tensor([[151644, 872, 198, 9707, 151645]])
+    inp = {"input_ids": torch.cat([ids[:, :3], torch.tensor([[M.INDICATOR_IDS[0]] + [M.VISUAL_ATOM_ID] * 4 +
+                                                             [M.INDICATOR_IDS[1]]]), ids[:, 3:]], 1),
+           "pixel_values": torch.randn(16, 3 * 16 * 16), "grid_thws": torch.tensor([[1, 4, 4]])}
+    with torch.no_grad():
+        want = peft_model(**inp).logits
+        plain = M.Ovis25.from_pretrained(str(ckpt))(**inp).logits
+        eng = infer.load(None, adapter=str(adapter), device="cpu")
+        got = eng.model(**inp).logits
     assert not torch.allclose(want, plain, atol=1e-4)  # the adapter changes the model...
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # ...and load() merges exactly it
-    assert type(eng.model.llm).__name__ == "Qwen3ForCausalLM" and eng.sampling["top_k"] == 20
+    assert type(eng.model).__name__ == "Ovis25" and eng.sampling["top_k"] == 20
+    assert not any("lora" in k for k in eng.model.state_dict())
 
 
 def test_sampling_is_seeded_and_masks_match(trained, tokenizer):

@@ -1,0 +1,432 @@
+"""LoRA fine-tuning of Ovis2.5 on raw DeepSpeed engines (ZeRO 0-3): sft.py with the base frozen and peft adapters.
+
+Launch:
+    deepspeed --num_gpus 1 lora.py --config configs/lora_9b.json
+    torchrun --nproc_per_node 2 lora.py --config configs/lora_2b.json --lora_r=32
+    python lora.py --config configs/demo_lora.json          # one process, CPU works too
+    python merge_lora.py --adapter out/demo_lora/final --out out/demo_lora/merged    # then: a plain checkpoint
+
+Algorithm choices:
+- Samples are packed into rows of <= max_tokens tokens (one row = one micro-batch, attention never crosses samples);
+  every rank runs the same number of micro-batches per optimizer step (data.plan_epoch).
+- Loss = sum of token cross-entropies / number of target tokens of the whole optimizer step, over all its
+  micro-batches and all ranks, so gradient accumulation 4 x 1 equals 1 x 4 and long samples weigh by tokens.
+- LoRA (peft) on the LLM's linear layers only, matched by full module name: the ViT's q/k/v_proj share the short
+  names and stay untouched unless lora_vit. modules_to_save trains small modules in full (visual head, vte), each
+  with its own lr, as peft copies: the base weights stay bit-identical. AdamW, warmup then cosine / linear /
+  constant, built in Python.
+- Two checkpoint kinds: resumable (trainable parameters + optimizer + step + RNG, atomic `latest`; the frozen base
+  is not copied) under output_dir/checkpoints, and the adapter in the standard peft layout (adapter_config.json with
+  the base path + adapter_model.safetensors, modules_to_save inside) in output_dir/final and output_dir/best.
+  With init_random the random base is written to output_dir/base, so the adapter always has a base to load onto.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+
+import data
+import model as ovis
+
+
+@dataclass
+class Config:
+    # --- model and data
+    model_path: str = ""  # official Ovis2.5 checkpoint dir (weights + tokenizer files)
+    init_random: bool = False  # random weights from model_path/config.json instead of its weights (demo, tests)
+    data_path: str = ""  # training samples, JSON list or JSONL; several files separated by ","
+    eval_data_path: str = ""  # optional eval samples in the same format
+    image_dir: str = "."  # image paths in the samples are relative to this
+    output_dir: str = "out/lora"  # checkpoints/, final/, best/ (adapters), base/ (init_random), metrics.jsonl
+    zero_config: str = "zero_configs/zero2.json"  # engine policy: ZeRO stage, offload, bf16, clipping, buckets
+    # --- what trains
+    lora_r: int = 64  # adapter rank
+    lora_alpha: float = 128  # adapter scale = alpha / r (alpha / sqrt(r) with lora_rslora)
+    lora_dropout: float = 0.05  # dropout on the adapter's input
+    lora_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r): keeps high ranks learning
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LLM linear layers adapted
+    lora_vit: bool = False  # also adapt the vision encoder's q/k/v/out_proj and fc1/fc2
+    modules_to_save: str = ""  # trained in full: "|"-separated visual_tokenizer.head, vte, each may carry "name:lr"
+    # --- optimisation
+    lr: float = 1e-4  # peak learning rate of the adapters and of modules without their own
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_ratio: float = 0.03  # fraction of all steps spent warming up linearly from 0
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (never on norms and biases)
+    adam_betas: list | None = None  # default [0.9, 0.999]
+    epochs: int = 1  # passes over the training data (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; 0 = derived from epochs
+    max_tokens: int = 8192  # tokens per packed micro-batch (row) per rank
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step per rank
+    max_length: int = 8192  # longest sample in tokens; longer ones follow `overlong`
+    overlong: str = "drop"  # drop (counted and reported) | truncate (never inside an image)
+    single_image_min_pixels: int = 448 * 448  # pixel budgets as in the official training (spec 11.2)
+    single_image_max_pixels: int = 1792 * 1792
+    multiple_image_min_pixels: int = 448 * 448
+    multiple_image_max_pixels: int = 448 * 448
+    crop_min_pixels: int = 448 * 448  # budget of Crop results inserted into the conversation
+    crop_max_pixels: int = 896 * 896
+    bbox_format: str = "pixel"  # Crop boxes in the data: pixel | norm | norm1000
+    bf16: bool = True  # overrides the zero config's bf16.enabled
+    gradient_checkpointing: bool = True  # recompute activations in backward (ViT and LLM)
+    attn_implementation: str = ""  # LLM attention: "" = flash_attention_2 if installed else sdpa; or eager
+    seed: int = 42  # model init, data order
+    # --- eval, saving, logging
+    log_interval: int = 1  # optimizer steps between log lines (metrics.jsonl gets every step)
+    eval_interval: int = 0  # optimizer steps between evals; 0 = once per epoch
+    save_interval: int = 0  # optimizer steps between resumable checkpoints; 0 = once per epoch
+    keep_last: int = 2  # resumable checkpoints kept
+    early_stopping_patience: int = 0  # stop after this many evals without improvement; 0 = off
+    early_stopping_min_delta: float = 0.0  # improvement smaller than this does not count
+    resume: str = ""  # "" = fresh start, "auto" = latest in output_dir/checkpoints, or a checkpoint dir
+    tensorboard: bool = False  # also log to output_dir/tensorboard
+    wandb_project: str = ""  # also log to this wandb project
+    num_workers: int = 0  # DataLoader workers (image decoding)
+    dist_timeout_s: int = 1800  # collective timeout; a hung rank fails loudly after this
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+MODULE_NAMES = ("visual_tokenizer.head", "vte")  # small enough to train in full beside the adapters
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VIT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def parse_train_modules(spec: str, default_lr: float) -> list[tuple[str, float]]:
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split("|"))):
+        name, _, lr = part.partition(":")
+        if name not in MODULE_NAMES:
+            raise ValueError(f"modules_to_save: unknown module {name!r}; choose from {', '.join(MODULE_NAMES)}")
+        out.append((name, float(lr) if lr else default_lr))
+    return out
+
+
+def lora_config(cfg: Config) -> LoraConfig:
+    """target_modules as one regex over full module names (peft full-matches a string), so "q_proj" means the
+    LLM's q_proj and never the ViT's."""
+    llm = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    if not llm or set(llm) - set(LLM_TARGETS):
+        raise ValueError(f"lora_targets: {cfg.lora_targets!r}; choose from {', '.join(LLM_TARGETS)}")
+    pattern = rf"llm\.model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(llm)})"
+    if cfg.lora_vit:
+        vit = r"visual_tokenizer\.vit\.vision_model\.encoder\.layers\.\d+\.(self_attn|mlp)"
+        pattern += rf"|{vit}\.({'|'.join(VIT_TARGETS)})"
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      use_rslora=cfg.lora_rslora, target_modules=pattern, bias="none",
+                      modules_to_save=[n for n, _ in parse_train_modules(cfg.modules_to_save, cfg.lr)] or None)
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """peft froze the base; adapters train at cfg.lr, each modules_to_save copy at its own lr. Norm weights and
+    biases (1-D) get no weight decay."""
+    own = dict(parse_train_modules(cfg.modules_to_save, cfg.lr))
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            mod = next((m for m in own if f".{m}.modules_to_save." in name), None)
+            lr, wd = own[mod] if mod else cfg.lr, 0.0 if p.ndim < 2 else cfg.weight_decay
+            groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:  # multiplier of each group's own peak lr
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"schedule must be cosine, linear or constant, got {cfg.schedule!r}")
+    return f
+
+
+def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
+    """Under ZeRO-3 the model is built partitioned (deepspeed.zero.Init) and filled tensor by tensor from rank 0,
+    so no rank ever holds a full replica; otherwise a plain load. A random base is saved to output_dir/base."""
+    with open(os.path.join(cfg.model_path, "config.json")) as f:
+        mcfg = ovis.OvisConfig.from_dict(json.load(f))
+    attn = cfg.attn_implementation or None
+    if ds_config["zero_optimization"].get("stage", 0) == 3:
+        # zero.Init skips the Qwen3 init: a random model is built plainly (tiny ones) and copied in
+        src = ovis.Ovis25.from_config(mcfg, attn_implementation=attn).state_dict() if cfg.init_random else None
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            m = ovis.Ovis25(mcfg, attn)
+        def copy(p, t):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(t)
+        if src is not None:
+            for name, p in m.named_parameters():
+                copy(p, src[name])
+        else:
+            ovis.load_weights(m, cfg.model_path, copy)
+    elif cfg.init_random:
+        m = ovis.Ovis25.from_config(mcfg, attn_implementation=attn)
+    else:
+        m = ovis.Ovis25.from_pretrained(cfg.model_path, attn_implementation=attn)
+    m.source_dir = os.path.abspath(cfg.model_path)
+    m.base_path = m.source_dir
+    if cfg.init_random:
+        m.base_path = os.path.abspath(os.path.join(cfg.output_dir, "base"))
+        with deepspeed.zero.GatheredParameters(list(m.parameters()), enabled=hasattr(m.vte.weight, "ds_id")):
+            if rank == 0:
+                m.save_pretrained(m.base_path)
+        dist.barrier()
+    return m
+
+
+def export(engine, model, out_dir: str, rank: int):
+    """The adapter in the standard peft layout, base path recorded. Under ZeRO-3 only the trainable parameters
+    are gathered (a collective: every rank calls this)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable, enabled=engine.zero_optimization_stage() == 3):
+        if rank == 0:  # into a temp dir, then renamed: a crash never leaves half an adapter
+            shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
+            model.save_pretrained(out_dir + ".tmp", save_embedding_layers=False)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(out_dir + ".tmp", out_dir)
+    dist.barrier()
+
+
+def save_resumable(engine, cfg: Config, step: int, state: dict, rank: int):
+    ckpt = os.path.join(cfg.output_dir, "checkpoints")
+    tag = f"step{step:07d}"
+    state = {**state, "step": step, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                            "torch": torch.get_rng_state()}}
+    engine.save_checkpoint(ckpt, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=True)
+    dist.barrier()
+    if rank == 0:  # `latest` flips atomically only once every rank has written its shard
+        with open(os.path.join(ckpt, "latest.tmp"), "w") as f:
+            f.write(tag)
+        os.replace(os.path.join(ckpt, "latest.tmp"), os.path.join(ckpt, "latest"))
+        tags = sorted(d for d in os.listdir(ckpt) if d.startswith("step"))
+        for old in tags[:-cfg.keep_last] if cfg.keep_last > 0 else []:
+            shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
+    dist.barrier()
+
+
+def to_device(mb: dict, device) -> dict:
+    keys = ("input_ids", "labels", "position_ids", "pixel_values", "grid_thws")
+    return {k: mb[k].to(device) if mb[k] is not None else None for k in keys}
+
+
+@torch.no_grad()
+def evaluate(engine, eval_ds, cfg: Config, rank: int, world: int) -> float:
+    """Token-weighted eval loss over the whole eval set, reduced across ranks. Every rank runs the same number of
+    forwards (ZeRO-3 gathers are collectives); a rank without a row left re-runs a row with weight 0."""
+    engine.eval()
+    rows = data.pack(eval_ds.lengths, cfg.max_tokens, cfg.seed, 0)
+    tot = torch.zeros(2, device=engine.device, dtype=torch.float64)  # (loss sum, target tokens)
+    for i in range(-(-len(rows) // world)):
+        j = i * world + rank
+        mb = data.collate([[eval_ds[k] for k in rows[min(j, len(rows) - 1)]]])
+        out = engine(**to_device(mb, engine.device), loss_reduction="sum")
+        if j < len(rows):
+            tot += torch.stack([out.loss.double(), torch.tensor(float(out.n_targets), device=engine.device)])
+    dist.all_reduce(tot)
+    engine.train()
+    return (tot[0] / tot[1].clamp(min=1)).item()
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config):
+    owns_group = not dist.is_initialized()  # tests run several mains in one process group
+    rank, world, _ = data.setup_distributed(cfg.dist_timeout_s)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if not cfg.model_path or not cfg.data_path:
+        raise ValueError("model_path and data_path are required")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+
+    # engine policy from the zero config; the script owns batch sizes, optimizer and schedule
+    with open(cfg.zero_config) as f:
+        ds_config = json.load(f)
+    for k in ("optimizer", "scheduler"):
+        if k in ds_config:
+            raise ValueError(f"{cfg.zero_config}: remove {k!r}; lora.py builds the optimizer and LR schedule itself")
+    ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                     train_batch_size=cfg.gradient_accumulation_steps * world)
+    ds_config["bf16"] = {"enabled": cfg.bf16}
+
+    # model, tokenizer, trainable parameters
+    tokenizer = data.load_tokenizer(cfg.model_path)
+    base = load_model(cfg, ds_config, rank)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+    torch.manual_seed(cfg.seed)  # the same adapter init at every ZeRO stage (zero.Init draws random numbers)
+    model = get_peft_model(base, lora_config(cfg))  # freezes the base, adds adapters (+ modules_to_save copies)
+    model.peft_config["default"].base_model_name_or_path = base.base_path
+    groups = param_groups(model, cfg)
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
+    n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    log(f"model: {cfg.model_path} | trainable {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M params | LoRA r "
+        f"{cfg.lora_r} alpha {cfg.lora_alpha} on {cfg.lora_targets}{' + ViT' if cfg.lora_vit else ''}"
+        f"{' | modules_to_save ' + cfg.modules_to_save if cfg.modules_to_save else ''}")
+
+    # data: sizes are known before training, so the schedule covers exactly the steps that will run
+    enc = dict(max_length=cfg.max_length, overlong=cfg.overlong, bbox_format=cfg.bbox_format,
+               single_image_min_pixels=cfg.single_image_min_pixels,
+               single_image_max_pixels=cfg.single_image_max_pixels,
+               multiple_image_min_pixels=cfg.multiple_image_min_pixels,
+               multiple_image_max_pixels=cfg.multiple_image_max_pixels, crop_min_pixels=cfg.crop_min_pixels,
+               crop_max_pixels=cfg.crop_max_pixels)
+    train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc)
+    eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc) \
+        if cfg.eval_data_path else None
+    gas = cfg.gradient_accumulation_steps
+    steps_per_epoch = len(data.plan_epoch(train_ds.lengths, cfg.max_tokens, world, gas, cfg.seed, 0))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    eval_every = cfg.eval_interval or steps_per_epoch
+    save_every = cfg.save_interval or steps_per_epoch
+
+    betas = tuple(cfg.adam_betas or (0.9, 0.999))
+    if ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
+        opt = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=torch.cuda.is_available())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))  # keeps per-group lrs
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+
+    # resume: engine state, step, early-stopping state, RNG
+    state = {"best_eval": float("inf"), "bad_evals": 0}
+    step = 0
+    if cfg.resume:
+        ckpt = os.path.join(cfg.output_dir, "checkpoints") if cfg.resume == "auto" else os.path.dirname(
+            cfg.resume.rstrip("/"))
+        tag = None if cfg.resume == "auto" else os.path.basename(cfg.resume.rstrip("/"))
+        if cfg.resume == "auto" and os.path.exists(os.path.join(ckpt, "latest")):
+            with open(os.path.join(ckpt, "latest")) as f:
+                tag = f.read().strip()
+        if tag is not None:
+            _, client = engine.load_checkpoint(ckpt, tag=tag, load_module_strict=False)  # frozen base not saved
+            if client is None:
+                raise FileNotFoundError(f"could not load checkpoint {ckpt}/{tag}")
+            step = client["step"]
+            state = {k: client[k] for k in state}
+            random.setstate(client["rng"]["python"])
+            np.random.set_state(client["rng"]["numpy"])
+            torch.set_rng_state(client["rng"]["torch"])
+            log(f"resumed from {ckpt}/{tag} at step {step}")
+        else:
+            log("resume=auto: no checkpoint yet, starting fresh")
+
+    tb = wb = None
+    if rank == 0 and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+    if rank == 0 and cfg.wandb_project:
+        import wandb
+        wb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    log(f"training: {len(train_ds)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, {world} ranks x "
+        f"{gas} micro-batches of <= {cfg.max_tokens} tokens")
+
+    # training loop
+    engine.train()
+    stop = False
+    while step < total_steps and not stop:
+        epoch, start = divmod(step, steps_per_epoch)
+        loader, _ = data.micro_batches(train_ds, cfg.max_tokens, rank, world, gas, cfg.seed, epoch, start,
+                                       cfg.num_workers)
+        batches = iter(loader)
+        for _ in range(start, steps_per_epoch):
+            t0 = time.time()
+            mbs = [next(batches) for _ in range(gas)]
+            # target tokens of the whole step, all micro-batches and ranks: the loss denominator
+            counts = torch.tensor([sum(mb["n_target_tokens"] for mb in mbs),
+                                   sum(int((mb["input_ids"] != ovis.PAD_ID).sum()) for mb in mbs),
+                                   sum(mb["input_ids"].numel() for mb in mbs)], device=engine.device,
+                                  dtype=torch.float64)
+            dist.all_reduce(counts)
+            n_targets = counts[0].clamp(min=1)
+            loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
+            grad_norm = None
+            for i, mb in enumerate(mbs):
+                out = engine(**to_device(mb, engine.device), loss_reduction="sum")
+                # engine.backward divides by gas and the gradient all-reduce averages over ranks, so scaling by
+                # gas * world / n_targets leaves exactly d(sum of token losses / n_targets). Never divide again.
+                engine.backward(out.loss * (gas * world / n_targets).to(out.loss.dtype))
+                if i == gas - 1 and engine.zero_optimization_stage() == 0:  # ZeRO stages report it themselves
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                                              if p.grad is not None]).item()
+                engine.step()
+                loss_sum += out.loss.detach().double()
+            dist.all_reduce(loss_sum)
+            step += 1
+            dt = time.time() - t0
+            rec = {"step": step, "epoch": epoch, "loss": (loss_sum / n_targets).item(),
+                   "lr": sched.get_last_lr()[0],
+                   "grad_norm": grad_norm if grad_norm is not None else float(engine.get_global_grad_norm() or 0),
+                   "tokens_per_s": counts[1].item() / dt, "real_token_frac": (counts[1] / counts[2]).item(),
+                   "mem_gb": memory_gb(), "time_s": dt}
+            if step % eval_every == 0 and eval_ds is not None:
+                rec["eval_loss"] = evaluate(engine, eval_ds, cfg, rank, world)
+                if rec["eval_loss"] < state["best_eval"] - cfg.early_stopping_min_delta:
+                    state.update(best_eval=rec["eval_loss"], bad_evals=0)
+                    export(engine, model, os.path.join(cfg.output_dir, "best"), rank)
+                else:
+                    state["bad_evals"] += 1
+                    stop = 0 < cfg.early_stopping_patience <= state["bad_evals"]
+            if rank == 0:
+                if step % cfg.log_interval == 0 or step == total_steps or "eval_loss" in rec:
+                    print(f"step {step}/{total_steps} | epoch {epoch} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
+                          f" | grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f} | real "
+                          f"{rec['real_token_frac']:.1%} | mem {rec['mem_gb']:.2f}GB"
+                          + (f" | eval_loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""), flush=True)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                for k, v in rec.items():
+                    tb and tb.add_scalar(f"train/{k}", v, step)
+                wb and wb.log(rec, step=step)
+            if step % save_every == 0 or step == total_steps or stop:
+                save_resumable(engine, cfg, step, state, rank)
+            if step >= total_steps or stop:
+                break
+    if stop:
+        log(f"early stopping at step {step}: no eval improvement in {state['bad_evals']} evals "
+            f"(best {state['best_eval']:.4f}, kept in {cfg.output_dir}/best)")
+    export(engine, model, os.path.join(cfg.output_dir, "final"), rank)
+    log(f"done: adapter in {cfg.output_dir}/final (base {base.base_path}); merge: python merge_lora.py "
+        f"--adapter {cfg.output_dir}/final --out {cfg.output_dir}/merged")
+    tb and tb.close()
+    wb and wb.finish()
+    if owns_group:
+        dist.destroy_process_group()
+    return model  # the trained PeftModel (tests compare it with the export); partitioned under ZeRO-3
+
+
+if __name__ == "__main__":
+    main(data.load_config(Config))
