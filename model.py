@@ -602,10 +602,11 @@ class Ovis25(nn.Module):
     # -- training / scoring forward -----------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, grid_thws=None, labels=None,
-                position_ids=None, loss_reduction: str = "mean") -> OvisOutput:
+                position_ids=None, loss_reduction: str = "mean", temperature: float = 1.0) -> OvisOutput:
         """Packed rows: pass `position_ids` that restart at 0 for each sample and no attention_mask; attention
         then never crosses samples (transformers derives the segments from position_ids). Labels are unshifted
-        (HF convention). With labels, `.logits` is None and the loss is a chunked cross-entropy."""
+        (HF convention). With labels, `.logits` is None and the loss is a chunked cross-entropy of the logits /
+        temperature; loss_reduction "none" gives it per target token (minus the log-probs, GRPO)."""
         x = self.embed(input_ids, pixel_values, grid_thws)
         if labels is None:
             out = self.llm(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -616,17 +617,17 @@ class Ovis25(nn.Module):
         if position_ids is not None:  # the last token of one packed sample must not predict the next sample
             targets[position_ids[:, 1:] == 0] = IGNORE_ID
         keep = targets != IGNORE_ID
-        loss, n = self.chunked_ce(h[:, :-1][keep], targets[keep])
-        if loss_reduction == "mean":
-            loss = loss / max(n, 1)
-        elif loss_reduction != "sum":
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        return OvisOutput(loss=loss, n_targets=n)
+        if loss_reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+        loss, n = self.chunked_ce(h[:, :-1][keep] / temperature if temperature != 1 else h[:, :-1][keep],
+                                  targets[keep], loss_reduction == "none")
+        return OvisOutput(loss=loss / max(n, 1) if loss_reduction == "mean" else loss, n_targets=n)
 
-    def chunked_ce(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Sum of token cross-entropies of (n, H) hidden states against (n,) targets, `loss_chunk_size` rows at
-        a time. Each chunk's fp32 logits (chunk, vocab) are recomputed in backward (checkpoint) instead of kept,
-        so peak memory is one chunk instead of (n, vocab) in fp32 plus its gradient. lm_head is called as a
+    def chunked_ce(self, h: torch.Tensor, targets: torch.Tensor, per_token: bool = False):
+        """Sum of token cross-entropies of (n, H) hidden states against (n,) targets (per_token: the (n,) losses,
+        i.e. minus the log-probs GRPO needs), and the target count; `loss_chunk_size` rows at a time. Each chunk's
+        fp32 logits (chunk, vocab) are recomputed in backward (checkpoint) instead of kept, so peak memory is one
+        chunk instead of (n, vocab) in fp32 plus its gradient. lm_head is called as a
         module so ZeRO-3 hooks gather its weight, except a frozen ZeRO-3 weight (LoRA, frozen LLM): no gradient hook
         keeps that one gathered until the chunk's backward, so one gathered copy serves all chunks of this call."""
         head = self.llm.lm_head
@@ -636,14 +637,14 @@ class Ovis25(nn.Module):
                 return F.linear(x, w)
 
         def ce(hc, tc):
-            return F.cross_entropy(head(hc).float(), tc, reduction="sum")
+            return F.cross_entropy(head(hc).float(), tc, reduction="none" if per_token else "sum")
 
-        total = h.new_zeros((), dtype=torch.float32) + 0.0 * h.sum()  # keeps the graph alive with 0 targets
+        parts = [h.new_zeros((0,) if per_token else (), dtype=torch.float32) + 0.0 * h.sum()]  # graph alive at n=0
         for i in range(0, h.shape[0], self.loss_chunk_size):
             hc, tc = h[i:i + self.loss_chunk_size], targets[i:i + self.loss_chunk_size]
-            total = total + (torch.utils.checkpoint.checkpoint(ce, hc, tc, use_reentrant=False)
-                             if torch.is_grad_enabled() else ce(hc, tc))
-        return total, int(targets.numel())
+            parts.append(torch.utils.checkpoint.checkpoint(ce, hc, tc, use_reentrant=False)
+                         if torch.is_grad_enabled() else ce(hc, tc))
+        return torch.cat(parts) if per_token else sum(parts), int(targets.numel())
 
     def gradient_checkpointing_enable(self):
         self.visual_tokenizer.vit.vision_model.gradient_checkpointing = True

@@ -1,0 +1,641 @@
+"""GRPO for Ovis2.5 tool use: real multi-turn Crop/Identify rollouts, verifiable rewards, tool outputs masked.
+
+Launch:
+    deepspeed --num_gpus 8 grpo.py --config configs/grpo_9b.json
+    torchrun --nproc_per_node 2 grpo.py --config configs/demo_grpo.json --lora=true
+    python grpo.py --config configs/demo_grpo.json          # tiny model, CPU; after the SFT demo (README)
+
+Algorithm choices (one optimizer step per rollout batch, repeated num_iterations times):
+- Rollouts: num_generations completions per prompt through tools.run_tool_loop (the inference loop): the tool runs
+  on the sample's own image at each `</tool_call>`, its result (a Crop's visual tokens, or a `<tool_response>`) is
+  appended as training renders it, decoding continues from the KV cache. Only sampled tokens carry loss: prompt,
+  tool outputs and forced thinking-budget text are masked (Rollout.gen_mask). Under ZeRO-3 generation runs inside
+  GatheredParameters: each rank holds the full weights (bf16: 18 GB for the 9B) while it decodes, and ranks
+  decoding different lengths never wait on per-layer collectives.
+- Rewards: weighted named components (format, accuracy, iou, tool, and the seed's tool_usage, bbox_validity,
+  reasoning_quality) and custom functions by dotted path, fn(Completion) -> float; each logged separately.
+- Advantages per group of num_generations: r - mean, divided by std + 1e-4 when scale_rewards (Dr. GRPO: false).
+  dynamic_sampling drops groups whose rewards are all equal (no signal) from the loss and its normaliser.
+- Loss per generated token: -min(rho A, clip(rho, 1 - epsilon_low, 1 + epsilon_high) A) + beta k3, with
+  rho = pi / pi_old (pi_old: the rollout policy, scored once before the updates when num_iterations > 1) and
+  k3 = exp(ref - logp) - (ref - logp) - 1 against the start model (LoRA: the same weights with adapters disabled,
+  no second copy; full: a frozen copy; beta 0 skips it). Log-probs use the sampling temperature.
+  loss_type: grpo = mean over each sequence's tokens, then over sequences; bnpo = sum / generated tokens (token
+  level, DAPO); dr_grpo = sum / (sequences x max_new_tokens). Denominators span the global batch (all ranks).
+- Start: an SFT result (model_path), or a base + a lora.py `adapter` merged at load; lora=true trains fresh
+  adapters on top, else train_modules as in sft.py. Checkpoints and resume as sft.py.
+"""
+
+import importlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import data
+import model as ovis
+import tools
+
+
+@dataclass
+class Config:
+    # --- model and data
+    model_path: str = ""  # official Ovis2.5 checkpoint to start from (an SFT result), or the base of `adapter`
+    adapter: str = ""  # optional lora.py adapter dir, merged into model_path at load (ZeRO 0-2)
+    data_path: str = ""  # samples: image, conversations up to the question (or "question"), answer, bbox
+    image_dir: str = "."  # image paths in the samples are relative to this
+    identify_map: str = ""  # Identify backend: JSON {image path: [{"bbox": [...], "name": ...}]}; "" = none
+    output_dir: str = "out/grpo"  # checkpoints/, final/, metrics.jsonl
+    zero_config: str = "zero_configs/zero2.json"  # engine policy
+    # --- what trains
+    lora: bool = False  # train LoRA adapters on the LLM (reference = adapters disabled) instead of train_modules
+    lora_r: int = 16  # adapter rank
+    lora_alpha: float = 32  # adapter scale alpha / r
+    lora_dropout: float = 0.0  # adapter dropout (0 keeps rollout and training policies identical)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LLM linear layers adapted
+    train_modules: str = "llm"  # full mode: "|"-separated all, llm, visual_tokenizer(.head|.vit), vte, each "name:lr"
+    # --- rollouts
+    prompts_per_rank: int = 2  # prompts per rank per step; the global batch is prompts_per_rank x world prompts
+    num_generations: int = 8  # completions per prompt (the group)
+    micro_batch_size: int = 4  # completions per training forward (packed into one row)
+    max_new_tokens: int = 1024  # model tokens per completion, over all tool rounds
+    max_tool_calls: int = 4  # calls executed per completion; later ones are answered with an error
+    enable_thinking: bool = True  # prompts open a thinking turn
+    thinking_budget: int = 0  # force the end of thinking after this many tokens; 0 = no budget
+    temperature: float = 1.0  # sampling (and the log-probs' temperature)
+    top_p: float = 1.0
+    top_k: int = 0
+    min_pixels: int = 448 * 448  # pixel budget of the prompt images
+    max_pixels: int = 1792 * 1792
+    crop_min_pixels: int = 448 * 448  # pixel budget of Crop results
+    crop_max_pixels: int = 896 * 896
+    bbox_format: str = "pixel"  # Crop boxes and the data's bbox: pixel | norm | norm1000
+    # --- rewards and policy update
+    rewards: str = "format:0.5|accuracy:1|iou:0.5|tool:0.5"  # "|"-separated name:weight; a dotted path = custom
+    scale_rewards: bool = True  # divide advantages by the group std
+    dynamic_sampling: bool = False  # drop zero-variance groups from the loss
+    loss_type: str = "bnpo"  # grpo | bnpo | dr_grpo
+    epsilon_low: float = 0.2  # ratio clip below 1
+    epsilon_high: float = 0.28  # ratio clip above 1 (clip-higher)
+    num_iterations: int = 1  # optimizer steps per rollout batch (PPO epochs)
+    beta: float = 0.0  # KL (k3) weight to the reference; 0 = no reference forward
+    lr: float = 1e-6  # peak learning rate (adapters: use ~1e-5)
+    schedule: str = "constant"  # constant | cosine | linear, after warmup
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: list | None = None  # default [0.9, 0.99]
+    epochs: int = 1  # passes over the prompts (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps on new rollouts; 0 = from epochs
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    attn_implementation: str = ""  # "" = flash_attention_2 if installed else sdpa
+    seed: int = 42
+    # --- saving, logging
+    log_interval: int = 1
+    save_interval: int = 50  # steps between resumable checkpoints (and a deployable final/ at the end)
+    keep_last: int = 2
+    resume: str = ""  # "" | "auto" | a checkpoint dir
+    dist_timeout_s: int = 1800
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rewards: fn(Completion) -> float, weighted by name in cfg.rewards
+
+
+@dataclass
+class Completion:
+    """What a reward sees."""
+    text: str  # everything after the prompt, tool results included (a crop reads <image>), no end token
+    model_text: str  # only the tokens the model sampled: a <tool_response> here was written by the model itself
+    rollout: tools.Rollout  # tool_calls ({name, args, ok, result}), answer, thinking, token ids, ...
+    sample: dict  # the data sample: answer, bbox, id, ...
+    image_size: tuple  # (W, H) of the first image
+    bbox_format: str  # of the Crop boxes and of sample["bbox"]
+    thinking: bool  # the prompt opened a thinking turn
+
+
+def _norm(s) -> str:
+    s = re.sub(r"[^\w\s.%-]", " ", str(s).lower())
+    return " ".join(w for w in s.replace(".", " ").split() if w not in ("a", "an", "the"))
+
+
+def _number(s) -> float | None:
+    nums = re.findall(r"-?\d+(?:\.\d+)?", str(s).replace(",", ""))
+    return float(nums[0]) if len(nums) == 1 else None
+
+
+def r_accuracy(c: Completion) -> float:
+    """1 if the answer (<answer> content, else the text after </think>) matches sample["answer"] (or one of a list):
+    numerically when the gold is a number, else after lower-casing, dropping punctuation and articles."""
+    gold = c.sample.get("answer")
+    if gold is None or not c.rollout.answer:
+        return 0.0
+    for g in gold if isinstance(gold, list) else [gold]:
+        gn = _number(g) if re.fullmatch(r"\s*-?[\d,]+(\.\d+)?\s*", str(g)) else None
+        if gn is not None:
+            p = _number(c.rollout.answer)
+            if p is not None and abs(p - gn) <= 1e-6 * max(1.0, abs(gn)):
+                return 1.0
+        elif _norm(c.rollout.answer) == _norm(g):
+            return 1.0
+    return 0.0
+
+
+def r_format(c: Completion) -> float:
+    """1 if: no tool output written by the model; thinking: one <think>...</think> holding every tool call, then
+    <answer>...</answer> to the end (no thinking: the answer block closes the text); every call parses."""
+    t = c.text.strip()
+    if "<tool_response>" in c.model_text or "</tool_response>" in c.model_text:
+        return 0.0
+    if c.thinking:
+        m = re.fullmatch(r"<think>(.*?)</think>\s*<answer>(.+?)</answer>", t, re.DOTALL)
+        if not m or "<think>" in m.group(1) or "<tool_call>" in t[m.end(1):]:
+            return 0.0
+    elif not re.search(r"<answer>.+?</answer>$", t, re.DOTALL):
+        return 0.0
+    calls = re.findall(r"<tool_call>.*?</tool_call>", c.model_text, re.DOTALL)
+    if len(calls) != c.model_text.count("<tool_call>") or len(calls) != c.model_text.count("</tool_call>"):
+        return 0.0
+    return float(all(tools.parse_tool_call(x).error is None for x in calls))
+
+
+def r_iou(c: Completion) -> float:
+    """Mean IoU of the Crop calls' boxes with sample["bbox"] (a failed crop counts 0); 0 without a crop."""
+    gt, crops = c.sample.get("bbox"), [t for t in c.rollout.tool_calls if t["name"].lower() == "crop"]
+    if gt is None or not crops:
+        return 0.0
+    gt = tools.to_pixels(gt, c.image_size, c.bbox_format)
+    return sum(tools.iou(tools.to_pixels(t["args"], c.image_size, c.bbox_format), gt) if t["ok"] else 0.0
+               for t in crops) / len(crops)
+
+
+def r_tool(c: Completion) -> float:
+    """Tool use paid only when it helped: the answer is right and at least one Crop actually ran."""
+    return float(r_accuracy(c) == 1.0 and any(t["ok"] and t["name"].lower() == "crop" for t in c.rollout.tool_calls))
+
+
+# The seed's three (seed-behaviour 6.3), rule for rule, on the text with the real tool results.
+STRICT_CALL = re.compile(r"<tool_call>(Crop|Identify) \[([\d.,\s]+)\]</tool_call>")
+KEYWORDS = ("who", "identify", "person", "people", "crop", "examine", "look at", "focus on", "region", "area",
+            "section")
+
+
+def r_tool_usage(c: Completion) -> float:
+    t = c.text
+    calls = [m for m in STRICT_CALL.finditer(t) if len(re.findall(r"\d+(?:\.\d*)?|\.\d+", m.group(2))) == 4]
+    if not calls:
+        return 0.0 if any(k in t.lower() for k in KEYWORDS) else 0.5
+    score, ident = 0.3, [m for m in calls if m.group(1) == "Identify"]
+    if ident:
+        score += 0.4 * sum(bool(re.match(r"\s*<tool_response>[^<]", t[m.end():])) for m in ident) / len(ident)
+    think = re.search(r"<think>.*?</think>", t, re.DOTALL)
+    if think and all(think.start() <= m.start() and m.end() <= think.end() for m in calls):
+        score += 0.3
+    return min(score, 1.0)
+
+
+def r_bbox_validity(c: Completion) -> float:
+    boxes = re.findall(r"\[(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?)\]", c.text)
+    if not boxes:
+        return 1.0
+    return 1.0 - sum(float(b[0]) >= float(b[2]) or float(b[1]) >= float(b[3]) for b in boxes) / len(boxes)
+
+
+def r_reasoning_quality(c: Completion) -> float:
+    t = c.text
+    score = 0.3 * ("<think>" in t and "</think>" in t) + 0.3 * ("<answer>" in t and "</answer>" in t)
+    think = re.search(r"<think>(.*?)</think>", t, re.DOTALL)
+    if think and "<tool_call>" in think.group(1):
+        score += 0.2 * (len(think.group(1).split("<tool_call>")[0].split()) > 10)
+    n_words = len(t.split())
+    score *= 0.5 if n_words < 20 else 0.8 if n_words > 1000 else 1.0
+    if "<tool_response>" in t:
+        gaps = re.findall(r"</tool_response>(.*?)(?=<tool_call>|</think>)", t, re.DOTALL)
+        score += 0.2 * any(len(g.split()) > 5 for g in gaps)
+    return min(score, 1.0)
+
+
+REWARDS = {"format": r_format, "accuracy": r_accuracy, "iou": r_iou, "tool": r_tool, "tool_usage": r_tool_usage,
+           "bbox_validity": r_bbox_validity, "reasoning_quality": r_reasoning_quality}
+
+
+def parse_rewards(spec: str) -> list[tuple[str, float, object]]:
+    """"format:0.5|accuracy:1|mypkg.rewards.f:0.3" -> [(name, weight, fn)]; dotted names are imported."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split("|"))):
+        name, _, w = part.partition(":")
+        if "." in name:
+            mod, _, attr = name.rpartition(".")
+            fn = getattr(importlib.import_module(mod), attr)
+        elif name in REWARDS:
+            fn = REWARDS[name]
+        else:
+            raise ValueError(f"rewards: unknown reward {name!r}; built-in: {', '.join(REWARDS)}, or a dotted path")
+        out.append((name, float(w) if w else 1.0, fn))
+    if not out:
+        raise ValueError("rewards is empty")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# advantages and the loss (pure functions of tensors: tests check them against hand computation)
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool) -> torch.Tensor:
+    """(P, G) rewards -> (P, G) advantages, normalised within each group."""
+    adv = rewards - rewards.mean(1, keepdim=True)
+    return adv / (rewards.std(1, keepdim=True) + 1e-4) if scale else adv
+
+
+def token_weights(lengths: list[int], loss_type: str, n_seq: float, n_tok: float, max_new_tokens: int) -> list:
+    """Per-sequence weight of each of its tokens, so that sum(weight * token loss) is the loss_type's mean over the
+    global batch (n_seq sequences, n_tok generated tokens, all ranks)."""
+    if loss_type == "grpo":
+        return [1.0 / (max(n, 1) * n_seq) for n in lengths]
+    if loss_type == "bnpo":
+        return [1.0 / n_tok for _ in lengths]
+    if loss_type == "dr_grpo":
+        return [1.0 / (n_seq * max_new_tokens) for _ in lengths]
+    raise ValueError(f"loss_type must be grpo, bnpo or dr_grpo, got {loss_type!r}")
+
+
+def policy_loss(logp, old_logp, ref_logp, adv, weight, cfg: Config) -> tuple[torch.Tensor, dict]:
+    """(n,) per generated token -> (sum of weight * token loss, stats). Clipped surrogate with separate low/high
+    clip; k3 KL to the reference when beta > 0."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    stats = {"clipped": ((ratio < 1 - cfg.epsilon_low) & (adv < 0) | (ratio > 1 + cfg.epsilon_high) & (adv > 0))}
+    if cfg.beta > 0:  # k3 is unbounded where the policy drops a reference-likely token: capped at 10 (verl)
+        d = ref_logp - logp
+        stats["kl"] = torch.clamp(torch.exp(d) - d - 1, max=10.0)
+        loss = loss + cfg.beta * stats["kl"]
+    return (loss * weight).sum(), stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data, model, checkpoints
+
+
+def load_prompts(paths: list[str], image_dir: str, bbox_format: str) -> list[dict]:
+    """Samples with an image and a question; `answer` (str, number or list) and `bbox` ([x1, y1, x2, y2] in
+    bbox_format) optional. A bad one raises data.SampleError naming the file, sample and field."""
+    out = []
+    for path in paths:
+        for s in data.load_samples(path):
+            err = lambda field, why, s=s: data.SampleError(s["_file"], s["_index"], s.get("id"), field, why)
+            if "question" in s and "conversations" not in s:
+                s["conversations"] = [{"from": "human", "value": s["question"]}]
+            if not isinstance(s.get("conversations"), list) or not any(
+                    isinstance(t, dict) and t.get("from") in ("human", "user") for t in s["conversations"]):
+                raise err("conversations", "needs a human turn with the question (or a `question` field)")
+            imgs = [s["image"]] if isinstance(s.get("image"), str) else s.get("image")
+            if not imgs or not all(isinstance(i, str) and os.path.isfile(os.path.join(image_dir, i)) for i in imgs):
+                raise err("image", f"missing or not found under {image_dir!r}: {s.get('image')!r}")
+            b = s.get("bbox", [0, 0, 1, 1])
+            ok = isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+            if not ok or not (0 <= b[0] < b[2] <= {"norm": 1, "norm1000": 1000}.get(bbox_format, 1e9) and
+                              0 <= b[1] < b[3] <= {"norm": 1, "norm1000": 1000}.get(bbox_format, 1e9)):
+                raise err("bbox", f"{b!r} is not [x1, y1, x2, y2], x1 < x2, y1 < y2, within the {bbox_format} range")
+            if "answer" in s and not isinstance(s["answer"], (str, int, float, list)):
+                raise err("answer", "must be a string, a number or a list of them")
+            out.append(s)
+    if not out:
+        raise ValueError(f"no samples in {paths}")
+    return out
+
+
+def prompt_inputs(s: dict, cfg: Config, tokenizer, registry) -> tuple[dict, list, list]:
+    """A sample -> (data.build_inputs dict, its opened images, their keys); the tool system prompt is added when
+    the sample has no system turn."""
+    msgs = data.prompt_messages(s, cfg.image_dir)
+    if msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": [{"type": "text", "text": registry.system_prompt()}]}] + msgs
+    keys = [s["image"]] if isinstance(s["image"], str) else list(s["image"])
+    images = [Image.open(os.path.join(cfg.image_dir, k)).convert("RGB") for k in keys]
+    inp = data.build_inputs(msgs, tokenizer, enable_thinking=cfg.enable_thinking, min_pixels=cfg.min_pixels,
+                            max_pixels=cfg.max_pixels)
+    return inp, images, keys
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    targets = "|".join(t.strip() for t in cfg.lora_targets.split(","))
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=rf"llm\.model\.layers\.\d+\.(self_attn|mlp)\.({targets})")
+
+
+def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
+    """As sft.py: partitioned build + fill from rank 0 under ZeRO-3, else a plain load; `adapter` merged in."""
+    with open(os.path.join(cfg.model_path, "config.json")) as f:
+        mcfg = ovis.OvisConfig.from_dict(json.load(f))
+    attn = cfg.attn_implementation or None
+    if ds_config["zero_optimization"].get("stage", 0) == 3:
+        if cfg.adapter:
+            raise ValueError("adapter: merge it first under ZeRO-3 (python merge_lora.py), then set model_path")
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            m = ovis.Ovis25(mcfg, attn)
+
+        def copy(p, t):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(t)
+        ovis.load_weights(m, cfg.model_path, copy)
+    else:
+        m = ovis.Ovis25.from_pretrained(cfg.model_path, attn_implementation=attn)
+        if cfg.adapter:
+            m = ovis.load_adapter(m, cfg.adapter).merge_and_unload()
+    m.source_dir = os.path.abspath(cfg.model_path)
+    return m
+
+
+MODULE_NAMES = ("all", "llm", "visual_tokenizer", "visual_tokenizer.head", "visual_tokenizer.vit", "vte")
+
+
+def param_groups(model, cfg: Config) -> list[dict]:
+    """LoRA: the adapters at lr. Full: train_modules as in sft.py (more specific names win their lr)."""
+    chosen = [("lora_", cfg.lr)] if cfg.lora else sorted(
+        ((n, float(lr) if lr else cfg.lr) for n, _, lr in (p.partition(":") for p in cfg.train_modules.split("|"))),
+        key=lambda x: len(x[0]))
+    if not cfg.lora and any(n not in MODULE_NAMES for n, _ in chosen):
+        raise ValueError(f"train_modules: {cfg.train_modules!r}; choose from {', '.join(MODULE_NAMES)}")
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        lr = None
+        for mod, mod_lr in chosen:
+            if (mod in name) if cfg.lora else (mod == "all" or name == mod or name.startswith(mod + ".")):
+                lr = mod_lr
+        p.requires_grad_(lr is not None)
+        if lr is not None:
+            groups.setdefault((lr, 0.0 if p.ndim < 2 else cfg.weight_decay), []).append(p)
+    if not groups:
+        raise ValueError(f"train_modules {cfg.train_modules!r} selects no parameters")
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def export(engine, model, cfg: Config, out_dir: str, rank: int):
+    """LoRA: the adapter (peft layout, base recorded); full: the official layout. A collective under ZeRO-3."""
+    z3 = engine.zero_optimization_stage() == 3
+    if cfg.lora:
+        with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], enabled=z3):
+            if rank == 0:
+                shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
+                model.save_pretrained(out_dir + ".tmp", save_embedding_layers=False)
+                shutil.rmtree(out_dir, ignore_errors=True)
+                os.replace(out_dir + ".tmp", out_dir)
+    else:
+        sd = engine._zero3_consolidated_16bit_state_dict() if z3 else engine.module.state_dict()
+        if rank == 0:
+            model.save_pretrained(out_dir, state_dict=sd)
+    dist.barrier()
+
+
+def save_resumable(engine, cfg: Config, step: int, rank: int):
+    ckpt = os.path.join(cfg.output_dir, "checkpoints")
+    tag = f"step{step:07d}"
+    state = {"step": step, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                   "torch": torch.get_rng_state()}}
+    engine.save_checkpoint(ckpt, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=cfg.lora)
+    dist.barrier()
+    if rank == 0:  # `latest` flips atomically only once every rank has written its shard
+        with open(os.path.join(ckpt, "latest.tmp"), "w") as f:
+            f.write(tag)
+        os.replace(os.path.join(ckpt, "latest.tmp"), os.path.join(ckpt, "latest"))
+        for old in sorted(d for d in os.listdir(ckpt) if d.startswith("step"))[:-cfg.keep_last]:
+            shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
+    dist.barrier()
+
+
+def pack_rollouts(rollouts: list, device) -> dict:
+    """Completions -> one packed row (1, T): ids, labels (= ids where the model sampled the token, else ignored),
+    position_ids restarting per completion, their images in order."""
+    ids = [t for r in rollouts for t in r.token_ids]
+    labels = [t if m else ovis.IGNORE_ID for r in rollouts for t, m in zip(r.token_ids, r.gen_mask)]
+    pos = [i for r in rollouts for i in range(len(r.token_ids))]
+    pv = [r.pixel_values for r in rollouts if r.pixel_values is not None]
+    g = [r.grid_thws for r in rollouts if r.grid_thws is not None]
+    t = lambda x: torch.tensor([x], device=device)
+    cat = lambda x: torch.cat(x).to(device) if x else None
+    return {"input_ids": t(ids), "labels": t(labels), "position_ids": t(pos), "pixel_values": cat(pv),
+            "grid_thws": cat(g)}
+
+
+def token_logps(module, mb: dict, temperature: float) -> torch.Tensor:
+    """(n,) log-probs of the sampled tokens of a packed row, in order."""
+    return -module(**mb, loss_reduction="none", temperature=temperature).loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config):
+    owns_group = not dist.is_initialized()
+    rank, world, _ = data.setup_distributed(cfg.dist_timeout_s)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if not cfg.model_path or not cfg.data_path:
+        raise ValueError("model_path and data_path are required")
+    n_local = cfg.prompts_per_rank * cfg.num_generations
+    if n_local % cfg.micro_batch_size or cfg.num_generations < 2:
+        raise ValueError(f"prompts_per_rank x num_generations ({n_local}) must be a multiple of micro_batch_size "
+                         f"({cfg.micro_batch_size}), and num_generations >= 2")
+    reward_fns = parse_rewards(cfg.rewards)
+    token_weights([1], cfg.loss_type, 1, 1, 1)  # validates loss_type before anything is loaded
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+
+    gas = n_local // cfg.micro_batch_size  # micro-batches per optimizer step, the same on every rank
+    with open(cfg.zero_config) as f:
+        ds_config = json.load(f)
+    ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=gas, train_batch_size=gas * world)
+    ds_config["bf16"] = {"enabled": cfg.bf16}
+    z3 = ds_config["zero_optimization"].get("stage", 0) == 3
+
+    tokenizer = data.load_tokenizer(cfg.model_path)
+    registry = tools.default_registry(cfg.bbox_format, cfg.identify_map or None)
+    prompts = load_prompts(cfg.data_path.split(","), cfg.image_dir, cfg.bbox_format)
+    model = load_model(cfg, ds_config, rank)
+    ref = None  # KL reference: a frozen copy (an engine without optimizer: partitioned under ZeRO-3, bf16 cast)
+    if cfg.beta > 0 and not cfg.lora:  # LoRA: the policy's own weights with adapters disabled, no copy
+        ref_cfg = ds_config if z3 else {**ds_config, "zero_optimization": {"stage": 0}}  # ZeRO-1/2 need an optimizer
+        ref = deepspeed.initialize(model=load_model(cfg, ds_config, rank).requires_grad_(False), config=ref_cfg)[0]
+        ref.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora:
+        from peft import get_peft_model
+
+        torch.manual_seed(cfg.seed)
+        model = get_peft_model(model, lora_config(cfg))
+        model.peft_config["default"].base_model_name_or_path = os.path.abspath(cfg.model_path)
+    policy = model.get_base_model() if cfg.lora else model  # Ovis25 (with live adapters in LoRA mode)
+    groups = param_groups(model, cfg)
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas or (0.9, 0.99)))
+    steps_per_epoch = len(prompts) // (cfg.prompts_per_rank * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(prompts)} prompts < prompts_per_rank x world = {cfg.prompts_per_rank * world}")
+    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_ratio * total * cfg.num_iterations)
+
+    def lr_at(i: int) -> float:  # multiplier of each group's peak lr; i counts optimizer steps
+        if i < warm:
+            return (i + 1) / (warm + 1)
+        p = min(1.0, (i - warm) / max(1, total * cfg.num_iterations - warm))
+        return {"constant": 1.0, "linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p))}[cfg.schedule]
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    dev = engine.device
+
+    step, ckpt = 0, os.path.join(cfg.output_dir, "checkpoints")
+    if cfg.resume:  # "auto": the latest checkpoint, if any; else a checkpoint dir
+        latest = os.path.join(ckpt, "latest")
+        ckpt, tag = (ckpt, Path(latest).read_text().strip() if os.path.exists(latest) else None) \
+            if cfg.resume == "auto" else os.path.split(cfg.resume.rstrip("/"))
+        if tag is not None:
+            _, client = engine.load_checkpoint(ckpt, tag=tag, load_module_strict=not cfg.lora)
+            if client is None:
+                raise FileNotFoundError(f"could not load checkpoint {ckpt}/{tag}")
+            step = client["step"]
+            random.setstate(client["rng"]["python"])
+            np.random.set_state(client["rng"]["numpy"])
+            torch.set_rng_state(client["rng"]["torch"])
+            log(f"resumed from {ckpt}/{tag} at step {step}")
+    log(f"model: {cfg.model_path}{' + ' + cfg.adapter if cfg.adapter else ''} | trainable {n_train / 1e6:.2f}M "
+        f"params ({'LoRA r ' + str(cfg.lora_r) if cfg.lora else cfg.train_modules}) | reference "
+        f"{'none' if cfg.beta == 0 else 'adapters disabled' if cfg.lora else 'frozen copy'}")
+    log(f"grpo: {len(prompts)} prompts, {steps_per_epoch} steps/epoch, {total} steps, {world} ranks x "
+        f"{cfg.prompts_per_rank} prompts x {cfg.num_generations} completions, {gas} micro-batches/step")
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        order = list(range(len(prompts)))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        start = (i * world + rank) * cfg.prompts_per_rank
+        batch = [prompts[k] for k in order[start:start + cfg.prompts_per_rank]]
+
+        # 1. rollouts through the shared tool loop (ZeRO-3: weights gathered once, partitioning hooks off)
+        t0 = time.time()
+        engine.eval()
+        inputs = [prompt_inputs(s, cfg, tokenizer, registry) for s in batch]
+        G = cfg.num_generations
+        with torch.no_grad(), deepspeed.runtime.zero.unwrap_model_for_generation(engine) if z3 else nullcontext():
+            rolls = tools.run_tool_loop(
+                policy, tokenizer, [x[0] for x in inputs for _ in range(G)], [x[1] for x in inputs for _ in range(G)],
+                [x[2] for x in inputs for _ in range(G)], registry, max_tool_calls=cfg.max_tool_calls,
+                max_new_tokens=cfg.max_new_tokens, thinking_budget=cfg.thinking_budget or None,
+                crop_min_pixels=cfg.crop_min_pixels, crop_max_pixels=cfg.crop_max_pixels, **sampling)
+        t_roll = time.time() - t0
+
+        # 2. rewards, group advantages, the loss normalisers over the global batch
+        comps = [Completion(r.text, tokenizer.decode([t for t, m in zip(r.token_ids, r.gen_mask)
+                                                      if m and t not in ovis.EOS_IDS]), r, batch[j // G],
+                            inputs[j // G][1][0].size, cfg.bbox_format, cfg.enable_thinking)
+                 for j, r in enumerate(rolls)]
+        parts = {}
+        for name, _, fn in reward_fns:  # a failing reward stops the run: never a silent 0
+            try:
+                parts[name] = torch.tensor([float(fn(c)) for c in comps])
+            except Exception as e:
+                raise RuntimeError(f"reward {name!r} failed on a completion of {[s.get('id') for s in batch]}") from e
+        reward = sum(w * parts[name] for name, w, _ in reward_fns).view(-1, G)  # (P, G)
+        adv = group_advantages(reward, cfg.scale_rewards).view(-1)  # (P*G,)
+        keep = (reward.std(1) > 0 if cfg.dynamic_sampling else torch.ones(len(batch), dtype=torch.bool))
+        keep = keep.repeat_interleave(G)  # (P*G,)
+        n_gen = torch.tensor([sum(r.gen_mask) for r in rolls])  # generated tokens per completion
+        tot = torch.tensor([float(keep.sum()), float((n_gen * keep).sum())], device=dev, dtype=torch.float64)
+        dist.all_reduce(tot)  # kept sequences and their tokens over all ranks: the loss denominators
+        w = torch.tensor(token_weights(n_gen.tolist(), cfg.loss_type, max(tot[0].item(), 1), max(tot[1].item(), 1),
+                                       cfg.max_new_tokens)) * keep
+        mb_tok = n_gen.view(gas, -1).sum(1).tolist()  # tokens per micro-batch
+        adv_tok = adv.repeat_interleave(n_gen).to(dev).split(mb_tok)  # per micro-batch, (n,) each
+        w_tok = w.repeat_interleave(n_gen).to(dev).split(mb_tok)
+
+        # 3. old and reference log-probs (no grad), then num_iterations clipped updates on the same rollouts
+        t1 = time.time()
+        mbs = [pack_rollouts(rolls[k:k + cfg.micro_batch_size], dev) for k in range(0, n_local, cfg.micro_batch_size)]
+        old, refs = [None] * gas, [None] * gas
+        with torch.no_grad():
+            for b, mb in enumerate(mbs):
+                if cfg.num_iterations > 1:
+                    old[b] = token_logps(engine, mb, cfg.temperature)
+                if cfg.beta > 0 and cfg.lora:
+                    with model.disable_adapter():
+                        refs[b] = token_logps(engine, mb, cfg.temperature)
+                elif cfg.beta > 0:
+                    refs[b] = token_logps(ref, mb, cfg.temperature)
+        engine.train()
+        st_sum = torch.zeros(4, device=dev, dtype=torch.float64)  # clipped tokens, kl sum, tokens, loss
+        for _ in range(cfg.num_iterations):
+            for b, mb in enumerate(mbs):
+                logp = token_logps(engine, mb, cfg.temperature)
+                loss, st = policy_loss(logp, logp.detach() if old[b] is None else old[b], refs[b], adv_tok[b],
+                                       w_tok[b], cfg)
+                # the weights already divide by the global normaliser; engine.backward divides by gas and the
+                # gradient all-reduce averages over ranks, so multiply both back. Never divide again.
+                engine.backward(loss * gas * world)
+                engine.step()
+                st_sum += torch.stack([st["clipped"].sum(), st.get("kl", logp.new_zeros(1)).sum(),
+                                       torch.tensor(logp.numel()), loss.detach()]).double()
+        t_train = time.time() - t1
+        step += 1
+
+        # 4. logs: every reward component, accuracy, tool use, lengths, KL, clipping, time (sums over all ranks)
+        crops = [t for r in rolls for t in r.tool_calls if t["name"].lower() == "crop"]
+        sums = {"reward": reward.sum(), **{f"reward_{n}": parts[n].sum() for n, _, _ in reward_fns},
+                "accuracy": sum(r_accuracy(c) for c in comps), "tool_calls": sum(len(r.tool_calls) for r in rolls),
+                "crops": len(crops), "crops_ok": sum(t["ok"] for t in crops), "gen_tokens": n_gen.sum(),
+                "rollouts": len(rolls), "kept": keep.sum(), "group_std": reward.std(1).sum(), "groups": len(batch)}
+        vals = torch.tensor([float(v) for v in sums.values()], device=dev, dtype=torch.float64)
+        dist.all_reduce(vals)
+        dist.all_reduce(st_sum)
+        g = dict(zip(sums, vals.tolist()))
+        n, n_tok = g["rollouts"], max(st_sum[2].item(), 1)
+        rec = {"step": step, "epoch": epoch, **{k: g[k] / n for k in sums if k.startswith("reward")},
+               "accuracy": g["accuracy"] / n, "tool_calls_per_rollout": g["tool_calls"] / n,
+               "valid_crop_rate": g["crops_ok"] / max(g["crops"], 1), "response_len": g["gen_tokens"] / n,
+               "kept_frac": g["kept"] / n, "group_reward_std": g["group_std"] / g["groups"],
+               "kl": st_sum[1].item() / n_tok, "clip_frac": st_sum[0].item() / n_tok,
+               "loss": st_sum[3].item() / cfg.num_iterations, "lr": sched.get_last_lr()[0],
+               "grad_norm": float(engine.get_global_grad_norm() or 0), "rollout_s": t_roll, "train_s": t_train,
+               "rollout_tok_per_s": g["gen_tokens"] / world / max(t_roll, 1e-9)}
+        if rank == 0:
+            if step % cfg.log_interval == 0 or step == total:
+                print(f"step {step}/{total} | " + " | ".join(f"{k.replace('reward_', '')} {rec[k]:.3f}" for k in rec
+                                                            if k.startswith("reward"))
+                      + f" | acc {rec['accuracy']:.3f} | tools/rollout {rec['tool_calls_per_rollout']:.2f} | crop ok "
+                      f"{rec['valid_crop_rate']:.2f} | len {rec['response_len']:.0f} | kl {rec['kl']:.4f} | clip "
+                      f"{rec['clip_frac']:.3f} | rollout {t_roll:.1f}s train {t_train:.1f}s", flush=True)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if step % cfg.save_interval == 0 or step == total:
+            save_resumable(engine, cfg, step, rank)
+    export(engine, model, cfg, os.path.join(cfg.output_dir, "final"), rank)
+    log(f"done: {'adapter' if cfg.lora else 'model'} in {cfg.output_dir}/final")
+    if owns_group:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main(data.load_config(Config))
