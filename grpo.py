@@ -168,7 +168,15 @@ def r_format(c: Completion) -> float:
     calls = re.findall(r"<tool_call>.*?</tool_call>", c.model_text, re.DOTALL)
     if len(calls) != c.model_text.count("<tool_call>") or len(calls) != c.model_text.count("</tool_call>"):
         return 0.0
-    return float(all(tools.parse_tool_call(x).error is None for x in calls))
+    return float(all(_valid_call(tools.parse_tool_call(x)) for x in calls))
+
+
+def _valid_call(call: tools.ToolCall) -> bool:
+    """Crop / Identify with a well-formed box (the call's syntax; whether the box hits the image is iou's business)."""
+    try:
+        return call.error is None and call.name.lower() in ("crop", "identify") and bool(tools.bbox_args(call.args))
+    except ValueError:
+        return False
 
 
 def r_iou(c: Completion) -> float:

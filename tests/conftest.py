@@ -38,3 +38,32 @@ def small_data(tmp_path_factory):
     p = tmp_path_factory.mktemp("data") / "small.json"
     p.write_text(json.dumps(demo[:6] + seed))
     return str(p)
+
+
+@pytest.fixture(scope="session")
+def tool_ckpt(tmp_path_factory, tokenizer):
+    """A tiny Ovis2.5 that learned one Crop conversation (GRPO demo prompt 0) (AdamW in process, ~15 s), saved in the
+    official layout: a policy whose rollouts really call the Crop tool."""
+    import data
+    import model as M
+
+    demo = ROOT / "data" / "demo"
+    prompt = json.loads((demo / "grpo.json").read_text())[0]  # the GRPO demo's first prompt, same image as sft[0]
+    answer = json.loads((demo / "sft.json").read_text())[0]["conversations"][-1]
+    sample = {"id": prompt["id"], "image": prompt["image"], "conversations": prompt["conversations"] + [answer]}
+    enc = data.encode_sample(sample, tokenizer, str(demo), single_image_min_pixels=4096, single_image_max_pixels=8192,
+                             crop_min_pixels=4096, crop_max_pixels=8192)
+    torch.manual_seed(0)
+    m = M.Ovis25.from_config(json.loads((ROOT / "assets" / "tiny" / "config.json").read_text())).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=5e-3, weight_decay=0.0)
+    for _ in range(300):
+        loss = m(enc["input_ids"][None], labels=enc["labels"][None], pixel_values=enc["pixel_values"],
+                 grid_thws=enc["grid_thws"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.05:
+            break
+    d = tmp_path_factory.mktemp("tool_model") / "ckpt"
+    m.save_pretrained(str(d), source_dir=str(ROOT / "assets" / "tiny"))
+    return str(d)

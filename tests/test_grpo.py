@@ -1,0 +1,252 @@
+"""grpo.py: rewards on hand-made texts, advantages and loss against hand computation, masking of tool outputs through
+the real forward, an easy-reward run that must learn, resume, and a 2-rank ZeRO-3 LoRA run with real tool rollouts."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import data
+import grpo
+import model as M
+import tools
+from _util import DEMO, ROOT, launch, metrics
+
+GOOD = ("<think>\nThe square is small, I will zoom in on it. <tool_call>Crop [270, 95, 290, 115]</tool_call><image>\n"
+        "The crop shows a green square.\n</think>\n\n<answer>green</answer>")
+SAMPLE = {"id": "s", "answer": "green", "bbox": [274, 99, 286, 111]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_one():
+    data.setup_distributed(120)
+    yield
+
+
+def comp(text, model_text=None, calls=(), sample=SAMPLE, thinking=True, fmt="pixel", size=(320, 240)):
+    r = tools.Rollout(text=text, tool_calls=list(calls))
+    r.thinking, r.answer = tools.split_output(text)
+    return grpo.Completion(text, text.replace("<image>", "") if model_text is None else model_text, r, sample, size,
+                           fmt, thinking)
+
+
+def crop(box, ok=True):
+    return {"name": "Crop", "args": box, "ok": ok, "result": "" if ok else "Error: zero area"}
+
+
+def test_format_reward_and_adversarial_texts():
+    f = grpo.r_format
+    assert f(comp(GOOD)) == 1.0
+    identify = "<think>\nWho? <tool_call>Identify [1, 2, 30, 40]</tool_call><tool_response>Theo</tool_response>\n" \
+               "</think>\n\n<answer>Theo</answer>"
+    # the loop inserted that response: fine; the model writing one itself: 0
+    assert f(comp(identify, model_text=identify.replace("<tool_response>Theo</tool_response>", ""))) == 1.0
+    assert f(comp(identify, model_text=identify)) == 0.0
+    assert f(comp(GOOD.replace("</think>", ""))) == 0.0  # unclosed thinking
+    assert f(comp(GOOD.replace("<answer>green</answer>", "green"))) == 0.0  # no answer block
+    assert f(comp(GOOD + " more")) == 0.0  # text after the answer
+    late = GOOD.replace("</think>\n\n<answer>", "</think><tool_call>Crop [1, 1, 9, 9]</tool_call><answer>")
+    assert f(comp(late)) == 0.0  # a call after the thinking
+    assert f(comp(GOOD.replace("Crop [270, 95, 290, 115]", "Crop [270, 95]"))) == 0.0  # unparseable call
+    assert f(comp(GOOD.replace("<tool_call>", ""))) == 0.0  # a </tool_call> without its start
+    assert f(comp("<answer>green</answer>", thinking=False)) == 1.0
+    assert f(comp("<think>\n</think><answer>green</answer>", thinking=False)) == 1.0
+
+
+def test_accuracy_iou_and_tool_rewards():
+    acc = grpo.r_accuracy
+    assert acc(comp(GOOD.replace(">green<", ">Green.<"))) == 1.0
+    assert acc(comp(GOOD.replace(">green<", ">the green<"))) == 1.0  # articles and punctuation do not count
+    assert acc(comp(GOOD.replace(">green<", ">It is green<"))) == 0.0
+    assert acc(comp("<think>x</think>\n\ngreen")) == 1.0  # no answer tags: the text after </think>
+    assert acc(comp(GOOD.replace(">green<", ">red<"), sample={**SAMPLE, "answer": ["red", "green"]})) == 1.0
+    assert acc(comp(GOOD, sample={"answer": None})) == 0.0
+    num = {**SAMPLE, "answer": "3"}
+    assert [acc(comp(GOOD.replace(">green<", f">{a}<"), sample=num)) for a in ("3 squares", "3.0", "4", "3 or 4")] \
+        == [1.0, 1.0, 0.0, 0.0]
+    gt = SAMPLE["bbox"]
+    assert grpo.r_iou(comp(GOOD, calls=[crop(gt)])) == 1.0
+    assert grpo.r_iou(comp(GOOD, calls=[crop(gt), crop([900, 900, 950, 950], ok=False)])) == 0.5  # outside: failed
+    assert abs(grpo.r_iou(comp(GOOD, calls=[crop([274, 99, 280, 111])])) - 0.5) < 1e-9  # half the box
+    assert grpo.r_iou(comp(GOOD)) == 0.0 and grpo.r_iou(comp(GOOD, calls=[crop(gt)], sample={"answer": "x"})) == 0.0
+    norm = {**SAMPLE, "bbox": [0.5, 0.5, 0.6, 0.6]}
+    assert abs(grpo.r_iou(comp(GOOD, calls=[crop([0.5, 0.5, 0.6, 0.6])], sample=norm, fmt="norm")) - 1.0) < 1e-9
+    tool = grpo.r_tool
+    assert tool(comp(GOOD, calls=[crop(gt)])) == 1.0
+    assert tool(comp(GOOD)) == 0.0  # right without a crop
+    assert tool(comp(GOOD.replace(">green<", ">red<"), calls=[crop(gt)])) == 0.0  # a crop, wrong answer
+    assert tool(comp(GOOD, calls=[crop(gt, ok=False)])) == 0.0  # only a failed crop
+
+
+def test_seed_rewards_follow_its_rules():
+    tu = grpo.r_tool_usage
+    assert tu(comp("I see a person.")) == 0.0 and tu(comp("It is green.")) == 0.5  # keyword rule
+    assert tu(comp(GOOD)) == pytest.approx(0.6)  # Crop inside the think block: 0.3 + 0.3
+    ident = "<think>Who is it <tool_call>Identify [1, 2, 30, 40]</tool_call>{}</think><answer>Theo</answer>"
+    assert tu(comp(ident.format("<tool_response>Theo</tool_response>"))) == pytest.approx(1.0)
+    assert tu(comp(ident.format(""))) == pytest.approx(0.6)
+    assert tu(comp("<tool_call>Crop [-1, 2, 30, 40]</tool_call>")) == 0.0  # not the strict syntax; "crop" keyword
+    bv = grpo.r_bbox_validity
+    assert bv(comp("[10, 10, 5, 20] and [1, 1, 2, 2]")) == 0.5 and bv(comp("[ 1, 2, 3, 4]")) == 1.0
+    assert bv(comp("no boxes")) == 1.0
+    rq = grpo.r_reasoning_quality
+    long = ("<think>" + "word " * 11 + "<tool_call>Identify [1, 2, 3, 4]</tool_call><tool_response>Theo"
+            "</tool_response> so this is clearly the person we want</think><answer>Theo</answer>")
+    assert rq(comp(long)) == pytest.approx(1.0)  # 0.3 + 0.3 + 0.2 + 0.2
+    assert rq(comp("<answer>x</answer>")) == pytest.approx(0.15)  # 0.3, halved under 20 words
+
+
+def test_parse_rewards_custom_and_errors():
+    fns = grpo.parse_rewards("format:0.5|tests.grpo_rewards.even_ids:2|accuracy")
+    assert [(n, w) for n, w, _ in fns] == [("format", 0.5), ("tests.grpo_rewards.even_ids", 2.0), ("accuracy", 1.0)]
+    assert fns[1][2](comp("x", calls=[])) == 0.0
+    with pytest.raises(ValueError, match="unknown reward 'acuracy'"):
+        grpo.parse_rewards("acuracy:1")
+    with pytest.raises(ModuleNotFoundError):
+        grpo.parse_rewards("no_such_module.f:1")
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo.token_weights([1], "ppo", 1, 1, 1)
+
+
+def test_advantages_weights_and_loss_by_hand():
+    adv = grpo.group_advantages(torch.tensor([[1.0, 0, 0, 1], [2, 2, 2, 2]]), scale=True)
+    s = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    assert torch.allclose(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-4)) and adv[1].abs().max() == 0
+    assert torch.allclose(grpo.group_advantages(torch.tensor([[1.0, 0, 0, 1]]), scale=False),
+                          torch.tensor([[0.5, -0.5, -0.5, 0.5]]))
+    assert grpo.token_weights([2, 4], "grpo", 2, 6, 8) == [0.25, 0.125]
+    assert grpo.token_weights([2, 4], "bnpo", 2, 6, 8) == [1 / 6, 1 / 6]
+    assert grpo.token_weights([2, 4], "dr_grpo", 2, 6, 8) == [1 / 16, 1 / 16]
+    cfg = grpo.Config(epsilon_low=0.2, epsilon_high=0.28, beta=0.0)
+    logp = torch.full((3,), math.log(0.5), requires_grad=True)
+    old = logp.detach() + torch.tensor([-0.5, 0.0, 0.5])  # ratios e^0.5 = 1.649, 1, e^-0.5 = 0.607
+    a, w = torch.tensor([1.0, 1.0, -1.0]), torch.tensor([0.5, 0.25, 0.25])
+    loss, st = grpo.policy_loss(logp, old, None, a, w, cfg)
+    # token 1: clipped at 1.28 (A > 0); token 2: ratio 1; token 3: clipped at 0.8 (A < 0) -> min(-0.607, -0.8)
+    assert loss.item() == pytest.approx(0.5 * -1.28 + 0.25 * -1 + 0.25 * 0.8)
+    assert st["clipped"].tolist() == [True, False, True]
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, -0.25, 0.0])  # clipped tokens carry no gradient
+    cfg.beta = 0.1
+    logp.grad = None
+    ref = torch.tensor([math.log(0.5), math.log(0.25), math.log(0.5)])
+    loss, st = grpo.policy_loss(logp, old, ref, a, w, cfg)
+    k3 = 0.5 + math.log(2) - 1  # e^d - d - 1 at d = log(0.25) - log(0.5)
+    assert st["kl"].tolist() == pytest.approx([0.0, k3, 0.0])
+    assert loss.item() == pytest.approx(-0.69 + 0.1 * k3 * 0.25)
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, -0.25 + 0.1 * 0.25 * (1 - 0.5), 0.0])
+
+
+def test_rollouts_mask_tool_outputs_and_match_the_training_encoding(tool_ckpt, tokenizer):
+    """Real rollouts with the Crop tool: the packed training row labels exactly the sampled tokens, the sequence is
+    the SFT encoding of the same conversation, and the loss's gradient reaches only positions predicting them."""
+    m = M.Ovis25.from_pretrained(tool_ckpt)
+    cfg = grpo.Config(image_dir=str(DEMO), min_pixels=4096, max_pixels=8192, crop_min_pixels=4096,
+                      crop_max_pixels=8192)
+    sample = grpo.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
+    reg = tools.default_registry()
+    inp, images, keys = grpo.prompt_inputs(sample, cfg, tokenizer, reg)
+    with torch.no_grad():
+        rolls = tools.run_tool_loop(m.eval(), tokenizer, [inp, inp], [images] * 2, [keys] * 2, reg,
+                                    max_new_tokens=80, crop_min_pixels=4096, crop_max_pixels=8192)
+    r = rolls[0]
+    assert [c["name"] for c in r.tool_calls] == ["Crop"] and r.tool_calls[0]["ok"] and r.finish == "eos"
+    mb = grpo.pack_rollouts(rolls, "cpu")
+    labels = mb["labels"][0]
+    mask = torch.tensor([x for q in rolls for x in q.gen_mask], dtype=torch.bool)
+    assert torch.equal(labels != M.IGNORE_ID, mask)
+    n_crop = int(M.num_visual_tokens(r.grid_thws[-1]))
+    assert n_crop > 0 and (torch.tensor(r.token_ids) == M.VISUAL_ATOM_ID).sum() > n_crop  # prompt image + crop
+    # the same conversation through the SFT encoder: identical ids, and loss exactly on the sampled tokens
+    conv = sample["conversations"] + [{"from": "gpt", "value": r.text}]
+    enc = data.encode_sample({**sample, "conversations": conv}, tokenizer, str(DEMO), single_image_min_pixels=4096,
+                             single_image_max_pixels=8192, crop_min_pixels=4096, crop_max_pixels=8192)
+    assert enc["input_ids"].tolist() == r.token_ids
+    assert (enc["labels"] != M.IGNORE_ID).tolist() == [bool(x) for x in r.gen_mask]
+    assert torch.equal(enc["pixel_values"], r.pixel_values)
+    # gradient of the GRPO loss reaches the last hidden state only where the next token was sampled
+    held = {}
+    hook = m.llm.model.register_forward_hook(lambda mod, i, out: held.update(h=out.last_hidden_state))
+    m.train()
+    logp = grpo.token_logps(m, mb, 1.0)
+    held["h"].retain_grad()
+    assert logp.numel() == int(mask.sum())
+    (-logp.sum()).backward()
+    hook.remove()
+    reaches = held["h"].grad[0].abs().sum(-1) > 0  # (T,)
+    assert torch.equal(reaches[:-1], mask[1:]) and not reaches[-1]
+
+
+def even_cfg(base, out, **kw):
+    return {"model_path": base, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO), "output_dir": str(out),
+            "zero_config": str(ROOT / "zero_configs" / "zero0.json"), "prompts_per_rank": 2, "num_generations": 8,
+            "micro_batch_size": 8, "max_new_tokens": 12, "min_pixels": 4096, "max_pixels": 8192, "top_k": 8,
+            "bf16": False, "gradient_checkpointing": False, "lr": 1e-2, "enable_thinking": False,
+            "rewards": "tests.grpo_rewards.even_ids:1", "save_interval": 1000, **kw}
+
+
+def test_easy_reward_rises_and_resume_is_exact(base, tmp_path):
+    """A random tiny model, a verifiable reward (share of even token ids), full fine-tuning with a frozen-copy KL
+    reference: the mean reward climbs clearly within 10 steps. Then an interrupted run resumes exactly."""
+    out = tmp_path / "even"
+    grpo.main(grpo.Config(**even_cfg(base, out, max_steps=10, beta=0.01, num_iterations=2)))
+    rec = metrics(out)
+    r = [x["reward"] for x in rec]
+    assert len(rec) == 10 and sum(r[-3:]) / 3 > sum(r[:2]) / 2 + 0.2, r
+    assert all(x["kl"] >= 0 for x in rec) and rec[-1]["kl"] > 0 and any(x["clip_frac"] > 0 for x in rec)
+    assert {"reward_tests.grpo_rewards.even_ids", "accuracy", "tool_calls_per_rollout", "valid_crop_rate",
+            "response_len", "kl", "clip_frac", "rollout_s", "train_s", "rollout_tok_per_s"} <= set(rec[0])
+    assert (out / "final" / "model.safetensors").exists()
+    res = tmp_path / "res"
+    c = even_cfg(base, res, max_steps=4, save_interval=2, keep_last=5)
+    grpo.main(grpo.Config(**c))
+    full = metrics(res)
+    shutil.rmtree(res / "checkpoints" / "step0000004")
+    (res / "checkpoints" / "latest").write_text("step0000002")
+    (res / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in full[:2]))
+    grpo.main(grpo.Config(**{**c, "resume": "auto"}))
+    again = metrics(res)
+    for x, y in zip(full, again):
+        assert x["step"] == y["step"] and x["reward"] == y["reward"] and abs(x["loss"] - y["loss"]) < 1e-6, (x, y)
+
+
+def test_bad_samples_are_named(tmp_path):
+    good = json.loads((DEMO / "grpo.json").read_text())[:2]
+    for field, bad in (("bbox", {"bbox": [10, 10, 5, 20]}), ("image", {"image": "images/nope.png"}),
+                       ("answer", {"answer": {"x": 1}}), ("conversations", {"conversations": []})):
+        p = tmp_path / f"{field}.json"
+        p.write_text(json.dumps([good[0], {**good[1], **bad}]))
+        with pytest.raises(data.SampleError, match=rf"{field}.json:1 id=grpo_001 field={field}"):
+            grpo.load_prompts([str(p)], str(DEMO), "pixel")
+    with pytest.raises(data.SampleError, match="field=bbox"):
+        grpo.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "norm")  # pixel boxes read as normalised
+
+
+def test_two_ranks_zero3_lora_tool_rollouts(tool_ckpt, tmp_path):
+    """torchrun, 2 ranks, ZeRO-3, LoRA with the adapters-disabled reference and 2 updates per rollout batch: the
+    rollouts really call Crop (crop results inside the sequences), every metric is finite, the adapter is saved."""
+    out = tmp_path / "g2"
+    c = {"model_path": tool_ckpt, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO),
+         "output_dir": str(out), "zero_config": str(ROOT / "zero_configs" / "zero3.json"), "lora": True,
+         "lora_r": 4, "lr": 1e-3, "beta": 0.05, "num_iterations": 2, "prompts_per_rank": 1, "num_generations": 4,
+         "micro_batch_size": 2, "max_new_tokens": 60, "max_steps": 2, "min_pixels": 4096, "max_pixels": 8192,
+         "crop_min_pixels": 4096, "crop_max_pixels": 8192, "bf16": False, "gradient_checkpointing": True}
+    stdout = launch("torchrun", c, tmp_path, script="grpo.py")
+    assert "reference adapters disabled" in stdout
+    rec = metrics(out)
+    assert len(rec) == 2 and all(math.isfinite(v) for x in rec for v in x.values())
+    assert sum(x["tool_calls_per_rollout"] for x in rec) > 0 and max(x["valid_crop_rate"] for x in rec) > 0
+    assert rec[-1]["kl"] > 0
+    assert (out / "final" / "adapter_model.safetensors").exists()
+    acfg = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert acfg["base_model_name_or_path"] == os.path.abspath(tool_ckpt)
+
+
+def test_shipped_grpo_configs_parse():
+    for f in sorted((ROOT / "configs").glob("*grpo*.json")):
+        c = data.load_config(grpo.Config, ["--config", str(f)])
+        assert (ROOT / c.zero_config).exists() and grpo.parse_rewards(c.rewards), f
