@@ -6,29 +6,26 @@ Launch:
     python grpo.py --config configs/demo_grpo.json          # tiny model, CPU; after the SFT demo (README)
 
 Algorithm choices (one optimizer step per rollout batch, repeated num_iterations times):
-- Rollouts: num_generations completions per prompt through tools.run_tool_loop (the inference loop): the tool runs
-  on the sample's own image at each `</tool_call>`, its result (a Crop's visual tokens, or a `<tool_response>`) is
-  appended as training renders it, decoding continues from the KV cache. Only sampled tokens carry loss: prompt,
-  tool outputs and forced thinking-budget text are masked (Rollout.gen_mask). Under ZeRO-3 generation runs inside
-  GatheredParameters: each rank holds the full weights (bf16: 18 GB for the 9B) while it decodes, and ranks
-  decoding different lengths never wait on per-layer collectives.
+- Rollouts: num_generations completions per prompt through tools.run_tool_loop (the inference loop): each call runs
+  on the sample's own image, its result (Crop: visual tokens; else a <tool_response>) is appended as training
+  renders it. Only sampled tokens carry loss; prompt, tool outputs and forced thinking-budget text are masked.
+  ZeRO-3: the weights are gathered and the partitioning hooks lifted for the rollout (the cost: every rank holds the
+  full bf16 weights meanwhile, 18 GB for the 9B), so ranks decoding different lengths never wait on each other.
 - Rewards: weighted named components (format, accuracy, iou, tool, and the seed's tool_usage, bbox_validity,
   reasoning_quality) and custom functions by dotted path, fn(Completion) -> float; each logged separately.
 - Advantages per group of num_generations: r - mean, divided by std + 1e-4 when scale_rewards (Dr. GRPO: false).
   dynamic_sampling drops groups whose rewards are all equal (no signal) from the loss and its normaliser.
 - Loss per generated token: -min(rho A, clip(rho, 1 - epsilon_low, 1 + epsilon_high) A) + beta k3, with
   rho = pi / pi_old (pi_old: the rollout policy, scored once before the updates when num_iterations > 1) and
-  k3 = exp(ref - logp) - (ref - logp) - 1 against the start model (LoRA: the same weights with adapters disabled,
-  no second copy; full: a frozen copy; beta 0 skips it). Log-probs use the sampling temperature.
-  loss_type: grpo = mean over each sequence's tokens, then over sequences; bnpo = sum / generated tokens (token
-  level, DAPO); dr_grpo = sum / (sequences x max_new_tokens). Denominators span the global batch (all ranks).
+  k3 = exp(ref - logp) - (ref - logp) - 1 to the start model (LoRA: adapters disabled, no copy; full: a frozen
+  copy; beta 0: none). loss_type: grpo = mean per sequence, then over sequences; bnpo = sum / tokens (DAPO);
+  dr_grpo = sum / (sequences x max_new_tokens); over the global batch. Log-probs at the sampling temperature.
 - Start: an SFT result (model_path), or a base + a lora.py `adapter` merged at load; lora=true trains fresh
   adapters on top, else train_modules as in sft.py. Checkpoints and resume as sft.py.
 """
 
 import importlib
 import json
-import math
 import os
 import random
 import re
@@ -42,6 +39,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 import data
@@ -63,9 +61,7 @@ class Config:
     lora: bool = False  # train LoRA adapters on the LLM (reference = adapters disabled) instead of train_modules
     lora_r: int = 16  # adapter rank
     lora_alpha: float = 32  # adapter scale alpha / r
-    lora_dropout: float = 0.0  # adapter dropout (0 keeps rollout and training policies identical)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LLM linear layers adapted
-    train_modules: str = "llm"  # full mode: "|"-separated all, llm, visual_tokenizer(.head|.vit), vte, each "name:lr"
+    train_modules: str = "llm"  # full mode: "|"-separated all, llm, visual_tokenizer, visual_tokenizer.head|.vit, vte
     # --- rollouts
     prompts_per_rank: int = 2  # prompts per rank per step; the global batch is prompts_per_rank x world prompts
     num_generations: int = 8  # completions per prompt (the group)
@@ -92,10 +88,8 @@ class Config:
     num_iterations: int = 1  # optimizer steps per rollout batch (PPO epochs)
     beta: float = 0.0  # KL (k3) weight to the reference; 0 = no reference forward
     lr: float = 1e-6  # peak learning rate (adapters: use ~1e-5)
-    schedule: str = "constant"  # constant | cosine | linear, after warmup
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.0  # linear warmup over this fraction of the updates, then a constant lr
     weight_decay: float = 0.0
-    adam_betas: list | None = None  # default [0.9, 0.99]
     epochs: int = 1  # passes over the prompts (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps on new rollouts; 0 = from epochs
     bf16: bool = True
@@ -103,7 +97,6 @@ class Config:
     attn_implementation: str = ""  # "" = flash_attention_2 if installed else sdpa
     seed: int = 42
     # --- saving, logging
-    log_interval: int = 1
     save_interval: int = 50  # steps between resumable checkpoints (and a deployable final/ at the end)
     keep_last: int = 2
     resume: str = ""  # "" | "auto" | a checkpoint dir
@@ -126,9 +119,8 @@ class Completion:
     thinking: bool  # the prompt opened a thinking turn
 
 
-def _norm(s) -> str:
-    s = re.sub(r"[^\w\s.%-]", " ", str(s).lower())
-    return " ".join(w for w in s.replace(".", " ").split() if w not in ("a", "an", "the"))
+def _norm(s) -> str:  # lower case, no punctuation, no articles
+    return " ".join(w for w in re.sub(r"[^\w\s%-]", " ", str(s).lower()).split() if w not in ("a", "an", "the"))
 
 
 def _number(s) -> float | None:
@@ -139,16 +131,12 @@ def _number(s) -> float | None:
 def r_accuracy(c: Completion) -> float:
     """1 if the answer (<answer> content, else the text after </think>) matches sample["answer"] (or one of a list):
     numerically when the gold is a number, else after lower-casing, dropping punctuation and articles."""
-    gold = c.sample.get("answer")
-    if gold is None or not c.rollout.answer:
-        return 0.0
-    for g in gold if isinstance(gold, list) else [gold]:
-        gn = _number(g) if re.fullmatch(r"\s*-?[\d,]+(\.\d+)?\s*", str(g)) else None
-        if gn is not None:
-            p = _number(c.rollout.answer)
-            if p is not None and abs(p - gn) <= 1e-6 * max(1.0, abs(gn)):
+    gold, pred = c.sample.get("answer"), c.rollout.answer
+    for g in (gold if isinstance(gold, list) else [gold]) if gold is not None and pred else []:
+        if re.fullmatch(r"\s*-?[\d,]+(\.\d+)?\s*", str(g)):  # a number: compare values ("3.0", "3 squares")
+            if _number(pred) is not None and abs(_number(pred) - _number(g)) <= 1e-6 * max(1.0, abs(_number(g))):
                 return 1.0
-        elif _norm(c.rollout.answer) == _norm(g):
+        elif _norm(pred) == _norm(g):
             return 1.0
     return 0.0
 
@@ -168,15 +156,11 @@ def r_format(c: Completion) -> float:
     calls = re.findall(r"<tool_call>.*?</tool_call>", c.model_text, re.DOTALL)
     if len(calls) != c.model_text.count("<tool_call>") or len(calls) != c.model_text.count("</tool_call>"):
         return 0.0
-    return float(all(_valid_call(tools.parse_tool_call(x)) for x in calls))
-
-
-def _valid_call(call: tools.ToolCall) -> bool:
-    """Crop / Identify with a well-formed box (the call's syntax; whether the box hits the image is iou's business)."""
-    try:
-        return call.error is None and call.name.lower() in ("crop", "identify") and bool(tools.bbox_args(call.args))
+    try:  # Crop / Identify with a well-formed box (whether the box hits the image is iou's business)
+        return float(all(not p.error and p.name.lower() in ("crop", "identify") and tools.bbox_args(p.args)
+                         for p in map(tools.parse_tool_call, calls)))
     except ValueError:
-        return False
+        return 0.0
 
 
 def r_iou(c: Completion) -> float:
@@ -216,9 +200,8 @@ def r_tool_usage(c: Completion) -> float:
 
 def r_bbox_validity(c: Completion) -> float:
     boxes = re.findall(r"\[(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?)\]", c.text)
-    if not boxes:
-        return 1.0
-    return 1.0 - sum(float(b[0]) >= float(b[2]) or float(b[1]) >= float(b[3]) for b in boxes) / len(boxes)
+    bad = sum(float(b[0]) >= float(b[2]) or float(b[1]) >= float(b[3]) for b in boxes)
+    return 1.0 - bad / len(boxes) if boxes else 1.0
 
 
 def r_reasoning_quality(c: Completion) -> float:
@@ -280,8 +263,7 @@ def token_weights(lengths: list[int], loss_type: str, n_seq: float, n_tok: float
 
 
 def policy_loss(logp, old_logp, ref_logp, adv, weight, cfg: Config) -> tuple[torch.Tensor, dict]:
-    """(n,) per generated token -> (sum of weight * token loss, stats). Clipped surrogate with separate low/high
-    clip; k3 KL to the reference when beta > 0."""
+    """(n,) per generated token -> (sum of weight * token loss, stats): clip-higher surrogate + beta k3."""
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
     loss = -torch.min(ratio * adv, clipped * adv)
@@ -304,8 +286,7 @@ def load_prompts(paths: list[str], image_dir: str, bbox_format: str) -> list[dic
     for path in paths:
         for s in data.load_samples(path):
             err = lambda field, why, s=s: data.SampleError(s["_file"], s["_index"], s.get("id"), field, why)
-            if "question" in s and "conversations" not in s:
-                s["conversations"] = [{"from": "human", "value": s["question"]}]
+            s.setdefault("conversations", [{"from": "human", "value": s["question"]}] if "question" in s else None)
             if not isinstance(s.get("conversations"), list) or not any(
                     isinstance(t, dict) and t.get("from") in ("human", "user") for t in s["conversations"]):
                 raise err("conversations", "needs a human turn with the question (or a `question` field)")
@@ -333,17 +314,15 @@ def prompt_inputs(s: dict, cfg: Config, tokenizer, registry) -> tuple[dict, list
         msgs = [{"role": "system", "content": [{"type": "text", "text": registry.system_prompt()}]}] + msgs
     keys = [s["image"]] if isinstance(s["image"], str) else list(s["image"])
     images = [Image.open(os.path.join(cfg.image_dir, k)).convert("RGB") for k in keys]
-    inp = data.build_inputs(msgs, tokenizer, enable_thinking=cfg.enable_thinking, min_pixels=cfg.min_pixels,
-                            max_pixels=cfg.max_pixels)
-    return inp, images, keys
+    return data.build_inputs(msgs, tokenizer, enable_thinking=cfg.enable_thinking, min_pixels=cfg.min_pixels,
+                             max_pixels=cfg.max_pixels), images, keys
 
 
 def lora_config(cfg: Config):
-    from peft import LoraConfig
-
-    targets = "|".join(t.strip() for t in cfg.lora_targets.split(","))
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=rf"llm\.model\.layers\.\d+\.(self_attn|mlp)\.({targets})")
+    """All seven LLM projections, matched by full name (never the ViT's q/k/v); no dropout, so the rollout policy
+    and the trained one are the same function."""
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none", target_modules=r"llm\."
+                      r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)")
 
 
 def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
@@ -374,39 +353,31 @@ MODULE_NAMES = ("all", "llm", "visual_tokenizer", "visual_tokenizer.head", "visu
 
 
 def param_groups(model, cfg: Config) -> list[dict]:
-    """LoRA: the adapters at lr. Full: train_modules as in sft.py (more specific names win their lr)."""
-    chosen = [("lora_", cfg.lr)] if cfg.lora else sorted(
-        ((n, float(lr) if lr else cfg.lr) for n, _, lr in (p.partition(":") for p in cfg.train_modules.split("|"))),
-        key=lambda x: len(x[0]))
-    if not cfg.lora and any(n not in MODULE_NAMES for n, _ in chosen):
+    """LoRA: the adapters. Full: the parameters under the train_modules names; the rest frozen. No weight decay on
+    norms and biases."""
+    mods = [m.strip() for m in cfg.train_modules.split("|")]
+    if not cfg.lora and set(mods) - set(MODULE_NAMES):
         raise ValueError(f"train_modules: {cfg.train_modules!r}; choose from {', '.join(MODULE_NAMES)}")
     groups: dict = {}
     for name, p in model.named_parameters():
-        lr = None
-        for mod, mod_lr in chosen:
-            if (mod in name) if cfg.lora else (mod == "all" or name == mod or name.startswith(mod + ".")):
-                lr = mod_lr
-        p.requires_grad_(lr is not None)
-        if lr is not None:
-            groups.setdefault((lr, 0.0 if p.ndim < 2 else cfg.weight_decay), []).append(p)
-    if not groups:
-        raise ValueError(f"train_modules {cfg.train_modules!r} selects no parameters")
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        on = "lora_" in name if cfg.lora else any(m == "all" or name.startswith(m + ".") for m in mods)
+        p.requires_grad_(on)
+        if on:
+            groups.setdefault(0.0 if p.ndim < 2 else cfg.weight_decay, []).append(p)
+    return [{"params": ps, "weight_decay": wd} for wd, ps in groups.items()]
 
 
 def export(engine, model, cfg: Config, out_dir: str, rank: int):
     """LoRA: the adapter (peft layout, base recorded); full: the official layout. A collective under ZeRO-3."""
     z3 = engine.zero_optimization_stage() == 3
-    if cfg.lora:
-        with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], enabled=z3):
-            if rank == 0:
-                shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
-                model.save_pretrained(out_dir + ".tmp", save_embedding_layers=False)
-                shutil.rmtree(out_dir, ignore_errors=True)
-                os.replace(out_dir + ".tmp", out_dir)
-    else:
-        sd = engine._zero3_consolidated_16bit_state_dict() if z3 else engine.module.state_dict()
-        if rank == 0:
+    with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], enabled=z3 and cfg.lora):
+        sd = None if cfg.lora else engine._zero3_consolidated_16bit_state_dict() if z3 else engine.module.state_dict()
+        if rank == 0 and cfg.lora:  # into a temp dir, then renamed (the full save does the same itself)
+            shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
+            model.save_pretrained(out_dir + ".tmp", save_embedding_layers=False)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(out_dir + ".tmp", out_dir)
+        elif rank == 0:
             model.save_pretrained(out_dir, state_dict=sd)
     dist.barrier()
 
@@ -419,8 +390,7 @@ def save_resumable(engine, cfg: Config, step: int, rank: int):
     engine.save_checkpoint(ckpt, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=cfg.lora)
     dist.barrier()
     if rank == 0:  # `latest` flips atomically only once every rank has written its shard
-        with open(os.path.join(ckpt, "latest.tmp"), "w") as f:
-            f.write(tag)
+        Path(ckpt, "latest.tmp").write_text(tag)
         os.replace(os.path.join(ckpt, "latest.tmp"), os.path.join(ckpt, "latest"))
         for old in sorted(d for d in os.listdir(ckpt) if d.startswith("step"))[:-cfg.keep_last]:
             shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
@@ -435,8 +405,7 @@ def pack_rollouts(rollouts: list, device) -> dict:
     pos = [i for r in rollouts for i in range(len(r.token_ids))]
     pv = [r.pixel_values for r in rollouts if r.pixel_values is not None]
     g = [r.grid_thws for r in rollouts if r.grid_thws is not None]
-    t = lambda x: torch.tensor([x], device=device)
-    cat = lambda x: torch.cat(x).to(device) if x else None
+    t, cat = lambda x: torch.tensor([x], device=device), lambda x: torch.cat(x).to(device) if x else None
     return {"input_ids": t(ids), "labels": t(labels), "position_ids": t(pos), "pixel_values": cat(pv),
             "grid_thws": cat(g)}
 
@@ -488,28 +457,19 @@ def main(cfg: Config):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora:
-        from peft import get_peft_model
-
         torch.manual_seed(cfg.seed)
         model = get_peft_model(model, lora_config(cfg))
         model.peft_config["default"].base_model_name_or_path = os.path.abspath(cfg.model_path)
     policy = model.get_base_model() if cfg.lora else model  # Ovis25 (with live adapters in LoRA mode)
     groups = param_groups(model, cfg)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas or (0.9, 0.99)))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
     steps_per_epoch = len(prompts) // (cfg.prompts_per_rank * world)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(prompts)} prompts < prompts_per_rank x world = {cfg.prompts_per_rank * world}")
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    warm = int(cfg.warmup_ratio * total * cfg.num_iterations)
-
-    def lr_at(i: int) -> float:  # multiplier of each group's peak lr; i counts optimizer steps
-        if i < warm:
-            return (i + 1) / (warm + 1)
-        p = min(1.0, (i - warm) / max(1, total * cfg.num_iterations - warm))
-        return {"constant": 1.0, "linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p))}[cfg.schedule]
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    warm = int(cfg.warmup_ratio * total * cfg.num_iterations)  # in optimizer steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warm + 1)))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     dev = engine.device
 
@@ -527,18 +487,19 @@ def main(cfg: Config):
             np.random.set_state(client["rng"]["numpy"])
             torch.set_rng_state(client["rng"]["torch"])
             log(f"resumed from {ckpt}/{tag} at step {step}")
-    log(f"model: {cfg.model_path}{' + ' + cfg.adapter if cfg.adapter else ''} | trainable {n_train / 1e6:.2f}M "
-        f"params ({'LoRA r ' + str(cfg.lora_r) if cfg.lora else cfg.train_modules}) | reference "
-        f"{'none' if cfg.beta == 0 else 'adapters disabled' if cfg.lora else 'frozen copy'}")
-    log(f"grpo: {len(prompts)} prompts, {steps_per_epoch} steps/epoch, {total} steps, {world} ranks x "
-        f"{cfg.prompts_per_rank} prompts x {cfg.num_generations} completions, {gas} micro-batches/step")
+    reference = "none" if cfg.beta == 0 else "adapters disabled" if cfg.lora else "frozen copy"
+    log(f"grpo: {cfg.model_path}{' + ' + cfg.adapter if cfg.adapter else ''}, {n_train / 1e6:.2f}M trainable "
+        f"({'LoRA' if cfg.lora else cfg.train_modules}), reference {reference} | {len(prompts)} prompts, {total} "
+        f"steps of {world} ranks x {cfg.prompts_per_rank} prompts x {cfg.num_generations} completions, {gas} "
+        "micro-batches")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tool_calls=
+                    cfg.max_tool_calls, max_new_tokens=cfg.max_new_tokens, thinking_budget=cfg.thinking_budget or None,
+                    crop_min_pixels=cfg.crop_min_pixels, crop_max_pixels=cfg.crop_max_pixels)
 
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
-        order = list(range(len(prompts)))
-        random.Random(cfg.seed + epoch).shuffle(order)
+        order = random.Random(cfg.seed + epoch).sample(range(len(prompts)), len(prompts))  # the same on every rank
         start = (i * world + rank) * cfg.prompts_per_rank
         batch = [prompts[k] for k in order[start:start + cfg.prompts_per_rank]]
 
@@ -546,13 +507,10 @@ def main(cfg: Config):
         t0 = time.time()
         engine.eval()
         inputs = [prompt_inputs(s, cfg, tokenizer, registry) for s in batch]
-        G = cfg.num_generations
+        G = cfg.num_generations  # each prompt G times:
+        prompt_ids, images, keys = ([x[k] for x in inputs for _ in range(G)] for k in range(3))
         with torch.no_grad(), deepspeed.runtime.zero.unwrap_model_for_generation(engine) if z3 else nullcontext():
-            rolls = tools.run_tool_loop(
-                policy, tokenizer, [x[0] for x in inputs for _ in range(G)], [x[1] for x in inputs for _ in range(G)],
-                [x[2] for x in inputs for _ in range(G)], registry, max_tool_calls=cfg.max_tool_calls,
-                max_new_tokens=cfg.max_new_tokens, thinking_budget=cfg.thinking_budget or None,
-                crop_min_pixels=cfg.crop_min_pixels, crop_max_pixels=cfg.crop_max_pixels, **sampling)
+            rolls = tools.run_tool_loop(policy, tokenizer, prompt_ids, images, keys, registry, **sampling)
         t_roll = time.time() - t0
 
         # 2. rewards, group advantages, the loss normalisers over the global batch
@@ -582,16 +540,11 @@ def main(cfg: Config):
         # 3. old and reference log-probs (no grad), then num_iterations clipped updates on the same rollouts
         t1 = time.time()
         mbs = [pack_rollouts(rolls[k:k + cfg.micro_batch_size], dev) for k in range(0, n_local, cfg.micro_batch_size)]
-        old, refs = [None] * gas, [None] * gas
         with torch.no_grad():
-            for b, mb in enumerate(mbs):
-                if cfg.num_iterations > 1:
-                    old[b] = token_logps(engine, mb, cfg.temperature)
-                if cfg.beta > 0 and cfg.lora:
-                    with model.disable_adapter():
-                        refs[b] = token_logps(engine, mb, cfg.temperature)
-                elif cfg.beta > 0:
-                    refs[b] = token_logps(ref, mb, cfg.temperature)
+            old = [token_logps(engine, mb, cfg.temperature) if cfg.num_iterations > 1 else None for mb in mbs]
+            with model.disable_adapter() if cfg.lora else nullcontext():  # LoRA's reference: adapters off
+                refs = [token_logps(engine if cfg.lora else ref, mb, cfg.temperature) if cfg.beta > 0 else None
+                        for mb in mbs]
         engine.train()
         st_sum = torch.zeros(4, device=dev, dtype=torch.float64)  # clipped tokens, kl sum, tokens, loss
         for _ in range(cfg.num_iterations):
@@ -628,12 +581,8 @@ def main(cfg: Config):
                "grad_norm": float(engine.get_global_grad_norm() or 0), "rollout_s": t_roll, "train_s": t_train,
                "rollout_tok_per_s": g["gen_tokens"] / world / max(t_roll, 1e-9)}
         if rank == 0:
-            if step % cfg.log_interval == 0 or step == total:
-                print(f"step {step}/{total} | " + " | ".join(f"{k.replace('reward_', '')} {rec[k]:.3f}" for k in rec
-                                                            if k.startswith("reward"))
-                      + f" | acc {rec['accuracy']:.3f} | tools/rollout {rec['tool_calls_per_rollout']:.2f} | crop ok "
-                      f"{rec['valid_crop_rate']:.2f} | len {rec['response_len']:.0f} | kl {rec['kl']:.4f} | clip "
-                      f"{rec['clip_frac']:.3f} | rollout {t_roll:.1f}s train {t_train:.1f}s", flush=True)
+            print(f"step {step}/{total} | " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in (
+                "step", "epoch", "lr", "grad_norm", "loss")), flush=True)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if step % cfg.save_interval == 0 or step == total:

@@ -6,11 +6,10 @@ inside its own (assistant) turn; the Qwen3 JSON form `<tool_call>{"name": "Crop"
 tokens of one image, a text result becomes `<tool_response>...</tool_response>`. How a result turns into token ids
 is defined once, in data.py (`tool_result_ids`, `tool_result_pixels`), for training and inference alike.
 
-Rules every tool follows:
-* every failure is a result, never an exception: `ToolResult(text="Error: ...", error=True)`, which the model reads;
-* a tool only touches the images of the current conversation (passed in by the caller), never a path from model text;
-* coordinates refer to the ORIGINAL first image of the conversation, in the registry's `bbox_format`:
-  `pixel` (seed data, default), `norm` ([0, 1], Ovis grounding style) or `norm1000` ([0, 1000]).
+Rules every tool follows: every failure is a result the model reads (`ToolResult(text="Error: ...", error=True)`),
+never an exception; a tool only touches the images of the current conversation (passed in by the caller), never a
+path from model text; coordinates refer to the ORIGINAL first image of the conversation, in the registry's
+`bbox_format`: `pixel` (seed data, default), `norm` ([0, 1], Ovis grounding style) or `norm1000` ([0, 1000]).
 """
 
 import json
@@ -72,8 +71,7 @@ def parse_tool_call(text: str) -> ToolCall:
         text = str(text)
         if "<tool_call>" in text:
             text = text.rsplit("<tool_call>", 1)[1]
-        raw = text.split("</tool_call>", 1)[0]
-        body = raw.strip()
+        body = (raw := text.split("</tool_call>", 1)[0]).strip()
         if body.startswith("{"):
             try:
                 obj = json.loads(body)
@@ -86,12 +84,10 @@ def parse_tool_call(text: str) -> ToolCall:
         if m is None:
             return ToolCall(raw=raw, error="no tool name; write <tool_call>Name [x1, y1, x2, y2]</tool_call>")
         name, rest = m.group(1), m.group(2).strip()
-        inner = rest[1:-1] if len(rest) >= 2 and rest[0] + rest[-1] in ("[]", "()") else rest
-        if inner.strip() == "":
-            return ToolCall(name=name, args=[], raw=raw)
-        parts = [p for p in re.split(r"[\s,]+", inner.strip()) if p]
+        inner = (rest[1:-1] if len(rest) >= 2 and rest[0] + rest[-1] in ("[]", "()") else rest).strip()
+        parts = [p for p in re.split(r"[\s,]+", inner) if p]
         if not all(_NUM_RE.fullmatch(p) for p in parts):
-            return ToolCall(name=name, raw=raw, error=f"arguments of {name} must be numbers, got [{inner.strip()}]")
+            return ToolCall(name=name, raw=raw, error=f"arguments of {name} must be numbers, got [{inner}]")
         return ToolCall(name=name, args=[float(p) for p in parts], raw=raw)
     except Exception as e:  # pragma: no cover - belt and braces: parsing must never take the loop down
         return ToolCall(raw="", error=f"unparsable tool call ({type(e).__name__})")
@@ -375,9 +371,13 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
             call = parse_tool_call(said) if "<tool_call>" in said else ToolCall(error="</tool_call> without a start")
             res = (registry.execute(call, images[i], keys[i]) if len(o.tool_calls) < max_tool_calls else
                    ToolResult(name=call.name, text=NO_MORE_TOOLS, error=True))
+            try:  # a crop too thin for the pixel budget is an error the model reads, not a crash
+                p, g = data.tool_result_pixels(res, *crop_px, vit.patch_size, vit.hidden_stride)
+            except ValueError:
+                res, p, g = _err(res.name, f"the {res.image.width}x{res.image.height} crop is too thin to show; use "
+                                 "a less elongated box"), None, None
             o.tool_calls.append({"name": res.name, "args": call.args, "ok": not res.error, "result": res.text})
             add = data.tool_result_ids(res, tokenizer)
-            p, g = data.tool_result_pixels(res, *crop_px, vit.patch_size, vit.hidden_stride)
             if g is not None:
                 add = M.expand_placeholders(add, g, vit.hidden_stride)
                 o.crops, pix[i], new_pix = o.crops + [res.image], pix[i] + [(p, g)], new_pix + [(p, g)]
