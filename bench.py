@@ -4,6 +4,7 @@
     python bench.py sft     # sft.py tokens/s and real-token fraction: packed micro-batches vs one sample each
     python bench.py infer   # a 3-Crop tool trajectory: KV continuation vs re-prefill per turn; generation tok/s
     python bench.py lora    # LoRA vs full SFT: trainable params, optimizer-state bytes, step time (+ exact 9B counts)
+    python bench.py grpo    # GRPO demo steps: rollout tokens/s, share of step time in rollout vs training
 
 Figures are ratios measured on this machine (CPU by default, CUDA when available); absolute numbers depend on it.
 """
@@ -201,6 +202,29 @@ def bench_lora():
     return lo[1] / s[1]
 
 
+def bench_grpo(steps: int = 6):
+    """grpo.py with configs/demo_grpo.json (the SFT demo's model, real Crop calls, 16 completions per step) for a
+    few steps: generated tokens per second of rollout, and where the step time goes."""
+    import tempfile
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.exists(os.path.join(root, "out", "demo_sft", "final", "config.json")):
+        sys.exit("bench grpo starts from the SFT demo: run `python sft.py --config configs/demo_sft.json` first")
+    out = tempfile.mkdtemp(prefix="bench_grpo_")
+    subprocess.run([sys.executable, "grpo.py", "--config", "configs/demo_grpo.json", f"--max_steps={steps}",
+                    f"--output_dir={out}", "--save_interval=1000"], check=True, capture_output=True,
+                   env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=root)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rec = [json.loads(x) for x in f]
+    roll, train = sum(r["rollout_s"] for r in rec), sum(r["train_s"] for r in rec)
+    tok = sum(r["response_len"] * 16 for r in rec)  # 2 prompts x 8 completions per step
+    calls = sum(r["tool_calls_per_rollout"] for r in rec) / len(rec)
+    print(f"grpo: {len(rec)} steps, {tok / roll:.0f} generated tok/s in rollouts, {calls:.2f} tool calls/rollout | "
+          f"step time: rollout {roll / (roll + train):.0%}, training (reference log-probs + 2 updates) "
+          f"{train / (roll + train):.0%} | mean step {(roll + train) / len(rec):.1f} s")
+    return roll / (roll + train)
+
+
 def bench_infer(turn_tokens: int = 32, n_calls: int = 3, side: int = 1792, crop: int = 600, rows: int = 1):
     """A 3-tool-call trajectory as the tool loop runs it (tools.run_tool_loop): prompt (text + one 448x448 image)
     -> generate -> Crop -> generate -> Crop -> generate -> Crop -> generate. Each round's generation is fixed to
@@ -271,8 +295,10 @@ if __name__ == "__main__":
         bench_sft()
     elif what == "lora":
         bench_lora()
+    elif what == "grpo":
+        bench_grpo()
     elif what == "infer":
         torch.set_num_threads(os.cpu_count() or 1)
         bench_infer(*map(int, sys.argv[2:]))
     else:
-        sys.exit(f"unknown benchmark {what!r}; choose from: model, sft, infer, lora")
+        sys.exit(f"unknown benchmark {what!r}; choose from: model, sft, infer, lora, grpo")

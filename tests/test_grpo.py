@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import grpo
@@ -250,3 +251,23 @@ def test_shipped_grpo_configs_parse():
     for f in sorted((ROOT / "configs").glob("*grpo*.json")):
         c = data.load_config(grpo.Config, ["--config", str(f)])
         assert (ROOT / c.zero_config).exists() and grpo.parse_rewards(c.rewards), f
+
+
+def test_a_crop_too_thin_to_show_is_an_error_result(tool_ckpt, tokenizer):
+    """A crop the pixel budget cannot represent (smart_resize has no valid size) must not crash a rollout: the
+    model reads an error response instead, and the call is logged as failed."""
+    class ThinCrop(tools.Tool):
+        name, description = "Crop", "always a 316x32 strip"
+
+        def run(self, args, images, keys):
+            return tools.ToolResult(name="Crop", image=Image.new("RGB", (316, 32)))
+
+    m = M.Ovis25.from_pretrained(tool_ckpt).eval()
+    cfg = grpo.Config(image_dir=str(DEMO), min_pixels=4096, max_pixels=8192)
+    sample = grpo.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
+    inp, images, keys = grpo.prompt_inputs(sample, cfg, tokenizer, tools.default_registry())
+    with torch.no_grad():
+        r = tools.run_tool_loop(m, tokenizer, [inp], [images], [keys], tools.Registry([ThinCrop()]),
+                                max_new_tokens=40, crop_min_pixels=4096, crop_max_pixels=8192)[0]
+    assert r.tool_calls and not r.tool_calls[0]["ok"] and "316x32 crop is too thin" in r.tool_calls[0]["result"]
+    assert "<tool_response>Error: the 316x32 crop is too thin" in r.text and r.crops == []
