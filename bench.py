@@ -195,8 +195,8 @@ def bench_lora():
         with torch.device("meta"):
             m9 = M.Ovis25(c9, "sdpa")
         n_full = sum(p.numel() for p in m9.parameters())
-        n = sum(p.numel() for p in get_peft_model(m9, lora.lora_config(lora.Config(lora_r=r_))).parameters()
-                if p.requires_grad)
+        pm = get_peft_model(m9, lora.lora_config(lora.Config(lora_r=r_), m9.config))
+        n = sum(p.numel() for p in pm.parameters() if p.requires_grad)
         print(f"Ovis2.5-9B: LoRA r {r_} trains {n / 1e6:.1f}M of {n_full / 1e9:.2f}B params ({n / n_full:.2%}): "
               f"Adam + fp32 master {n * 12 / 2**30:.1f} GiB vs {n_full * 12 / 2**30:.0f} GiB for full SFT")
     return lo[1] / s[1]

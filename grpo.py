@@ -50,8 +50,8 @@ import tools
 @dataclass
 class Config:
     # --- model and data
-    model_path: str = ""  # official Ovis2.5 checkpoint to start from (an SFT result), or the base of `adapter`
-    adapter: str = ""  # optional lora.py adapter dir, merged into model_path at load (ZeRO 0-2)
+    model_path: str = ""  # checkpoint to start from (an SFT result; a dir or a Hub id), or the base of `adapter`
+    adapter: str = ""  # optional lora.py adapter dir, merged into model_path (default: its recorded base) (ZeRO 0-2)
     data_path: str = ""  # samples: image, conversations up to the question (or "question"), answer, bbox
     image_dir: str = "."  # image paths in the samples are relative to this
     identify_map: str = ""  # Identify backend: JSON {image path: [{"bbox": [...], "name": ...}]}; "" = none
@@ -61,7 +61,7 @@ class Config:
     lora: bool = False  # train LoRA adapters on the LLM (reference = adapters disabled) instead of train_modules
     lora_r: int = 16  # adapter rank
     lora_alpha: float = 32  # adapter scale alpha / r
-    train_modules: str = "llm"  # full mode: "|"-separated all, llm, visual_tokenizer, visual_tokenizer.head|.vit, vte
+    train_modules: str = "llm"  # full mode: "|"-separated names as sft.py's (all, llm, ..., vte)
     # --- rollouts
     prompts_per_rank: int = 2  # prompts per rank per step; the global batch is prompts_per_rank x world prompts
     num_generations: int = 8  # completions per prompt (the group)
@@ -325,9 +325,9 @@ def lora_config(cfg: Config):
                       r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)")
 
 
-def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
+def load_model(cfg: Config, path: str, ds_config: dict, rank: int) -> ovis.Ovis25:
     """As sft.py: partitioned build + fill from rank 0 under ZeRO-3, else a plain load; `adapter` merged in."""
-    with open(os.path.join(cfg.model_path, "config.json")) as f:
+    with open(os.path.join(path, "config.json")) as f:
         mcfg = ovis.OvisConfig.from_dict(json.load(f))
     attn = cfg.attn_implementation or None
     if ds_config["zero_optimization"].get("stage", 0) == 3:
@@ -340,27 +340,23 @@ def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if rank == 0:
                     p.data.copy_(t)
-        ovis.load_weights(m, cfg.model_path, copy)
+        ovis.load_weights(m, path, copy)
     else:
-        m = ovis.Ovis25.from_pretrained(cfg.model_path, attn_implementation=attn)
+        m = ovis.Ovis25.from_pretrained(path, attn_implementation=attn)
         if cfg.adapter:
             m = ovis.load_adapter(m, cfg.adapter).merge_and_unload()
-    m.source_dir = os.path.abspath(cfg.model_path)
+    m.source_dir = os.path.abspath(path)  # exports copy its config.json keys, tokenizer and code files
     return m
-
-
-MODULE_NAMES = ("all", "llm", "visual_tokenizer", "visual_tokenizer.head", "visual_tokenizer.vit", "vte")
 
 
 def param_groups(model, cfg: Config) -> list[dict]:
     """LoRA: the adapters. Full: the parameters under the train_modules names; the rest frozen. No weight decay on
     norms and biases."""
-    mods = [m.strip() for m in cfg.train_modules.split("|")]
-    if not cfg.lora and set(mods) - set(MODULE_NAMES):
-        raise ValueError(f"train_modules: {cfg.train_modules!r}; choose from {', '.join(MODULE_NAMES)}")
+    mods = [] if cfg.lora else [ovis.module_prefix(model.config, m) for m, _ in ovis.parse_modules(cfg.train_modules,
+                                                                                                   cfg.lr)]
     groups: dict = {}
     for name, p in model.named_parameters():
-        on = "lora_" in name if cfg.lora else any(m == "all" or name.startswith(m + ".") for m in mods)
+        on = "lora_" in name if cfg.lora else any(m == "" or name.startswith(m + ".") for m in mods)
         p.requires_grad_(on)
         if on:
             groups.setdefault(0.0 if p.ndim < 2 else cfg.weight_decay, []).append(p)
@@ -425,8 +421,8 @@ def main(cfg: Config):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     log = print if rank == 0 else (lambda *a, **k: None)
-    if not cfg.model_path or not cfg.data_path:
-        raise ValueError("model_path and data_path are required")
+    if not (cfg.model_path or cfg.adapter) or not cfg.data_path:
+        raise ValueError("model_path (or adapter) and data_path are required")
     n_local = cfg.prompts_per_rank * cfg.num_generations
     if n_local % cfg.micro_batch_size or cfg.num_generations < 2:
         raise ValueError(f"prompts_per_rank x num_generations ({n_local}) must be a multiple of micro_batch_size "
@@ -445,21 +441,30 @@ def main(cfg: Config):
     ds_config["bf16"] = {"enabled": cfg.bf16}
     z3 = ds_config["zero_optimization"].get("stage", 0) == 3
 
-    tokenizer = data.load_tokenizer(cfg.model_path)
+    path = ovis.resolve_checkpoint(cfg.model_path or ovis.adapter_base(cfg.adapter))  # Hub ids: once per node
+    tokenizer = data.load_tokenizer(path)
     registry = tools.default_registry(cfg.bbox_format, cfg.identify_map or None)
     prompts = load_prompts(cfg.data_path.split(","), cfg.image_dir, cfg.bbox_format)
-    model = load_model(cfg, ds_config, rank)
+    model = load_model(cfg, path, ds_config, rank)
     ref = None  # KL reference: a frozen copy (an engine without optimizer: partitioned under ZeRO-3, bf16 cast)
     if cfg.beta > 0 and not cfg.lora:  # LoRA: the policy's own weights with adapters disabled, no copy
         ref_cfg = ds_config if z3 else {**ds_config, "zero_optimization": {"stage": 0}}  # ZeRO-1/2 need an optimizer
-        ref = deepspeed.initialize(model=load_model(cfg, ds_config, rank).requires_grad_(False), config=ref_cfg)[0]
+        ref = load_model(cfg, path, ds_config, rank).requires_grad_(False)
+        ref = deepspeed.initialize(model=ref, config=ref_cfg)[0]
         ref.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora:
         torch.manual_seed(cfg.seed)
+        base_name = cfg.model_path if not os.path.isdir(cfg.model_path) else os.path.abspath(path)
+        if cfg.adapter:  # the new adapter sits on base + merged adapter: that model is its base, saved once
+            base_name = os.path.abspath(os.path.join(cfg.output_dir, "base"))
+            if rank == 0:
+                model.save_pretrained(base_name)
+            dist.barrier()
         model = get_peft_model(model, lora_config(cfg))
-        model.peft_config["default"].base_model_name_or_path = os.path.abspath(cfg.model_path)
+        pc = model.peft_config["default"]  # what peft readers load the adapter onto: a dir, or a Hub id + revision
+        pc.base_model_name_or_path, pc.revision = ovis.split_hub_id(base_name)
     policy = model.get_base_model() if cfg.lora else model  # Ovis25 (with live adapters in LoRA mode)
     groups = param_groups(model, cfg)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])

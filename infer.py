@@ -39,11 +39,12 @@ class Engine:
 
 
 def load(model_path: str | None, adapter: str | None = None, dtype=None, device=None) -> Engine:
-    """Checkpoint dir (official layout + tokenizer files) -> Engine. `adapter`: a LoRA dir from lora.py, merged into
-    the weights (model_path None = the base recorded in it). Defaults: cuda + bf16, else fp32."""
+    """Checkpoint dir (official layout + tokenizer files) or Hub id ("AIDC-AI/Ovis2.5-2B") -> Engine. `adapter`: a
+    LoRA dir from lora.py, merged into the weights (model_path None = the base recorded in it). Defaults: cuda +
+    bf16, else fp32."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model_path = model_path or ovis.adapter_base(adapter)
+    model_path = ovis.resolve_checkpoint(model_path or ovis.adapter_base(adapter))  # a dir or a Hub id
     m = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device).eval()
     if adapter:
         m = ovis.load_adapter(m, adapter).merge_and_unload()
@@ -129,7 +130,7 @@ def done_ids(path: str) -> set:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="checkpoint dir (default with --adapter: the base recorded in it)")
+    ap.add_argument("--model", help="checkpoint dir or Hub id (default with --adapter: the base recorded in it)")
     ap.add_argument("--adapter", help="LoRA dir from lora.py, merged at load")
     ap.add_argument("--image", nargs="*", default=[])
     ap.add_argument("--prompt")

@@ -42,7 +42,7 @@ import model as ovis
 @dataclass
 class Config:
     # --- model and data
-    model_path: str = ""  # official Ovis2.5 checkpoint dir (weights + tokenizer files)
+    model_path: str = ""  # official Ovis2.5 checkpoint: a dir, or a Hub id ("AIDC-AI/Ovis2.5-9B", "org/name@rev")
     init_random: bool = False  # random weights from model_path/config.json instead of its weights (demo, tests)
     data_path: str = ""  # training samples, JSON list or JSONL; several files separated by ","
     eval_data_path: str = ""  # optional eval samples in the same format
@@ -56,7 +56,8 @@ class Config:
     lora_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r): keeps high ranks learning
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LLM linear layers adapted
     lora_vit: bool = False  # also adapt the vision encoder's q/k/v/out_proj and fc1/fc2
-    modules_to_save: str = ""  # trained in full: "|"-separated visual_tokenizer.head, vte, each may carry "name:lr"
+    modules_to_save: str = ""  # trained in full: "|"-separated visual_tokenizer.head, visual_tokenizer.vit.last_block,
+    #                             vte; each may carry "name:lr"
     # --- optimisation
     lr: float = 1e-4  # peak learning rate of the adapters and of modules without their own
     schedule: str = "cosine"  # cosine | linear | constant, after warmup
@@ -98,24 +99,23 @@ class Config:
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 
-MODULE_NAMES = ("visual_tokenizer.head", "vte")  # small enough to train in full beside the adapters
-LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SAVE_MODULES = ("visual_tokenizer.head", "visual_tokenizer.vit.last_block", "vte")  # small: trained in full beside
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the adapters
 VIT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
-def parse_train_modules(spec: str, default_lr: float) -> list[tuple[str, float]]:
-    out = []
-    for part in filter(None, (p.strip() for p in spec.split("|"))):
-        name, _, lr = part.partition(":")
-        if name not in MODULE_NAMES:
-            raise ValueError(f"modules_to_save: unknown module {name!r}; choose from {', '.join(MODULE_NAMES)}")
-        out.append((name, float(lr) if lr else default_lr))
-    return out
+def save_modules(cfg: Config, config: ovis.OvisConfig) -> dict:
+    """modules_to_save -> {official module name: lr}."""
+    mods = ovis.parse_modules(cfg.modules_to_save, cfg.lr, SAVE_MODULES, "modules_to_save")
+    if cfg.lora_vit and any(m == "visual_tokenizer.vit.last_block" for m, _ in mods):
+        raise ValueError("modules_to_save: visual_tokenizer.vit.last_block is trained in full, so it cannot also "
+                         "carry ViT adapters (lora_vit); choose one")
+    return {ovis.module_prefix(config, m): lr for m, lr in mods}
 
 
-def lora_config(cfg: Config) -> LoraConfig:
+def lora_config(cfg: Config, config: ovis.OvisConfig) -> LoraConfig:
     """target_modules as one regex over full module names (peft full-matches a string), so "q_proj" means the
-    LLM's q_proj and never the ViT's."""
+    LLM's q_proj and never the ViT's. Adapter keys are then the official module names (base_model.model.<name>)."""
     llm = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     if not llm or set(llm) - set(LLM_TARGETS):
         raise ValueError(f"lora_targets: {cfg.lora_targets!r}; choose from {', '.join(LLM_TARGETS)}")
@@ -125,13 +125,13 @@ def lora_config(cfg: Config) -> LoraConfig:
         pattern += rf"|{vit}\.({'|'.join(VIT_TARGETS)})"
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       use_rslora=cfg.lora_rslora, target_modules=pattern, bias="none",
-                      modules_to_save=[n for n, _ in parse_train_modules(cfg.modules_to_save, cfg.lr)] or None)
+                      modules_to_save=list(save_modules(cfg, config)) or None)
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     """peft froze the base; adapters train at cfg.lr, each modules_to_save copy at its own lr. Norm weights and
     biases (1-D) get no weight decay."""
-    own = dict(parse_train_modules(cfg.modules_to_save, cfg.lr))
+    own = save_modules(cfg, model.get_base_model().config)
     groups: dict = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -158,10 +158,11 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
-def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
+def load_model(cfg: Config, path: str, ds_config: dict, rank: int) -> tuple[ovis.Ovis25, str]:
     """Under ZeRO-3 the model is built partitioned (deepspeed.zero.Init) and filled tensor by tensor from rank 0,
-    so no rank ever holds a full replica; otherwise a plain load. A random base is saved to output_dir/base."""
-    with open(os.path.join(cfg.model_path, "config.json")) as f:
+    so no rank ever holds a full replica; otherwise a plain load. `path`: cfg.model_path resolved to a local dir.
+    Returns the model and the base an adapter records: the Hub id, the dir, or output_dir/base for a random base."""
+    with open(os.path.join(path, "config.json")) as f:
         mcfg = ovis.OvisConfig.from_dict(json.load(f))
     attn = cfg.attn_implementation or None
     if ds_config["zero_optimization"].get("stage", 0) == 3:
@@ -177,20 +178,20 @@ def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
             for name, p in m.named_parameters():
                 copy(p, src[name])
         else:
-            ovis.load_weights(m, cfg.model_path, copy)
+            ovis.load_weights(m, path, copy)
     elif cfg.init_random:
         m = ovis.Ovis25.from_config(mcfg, attn_implementation=attn)
     else:
-        m = ovis.Ovis25.from_pretrained(cfg.model_path, attn_implementation=attn)
-    m.source_dir = os.path.abspath(cfg.model_path)
-    m.base_path = m.source_dir
+        m = ovis.Ovis25.from_pretrained(path, attn_implementation=attn)
+    m.source_dir = os.path.abspath(path)  # exports copy its config.json keys, tokenizer and code files
+    base = cfg.model_path if not os.path.isdir(cfg.model_path) else m.source_dir  # a Hub id stays an id
     if cfg.init_random:
-        m.base_path = os.path.abspath(os.path.join(cfg.output_dir, "base"))
+        base = os.path.abspath(os.path.join(cfg.output_dir, "base"))
         with deepspeed.zero.GatheredParameters(list(m.parameters()), enabled=hasattr(m.vte.weight, "ds_id")):
             if rank == 0:
-                m.save_pretrained(m.base_path)
+                m.save_pretrained(base)
         dist.barrier()
-    return m
+    return m, base
 
 
 def export(engine, model, out_dir: str, rank: int):
@@ -281,13 +282,15 @@ def main(cfg: Config):
     ds_config["bf16"] = {"enabled": cfg.bf16}
 
     # model, tokenizer, trainable parameters
-    tokenizer = data.load_tokenizer(cfg.model_path)
-    base = load_model(cfg, ds_config, rank)
+    path = ovis.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
+    tokenizer = data.load_tokenizer(path)
+    base, base_name = load_model(cfg, path, ds_config, rank)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     torch.manual_seed(cfg.seed)  # the same adapter init at every ZeRO stage (zero.Init draws random numbers)
-    model = get_peft_model(base, lora_config(cfg))  # freezes the base, adds adapters (+ modules_to_save copies)
-    model.peft_config["default"].base_model_name_or_path = base.base_path
+    model = get_peft_model(base, lora_config(cfg, base.config))  # freezes the base, adds adapters (+ copies)
+    pc = model.peft_config["default"]  # what peft readers load the adapter onto: a dir, or a Hub id + revision
+    pc.base_model_name_or_path, pc.revision = ovis.split_hub_id(base_name)
     groups = param_groups(model, cfg)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
     n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -419,7 +422,7 @@ def main(cfg: Config):
         log(f"early stopping at step {step}: no eval improvement in {state['bad_evals']} evals "
             f"(best {state['best_eval']:.4f}, kept in {cfg.output_dir}/best)")
     export(engine, model, os.path.join(cfg.output_dir, "final"), rank)
-    log(f"done: adapter in {cfg.output_dir}/final (base {base.base_path}); merge: python merge_lora.py "
+    log(f"done: adapter in {cfg.output_dir}/final (base {base_name}); merge: python merge_lora.py "
         f"--adapter {cfg.output_dir}/final --out {cfg.output_dir}/merged")
     tb and tb.close()
     wb and wb.finish()

@@ -43,7 +43,7 @@ def probe_inputs(tokenizer, device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", help="base checkpoint dir (default: base_model_name_or_path in the adapter's config)")
+    ap.add_argument("--base", help="base checkpoint dir or Hub id (default: the base recorded in the adapter)")
     ap.add_argument("--adapter", required=True, help="adapter dir written by lora.py (output_dir/final or best)")
     ap.add_argument("--out", required=True, help="new dir for the merged checkpoint; must not exist")
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="dtype of the written weights")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if os.path.exists(a.out):
         raise SystemExit(f"merge_lora: {a.out} exists; choose a new --out (nothing is overwritten)")
-    base = a.base or ovis.adapter_base(a.adapter)
+    base = ovis.resolve_checkpoint(a.base or ovis.adapter_base(a.adapter))  # a dir or a Hub id
     t0 = time.time()
     model = ovis.Ovis25.from_pretrained(base, dtype=torch.float32, device=a.device).eval()
     keys = set(model.state_dict())

@@ -12,10 +12,14 @@ cross-entropy that never materialises fp32 logits for every token, batched gener
 budget, and `GenState` to continue a finished generation from its KV cache (the tool loop and GRPO rollouts).
 """
 
+import copy
+import fnmatch
 import json
 import math
 import os
+import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,10 +47,9 @@ EOS_IDS = (IM_END_ID, PAD_ID)  # generation_config.json of the released checkpoi
 # \n</think>\n\n" tokenized: forced when the thinking budget runs out (spec 10.2)
 THINK_EARLY_STOP_IDS = (271, 82796, 279, 7199, 882, 553, 279, 1196, 11, 358, 614, 311, 2968, 279, 6291, 3118, 389,
                         279, 7274, 5961, 1431, 624, 151668, 271)
-# files of a checkpoint directory that are not weights: copied along by save_pretrained
-AUX_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
-             "special_tokens_map.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-             "generation_config.json", "configuration_ovis2_5.py", "modeling_ovis2_5.py")
+# files of a checkpoint directory that are not weights nor config.json: an export copies them byte for byte
+AUX_FILES = ("tokenizer*", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "chat_template*",
+             "preprocessor_config.json", "processor_config.json", "generation_config.json", "*.py")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: parsed from the official config.json; unknown keys are kept and written back on save
@@ -71,16 +74,32 @@ class ViTConfig:
     hidden_act: str = "gelu_pytorch_tanh"
 
 
+# llm_config keys of the released checkpoints, in the spelling transformers 4.51 (the official code) and 5.x both read
+# (5.x's own to_dict writes `rope_parameters`, which 4.x ignores: it would silently run RoPE with base 10000)
+LLM_CONFIG_KEYS = ("architectures", "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id", "head_dim",
+                   "hidden_act", "hidden_size", "initializer_range", "intermediate_size", "max_position_embeddings",
+                   "max_window_layers", "model_type", "num_attention_heads", "num_hidden_layers",
+                   "num_key_value_heads", "rms_norm_eps", "rope_scaling", "rope_theta", "sliding_window",
+                   "tie_word_embeddings", "use_cache", "use_sliding_window", "vocab_size")
+
+
+def rope_theta(llm) -> float:
+    """The RoPE base a transformers Qwen3Config runs with (5.x keeps it in rope_parameters, 4.x in rope_theta)."""
+    params = getattr(llm, "rope_parameters", None) or {}
+    return params.get("rope_theta", getattr(llm, "rope_theta", None))
+
+
 @dataclass
 class OvisConfig:
     vit: ViTConfig
     llm: object  # transformers.Qwen3Config
     hidden_size: int = 4096
     visual_vocab_size: int = 65536
-    raw: dict = field(default_factory=dict)  # the config.json as read, so unknown fields survive a save
+    raw: dict = field(default_factory=dict)  # the config.json as read: an export writes it back, key for key
 
     @classmethod
     def from_dict(cls, d: dict) -> "OvisConfig":
+        d = copy.deepcopy(d)  # `raw` must stay the source's JSON, whatever the parsers below do to their inputs
         v = dict(d.get("vit_config") or {})
         fb = v.get("fullatt_block_indexes")
         if isinstance(fb, str):  # the official form: "7|15|23"
@@ -92,33 +111,78 @@ class OvisConfig:
         vit = ViTConfig(**{k: val for k, val in v.items() if k in known})
         if vit.temporal_patch_size != 1:
             raise ValueError("temporal_patch_size != 1 cannot work with the Conv2d patch embedding (spec 13.6)")
-        llm_d = {k: val for k, val in (d.get("llm_config") or {}).items() if k not in ("architectures",)}
+        llm_d = copy.deepcopy({k: val for k, val in (d.get("llm_config") or {}).items() if k != "architectures"})
         llm = Qwen3Config(**llm_d)
         llm.tie_word_embeddings = bool(llm_d.get("tie_word_embeddings", False))
         hidden = int(d.get("hidden_size", llm.hidden_size))
         if hidden != llm.hidden_size:
             raise ValueError(f"config hidden_size {hidden} != llm_config.hidden_size {llm.hidden_size}")
+        if "llm_config" in d and "rope_theta" not in d["llm_config"]:
+            warnings.warn(f"config.json: llm_config has no rope_theta (transformers 5.x spelling only?): transformers "
+                          f"4.x readers, the official remote code among them, run RoPE with base 10000 instead of "
+                          f"{rope_theta(llm):g}. Exports of this model write rope_theta.", stacklevel=3)
         return cls(vit=vit, llm=llm, hidden_size=hidden, visual_vocab_size=int(d.get("visual_vocab_size", 65536)),
-                   raw=dict(d))
+                   raw=d)
 
-    def to_dict(self) -> dict:
-        d = dict(self.raw)
-        vit = dict(d.get("vit_config") or {})
-        vit.update({k: getattr(self.vit, k) for k in ViTConfig.__dataclass_fields__})
-        fb = self.vit.fullatt_block_indexes
-        vit["fullatt_block_indexes"] = None if fb is None else "|".join(str(i) for i in fb)
-        vit.setdefault("model_type", "siglip2_navit")
-        llm = self.llm.to_dict()
-        for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"):
-            llm.pop(k, None)
-        llm.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3",
-                   tie_word_embeddings=bool(self.llm.tie_word_embeddings))
-        d.update(vit_config=vit, llm_config=llm, hidden_size=self.hidden_size,
-                 visual_vocab_size=self.visual_vocab_size, model_type="ovis2_5", architectures=["Ovis2_5"],
-                 auto_map={"AutoConfig": "configuration_ovis2_5.Ovis2_5_Config",
-                           "AutoModelForCausalLM": "modeling_ovis2_5.Ovis2_5"})
-        d.setdefault("conversation_formatter_class", "Qwen3ConversationFormatter")
+    def to_dict(self, dtype: torch.dtype | None = None) -> dict:
+        """config.json of an export: the source's JSON, every key and value in the source's spelling, so that any
+        reader (official remote code on transformers 4.51, vLLM, transformers 5.x) sees what it saw in the source.
+        Changed only where the export truly differs: `torch_dtype` = the written weights' dtype, and
+        `llm_config.rope_theta` where the source spelled the RoPE base only as 5.x's `rope_parameters`. Parts the
+        source lacks (a config built in code) are written as the released checkpoints spell them."""
+        d = copy.deepcopy(self.raw)
+        if not d.get("llm_config"):
+            llm = self.llm.to_dict()
+            rope = dict(getattr(self.llm, "rope_parameters", None) or {})
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            llm.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", rope_theta=rope_theta(self.llm),
+                       rope_scaling=None if scaling.get("rope_type", "default") == "default" else scaling,
+                       tie_word_embeddings=bool(self.llm.tie_word_embeddings))
+            d["llm_config"] = {k: llm[k] for k in LLM_CONFIG_KEYS if k in llm}
+        elif d["llm_config"].get("rope_theta") != rope_theta(self.llm):
+            d["llm_config"]["rope_theta"] = rope_theta(self.llm)
+        if not d.get("vit_config"):
+            vit = {k: getattr(self.vit, k) for k in ViTConfig.__dataclass_fields__}
+            fb = self.vit.fullatt_block_indexes
+            vit.update(fullatt_block_indexes=None if fb is None else "|".join(str(i) for i in fb),
+                       model_type="siglip2_navit", num_patches=-1, attention_dropout=0.0)
+            d["vit_config"] = dict(sorted(vit.items()))
+        for k, val in (("architectures", ["Ovis2_5"]), ("model_type", "ovis2_5"), ("hidden_size", self.hidden_size),
+                       ("visual_vocab_size", self.visual_vocab_size),
+                       ("auto_map", {"AutoConfig": "configuration_ovis2_5.Ovis2_5_Config",
+                                     "AutoModelForCausalLM": "modeling_ovis2_5.Ovis2_5"}),
+                       ("conversation_formatter_class", "Qwen3ConversationFormatter")):
+            d.setdefault(k, val)
+        if dtype is not None:  # the source's spelling of the key (transformers 5.x writes "dtype")
+            d["dtype" if "dtype" in d and "torch_dtype" not in d else "torch_dtype"] = str(dtype).removeprefix(
+                "torch.")
         return d
+
+
+# train_modules names of the official trainer (spec 11.5), shared by sft.py, lora.py and grpo.py
+TRAIN_MODULES = ("all", "llm", "visual_tokenizer", "visual_tokenizer.head", "visual_tokenizer.vit",
+                 "visual_tokenizer.vit.last_block", "vte")
+
+
+def parse_modules(spec: str, default_lr: float, allowed=TRAIN_MODULES, key: str = "train_modules") -> list:
+    """"llm:2e-5|vte" -> [("llm", 2e-5), ("vte", default_lr)]; a name outside `allowed` is an error."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split("|"))):
+        name, _, lr = part.partition(":")
+        if name not in allowed:
+            raise ValueError(f"{key}: unknown module {name!r}; choose from {', '.join(allowed)}")
+        out.append((name, float(lr) if lr else default_lr))
+    return out
+
+
+def module_prefix(config: OvisConfig, name: str) -> str:
+    """A train_modules name -> the parameter-name prefix it covers ("" = everything). As in the official trainer,
+    visual_tokenizer.vit.last_block is the ViT's last encoder layer."""
+    if name == "all":
+        return ""
+    if name == "visual_tokenizer.vit.last_block":
+        return f"visual_tokenizer.vit.vision_model.encoder.layers.{config.vit.num_hidden_layers - 1}"
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,6 +493,54 @@ class VisualTokenizer(nn.Module):
 # Checkpoint reading (shared by from_pretrained and the ZeRO-3 loader of the training scripts)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name or org/name@revision
+HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.py"]  # never pickled weights
+
+
+def split_hub_id(name: str) -> tuple[str, str | None]:
+    """"org/name@rev" -> ("org/name", "rev"); a local dir or a plain id -> (name, None)."""
+    if os.path.isdir(name) or not HUB_ID.match(name):
+        return name, None
+    repo, _, revision = name.partition("@")
+    return repo, revision or None
+
+
+def resolve_checkpoint(name: str) -> str:
+    """A checkpoint dir, or a Hugging Face Hub id ("AIDC-AI/Ovis2.5-9B", "org/name@revision") fetched into the
+    normal HF cache (safetensors, json, txt, jinja, py only) -> a local dir. A local dir is used as is. Under
+    torch.distributed every rank calls it: local rank 0 of each node downloads first, the others then find the
+    files in the cache after a barrier."""
+    if os.path.isdir(name):
+        return name
+    if not HUB_ID.match(name):
+        raise FileNotFoundError(f"{name}: no such checkpoint directory (a Hub id reads org/name or org/name@revision)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, revision = split_hub_id(name)
+    together = torch.distributed.is_available() and torch.distributed.is_initialized()
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if together and not first:
+        torch.distributed.barrier()
+    try:
+        path, err = snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES), None
+    except Exception as e:  # noqa: BLE001 (re-raised below with what to do, after the barrier)
+        path, err = None, e
+    if together and first:
+        torch.distributed.barrier()  # reached on failure too: the other ranks must never hang
+    if err is not None:
+        offline = os.environ.get("HF_HUB_OFFLINE") or "unset"
+        if isinstance(err, (RepositoryNotFoundError, RevisionNotFoundError)):
+            why = "the Hugging Face Hub has no such model or revision (or it is gated: run `hf auth login`)"
+        else:
+            why = "it is not in the Hugging Face cache and the Hub cannot be reached"
+        get = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+        raise FileNotFoundError(f"model {name!r} is not a local directory, and {why} (HF_HUB_OFFLINE={offline}). "
+                                f"Download it where there is network (`{get}` fills the same cache) or pass a "
+                                "local checkpoint directory instead.") from err
+    return path
+
+
 def checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -469,16 +581,18 @@ def load_weights(model: nn.Module, path: str, copy=None) -> set:
 
 
 def adapter_base(adapter_dir: str) -> str:
-    """The base checkpoint recorded in a peft adapter dir (lora.py writes its absolute path)."""
+    """The base recorded in a peft adapter dir (lora.py writes the Hub id + revision, or the base's absolute path),
+    as resolve_checkpoint takes it: "org/name@revision", "org/name" or a dir."""
     path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, not a peft LoRA adapter (lora.py writes one "
                                 "to output_dir/final)")
     with open(path) as f:
-        base = json.load(f).get("base_model_name_or_path")
+        cfg = json.load(f)
+    base, revision = cfg.get("base_model_name_or_path"), cfg.get("revision")
     if not base:
         raise ValueError(f"{path}: base_model_name_or_path is empty; pass the base checkpoint explicitly")
-    return base
+    return f"{base}@{revision}" if revision and not os.path.isdir(base) else base
 
 
 def load_adapter(model: nn.Module, adapter_dir: str):
@@ -760,8 +874,9 @@ class Ovis25(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu",
                         attn_implementation: str | None = None) -> "Ovis25":
-        """Official checkpoint dir (config.json + model.safetensors or a sharded index). Built on the meta
+        """Official checkpoint dir (config.json + model.safetensors or a sharded index) or Hub id. Built on the meta
         device and filled from the files, so a 9B model never holds two copies of its weights."""
+        path = resolve_checkpoint(path)
         with open(os.path.join(path, "config.json")) as f:
             cfg = OvisConfig.from_dict(json.load(f))
         with torch.device("meta"):
@@ -783,9 +898,10 @@ class Ovis25(nn.Module):
 
     def save_pretrained(self, out_dir: str, state_dict: dict | None = None, dtype=None,
                         max_shard_bytes: int = 5 * 1024 ** 3, source_dir: str | None = None):
-        """Official layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index) with the
-        official key names, lm_head omitted when tied (as the official save), plus tokenizer/processor/generation
-        and remote-code files copied from `source_dir` (default: the dir we were loaded from). Written to a temp
+        """Official layout: config.json (the source's JSON, see OvisConfig.to_dict), model.safetensors (or
+        model-0000i-of-0000n.safetensors + index) with the official key names, lm_head omitted when tied (as the
+        official save), plus tokenizer / processor / generation / chat-template and remote-code files copied byte
+        for byte from `source_dir` (default: the dir we were loaded from). Written to a temp
         dir and renamed, so a crash never leaves a half-written checkpoint. Pass `state_dict` when the live
         parameters are partitioned (ZeRO-3: engine._zero3_consolidated_16bit_state_dict())."""
         from safetensors.torch import save_file
@@ -817,14 +933,13 @@ class Ovis25(nn.Module):
             total = sum(v.numel() * v.element_size() for v in sd.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        cfg = self.config.to_dict()
-        cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:  # the source's JSON, only torch_dtype updated
+            json.dump(self.config.to_dict(dtype=next(iter(sd.values())).dtype), f, indent=2)
+            f.write("\n")
         src = source_dir or self.source_dir
-        for name in AUX_FILES if src else ():
-            if os.path.exists(os.path.join(src, name)):
-                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        for name in sorted(os.listdir(src)) if src else ():
+            if name != "config.json" and any(fnmatch.fnmatch(name, p) for p in AUX_FILES):
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))  # follows hub-cache symlinks
         if os.path.exists(out_dir):  # swap in the new dir, then drop the old one
             os.replace(out_dir, out_dir + ".old")
             os.replace(tmp, out_dir)

@@ -36,7 +36,7 @@ import model as ovis
 @dataclass
 class Config:
     # --- model and data
-    model_path: str = ""  # official Ovis2.5 checkpoint dir (weights + tokenizer files)
+    model_path: str = ""  # official Ovis2.5 checkpoint: a dir, or a Hub id ("AIDC-AI/Ovis2.5-9B", "org/name@rev")
     init_random: bool = False  # random weights from model_path/config.json instead of its weights (demo, tests)
     data_path: str = ""  # training samples, JSON list or JSONL; several files separated by ","
     eval_data_path: str = ""  # optional eval samples in the same format
@@ -45,7 +45,7 @@ class Config:
     zero_config: str = "zero_configs/zero2.json"  # engine policy: ZeRO stage, offload, bf16, clipping, buckets
     # --- what trains
     train_modules: str = "all"  # "|"-separated: all, llm, visual_tokenizer, visual_tokenizer.head,
-    #                             visual_tokenizer.vit, vte; each may carry its own lr as "name:lr"
+    #                             visual_tokenizer.vit, visual_tokenizer.vit.last_block, vte; each may carry "name:lr"
     # --- optimisation
     lr: float = 2e-5  # peak learning rate of modules without their own
     schedule: str = "cosine"  # cosine | linear | constant, after warmup
@@ -87,30 +87,17 @@ class Config:
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 
-MODULE_NAMES = ("all", "llm", "visual_tokenizer", "visual_tokenizer.head", "visual_tokenizer.vit", "vte")
-
-
-def parse_train_modules(spec: str, default_lr: float) -> list[tuple[str, float]]:
-    out = []
-    for part in filter(None, (p.strip() for p in spec.split("|"))):
-        name, _, lr = part.partition(":")
-        if name not in MODULE_NAMES:
-            raise ValueError(f"train_modules: unknown module {name!r}; choose from {', '.join(MODULE_NAMES)}")
-        out.append((name, float(lr) if lr else default_lr))
-    if not out:
-        raise ValueError("train_modules is empty: nothing would train")
-    return out
-
-
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     """Freeze everything, then unfreeze the chosen modules; more specific names win their lr. Norm weights and
     biases (1-D) get no weight decay."""
-    chosen = sorted(parse_train_modules(cfg.train_modules, cfg.lr), key=lambda x: len(x[0]))
+    chosen = [(ovis.module_prefix(model.config, m), lr) for m, lr in ovis.parse_modules(cfg.train_modules, cfg.lr)]
+    if not chosen:
+        raise ValueError("train_modules is empty: nothing would train")
     groups: dict = {}
     for name, p in model.named_parameters():
         lr = None
-        for mod, mod_lr in chosen:  # longest matching name last, so it wins
-            if mod == "all" or name == mod or name.startswith(mod + "."):
+        for prefix, mod_lr in sorted(chosen, key=lambda x: len(x[0])):  # longest matching prefix last, so it wins
+            if prefix == "" or name == prefix or name.startswith(prefix + "."):
                 lr = mod_lr
         p.requires_grad_(lr is not None)
         if lr is not None:
@@ -136,10 +123,10 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
-def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
+def load_model(cfg: Config, path: str, ds_config: dict, rank: int) -> ovis.Ovis25:
     """Under ZeRO-3 the model is built partitioned (deepspeed.zero.Init) and filled tensor by tensor from rank 0,
-    so no rank ever holds a full replica; otherwise a plain load."""
-    with open(os.path.join(cfg.model_path, "config.json")) as f:
+    so no rank ever holds a full replica; otherwise a plain load. `path`: cfg.model_path resolved to a local dir."""
+    with open(os.path.join(path, "config.json")) as f:
         mcfg = ovis.OvisConfig.from_dict(json.load(f))
     attn = cfg.attn_implementation or None
     if ds_config["zero_optimization"].get("stage", 0) == 3:
@@ -155,12 +142,12 @@ def load_model(cfg: Config, ds_config: dict, rank: int) -> ovis.Ovis25:
             for name, p in m.named_parameters():
                 copy(p, src[name])
         else:
-            ovis.load_weights(m, cfg.model_path, copy)
+            ovis.load_weights(m, path, copy)
     elif cfg.init_random:
         m = ovis.Ovis25.from_config(mcfg, attn_implementation=attn)
     else:
-        m = ovis.Ovis25.from_pretrained(cfg.model_path, attn_implementation=attn)
-    m.source_dir = os.path.abspath(cfg.model_path)
+        m = ovis.Ovis25.from_pretrained(path, attn_implementation=attn)
+    m.source_dir = os.path.abspath(path)  # exports copy its config.json keys, tokenizer and code files
     return m
 
 
@@ -251,8 +238,9 @@ def main(cfg: Config):
     ds_config["bf16"] = {"enabled": cfg.bf16}
 
     # model, tokenizer, trainable parameters
-    tokenizer = data.load_tokenizer(cfg.model_path)
-    model = load_model(cfg, ds_config, rank)
+    path = ovis.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
+    tokenizer = data.load_tokenizer(path)
+    model = load_model(cfg, path, ds_config, rank)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     groups = param_groups(model, cfg)

@@ -25,7 +25,8 @@ def main():
     data.setup_distributed(cfg.dist_timeout_s)  # ours, so lora.main leaves it alive for the checks below
     peft_model = lora.main(cfg)
     rank = torch.distributed.get_rank()
-    base = dict(M.iter_checkpoint(cfg.model_path))
+    path = M.resolve_checkpoint(cfg.model_path)  # a Hub id: the cache, after lora.main fetched it
+    base = dict(M.iter_checkpoint(path))
     params = dict(peft_model.named_parameters())
     z3 = hasattr(next(iter(params.values())), "ds_id")
     report = {"base_checked": 0, "base_changed": [], "lora": 0, "lora_B_nonzero": 0, "copies": 0,
@@ -47,7 +48,7 @@ def main():
             else:
                 report["missing"].append(name)
     peft_model.eval()
-    probe = merge_lora.probe_inputs(data.load_tokenizer(cfg.model_path), "cpu")
+    probe = merge_lora.probe_inputs(data.load_tokenizer(path), "cpu")
     with torch.no_grad():
         logits = peft_model(**probe).logits  # every rank runs it: a collective under ZeRO-3
     if rank == 0:

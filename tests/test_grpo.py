@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import data
 import grpo
 import model as M
 import tools
-from _util import DEMO, ROOT, launch, metrics
+from _util import DEMO, ROOT, check_adapter, check_export, launch, metrics
 
 GOOD = ("<think>\nThe square is small, I will zoom in on it. <tool_call>Crop [270, 95, 290, 115]</tool_call><image>\n"
         "The crop shows a green square.\n</think>\n\n<answer>green</answer>")
@@ -201,7 +202,7 @@ def test_easy_reward_rises_and_resume_is_exact(base, tmp_path):
     assert all(x["kl"] >= 0 for x in rec) and rec[-1]["kl"] > 0 and any(x["clip_frac"] > 0 for x in rec)
     assert {"reward_tests.grpo_rewards.even_ids", "accuracy", "tool_calls_per_rollout", "valid_crop_rate",
             "response_len", "kl", "clip_frac", "rollout_s", "train_s", "rollout_tok_per_s"} <= set(rec[0])
-    assert (out / "final" / "model.safetensors").exists()
+    check_export(out / "final", base, "float32")  # read without our loader: config, files, key set, dtypes
     res = tmp_path / "res"
     c = even_cfg(base, res, max_steps=4, save_interval=2, keep_last=5)
     grpo.main(grpo.Config(**c))
@@ -242,15 +243,16 @@ def test_two_ranks_zero3_lora_tool_rollouts(tool_ckpt, tmp_path):
     assert len(rec) == 2 and all(math.isfinite(v) for x in rec for v in x.values())
     assert sum(x["tool_calls_per_rollout"] for x in rec) > 0 and max(x["valid_crop_rate"] for x in rec) > 0
     assert rec[-1]["kl"] > 0
-    assert (out / "final" / "adapter_model.safetensors").exists()
+    check_adapter(out / "final", json.loads((Path(tool_ckpt) / "config.json").read_text()))
     acfg = json.loads((out / "final" / "adapter_config.json").read_text())
-    assert acfg["base_model_name_or_path"] == os.path.abspath(tool_ckpt)
+    assert acfg["base_model_name_or_path"] == os.path.abspath(tool_ckpt) and acfg["revision"] is None
 
 
 def test_shipped_grpo_configs_parse():
     for f in sorted((ROOT / "configs").glob("*grpo*.json")):
         c = data.load_config(grpo.Config, ["--config", str(f)])
-        assert (ROOT / c.zero_config).exists() and grpo.parse_rewards(c.rewards), f
+        assert (ROOT / c.zero_config).exists(), f
+        assert [n for n, _, _ in grpo.parse_rewards(c.rewards)] == [p.split(":")[0] for p in c.rewards.split("|")], f
 
 
 def test_a_crop_too_thin_to_show_is_an_error_result(tool_ckpt, tokenizer):

@@ -4,10 +4,13 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import data
@@ -15,7 +18,7 @@ import infer
 import lora
 import merge_lora
 import model as M
-from _util import DEMO, ROOT, cfg_for, launch, metrics
+from _util import DEMO, ROOT, cfg_for, check_adapter, check_export, hub_cache, launch, metrics
 
 MTS = "visual_tokenizer.head|vte:5e-3"  # modules trained in full beside the adapters in these runs
 
@@ -45,29 +48,40 @@ def sample_inputs(tok, i=1):
 
 
 @pytest.fixture(scope="module")
-def runs(base, small_data, tmp_path_factory):
+def hub(base, tmp_path_factory) -> dict:
+    """An offline HF cache holding the tiny base as tiny-org/ovis-tiny (main and v1), and the env that finds it."""
+    root = tmp_path_factory.mktemp("hf")
+    return {"snapshots": hub_cache(root, base), "env": {"HF_HOME": str(root), "HF_HUB_OFFLINE": "1"}}
+
+
+@pytest.fixture(scope="module")
+def runs(base, small_data, hub, tmp_path_factory):
     """The same LoRA run on 2 ranks at ZeRO-2 and at ZeRO-3 (with activation checkpointing), through torchrun;
-    tests/lora_ranks.py checks the live model against the base on every rank and saves its probe logits."""
+    tests/lora_ranks.py checks the live model against the base on every rank and saves its probe logits. The ZeRO-3
+    run names its base by Hub id (resolved offline from the cache, rank 0 first)."""
     tmp = tmp_path_factory.mktemp("lora_runs")
     outs = {}
     for z in (2, 3):
         outs[z] = tmp / f"z{z}"
-        launch("torchrun", lcfg(base, small_data, outs[z], zero_config=str(ROOT / "zero_configs" / f"zero{z}.json"),
-                                max_tokens=400, gradient_checkpointing=z == 3), tmp, script="tests/lora_ranks.py")
+        path = "tiny-org/ovis-tiny@v1" if z == 3 else base
+        launch("torchrun", lcfg(path, small_data, outs[z], zero_config=str(ROOT / "zero_configs" / f"zero{z}.json"),
+                                max_tokens=400, gradient_checkpointing=z == 3), tmp, script="tests/lora_ranks.py",
+               env=hub["env"] if z == 3 else None)
     return outs
 
 
 def test_targets_only_the_llm_unless_lora_vit(base):
     m = M.Ovis25.from_pretrained(base)
     n_llm, n_vit = m.config.llm.num_hidden_layers, m.config.vit.num_hidden_layers
-    pm = get_peft_model(m, lora.lora_config(lora.Config(lora_r=4)))
+    pm = get_peft_model(m, lora.lora_config(lora.Config(lora_r=4), m.config))
     names = adapted(pm)
     assert len(names) == 7 * n_llm and all(n.startswith("llm.model.layers.") for n in names)
     # the ViT's q/k/v_proj share the LLM's short names: with lora_vit false none of its weights has an adapter
     assert not any("lora_" in n for n, _ in pm.named_parameters() if "visual_tokenizer" in n)
     assert not any(p.requires_grad for n, p in pm.named_parameters() if "lora_" not in n)
     vit = get_peft_model(M.Ovis25.from_pretrained(base), lora.lora_config(
-        lora.Config(lora_r=4, lora_vit=True, lora_targets="q_proj,down_proj", lora_rslora=True, lora_alpha=8)))
+        lora.Config(lora_r=4, lora_vit=True, lora_targets="q_proj,down_proj", lora_rslora=True, lora_alpha=8),
+        m.config))
     names = adapted(vit)
     assert len([n for n in names if n.startswith("visual_tokenizer.vit.")]) == 6 * n_vit
     assert {re.sub(r"\d+", "N", n) for n in names if n.startswith("llm.")} == {
@@ -75,15 +89,23 @@ def test_targets_only_the_llm_unless_lora_vit(base):
     lin = vit.base_model.model.llm.model.layers[0].self_attn.q_proj
     assert abs(lin.scaling["default"] - 8 / 4 ** 0.5) < 1e-9  # rslora: alpha / sqrt(r)
     with pytest.raises(ValueError, match="lora_targets"):
-        lora.lora_config(lora.Config(lora_targets="q_proj,fc1"))
+        lora.lora_config(lora.Config(lora_targets="q_proj,fc1"), m.config)
     with pytest.raises(ValueError, match="modules_to_save: unknown module 'llm'"):
-        lora.lora_config(lora.Config(modules_to_save="llm"))
-    cfg = lora.Config(lora_r=4, modules_to_save="visual_tokenizer.head:5e-5|vte", lr=1e-3, weight_decay=0.1)
-    pm = get_peft_model(M.Ovis25.from_pretrained(base), lora.lora_config(cfg))
+        lora.lora_config(lora.Config(modules_to_save="llm"), m.config)
+    with pytest.raises(ValueError, match="cannot also carry ViT adapters"):
+        lora.lora_config(lora.Config(modules_to_save="visual_tokenizer.vit.last_block", lora_vit=True), m.config)
+    cfg = lora.Config(lora_r=4, modules_to_save="visual_tokenizer.head:5e-5|vte|visual_tokenizer.vit.last_block:7e-5",
+                      lr=1e-3, weight_decay=0.1)
+    pm = get_peft_model(M.Ovis25.from_pretrained(base), lora.lora_config(cfg, m.config))
     groups = lora.param_groups(pm, cfg)
-    assert {(g["lr"], g["weight_decay"]) for g in groups} == {(1e-3, 0.1), (5e-5, 0.1), (5e-5, 0.0)}
+    assert {(g["lr"], g["weight_decay"]) for g in groups} == {(1e-3, 0.1), (5e-5, 0.1), (5e-5, 0.0), (7e-5, 0.1),
+                                                              (7e-5, 0.0)}
     head = {id(p) for n, p in pm.named_parameters() if "head.modules_to_save" in n}
-    assert all(g["lr"] == 5e-5 for g in groups for p in g["params"] if id(p) in head)
+    assert head and all(g["lr"] == 5e-5 for g in groups for p in g["params"] if id(p) in head)
+    # the official name of the ViT's last block: its last encoder layer, copied in full (and only that one)
+    last = f"visual_tokenizer.vit.vision_model.encoder.layers.{n_vit - 1}.modules_to_save."
+    copies = {n for n, p in pm.named_parameters() if ".modules_to_save." in n and p.requires_grad}
+    assert {n for n in copies if "encoder.layers" in n} == {n for n in copies if last in n} != set()
 
 
 def test_two_ranks_zero2_zero3_train_only_the_adapter(runs, base):
@@ -96,7 +118,10 @@ def test_two_ranks_zero2_zero3_train_only_the_adapter(runs, base):
         assert r["lora"] == 2 * 7 * n_llm and r["lora_B_nonzero"] == 7 * n_llm and r["vit_adapters"] == 0, r
         assert r["copies"] == 4 and r["copies_changed"] == 4, r
         acfg = json.loads((out / "final" / "adapter_config.json").read_text())
-        assert acfg["base_model_name_or_path"] == os.path.abspath(base) and acfg["r"] == 4
+        recorded = (acfg["base_model_name_or_path"], acfg["revision"])
+        assert recorded == (("tiny-org/ovis-tiny", "v1") if z == 3 else (os.path.abspath(base), None)), recorded
+        assert acfg["r"] == 4
+        check_adapter(out / "final", json.loads((Path(base) / "config.json").read_text()))
         sd = load_file(f"{out}/final/adapter_model.safetensors")
         assert len([k for k in sd if "lora_" in k]) == 2 * 7 * n_llm and not any(".vit." in k for k in sd)
         assert {k for k in sd if "lora_" not in k} == {f"base_model.model.{k}" for k in (
@@ -114,10 +139,19 @@ def test_two_ranks_zero2_zero3_train_only_the_adapter(runs, base):
 
 
 def test_adapter_save_load_gives_identical_logits(runs, base, tokenizer):
+    """Stock peft (PeftModel.from_pretrained, no checks of ours) loads each adapter onto the model with the official
+    module tree: every saved tensor lands, and the logits are the live model's."""
     probe = merge_lora.probe_inputs(tokenizer, "cpu")
     for out in runs.values():
         live = torch.load(out / "live_logits.pt")
-        pm = M.load_adapter(M.Ovis25.from_pretrained(base).eval(), str(out / "final"))
+        pm = PeftModel.from_pretrained(M.Ovis25.from_pretrained(base).eval(), str(out / "final"))
+        params = dict(pm.named_parameters())
+        copies = json.loads((out / "final" / "adapter_config.json").read_text())["modules_to_save"]
+        for k, t in load_file(f"{out}/final/adapter_model.safetensors").items():
+            name = k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+            for mod in copies:  # ...visual_tokenizer.head.0.weight -> ...head.modules_to_save.default.0.weight
+                name = name.replace(f"model.{mod}.", f"model.{mod}.modules_to_save.default.")
+            assert torch.equal(params[name].detach(), t), k
         with torch.no_grad():
             got = pm(**probe).logits
             with pm.disable_adapter():
@@ -126,16 +160,13 @@ def test_adapter_save_load_gives_identical_logits(runs, base, tokenizer):
         assert (got - plain).abs().max() > 1e-3  # the adapter does change the model
 
 
-def test_merge_equals_adapter_and_keeps_the_base_layout(runs, base, tokenizer, tmp_path, capsys):
-    adapter = str(runs[3] / "final")
+def test_merge_equals_adapter_and_keeps_the_base_layout(runs, base, hub, tokenizer, tmp_path, capsys):
+    adapter = str(runs[2] / "final")
     out = tmp_path / "merged"
     assert merge_lora.main(["--adapter", adapter, "--out", str(out), "--dtype", "fp32"]) == 0
     diff = float(re.search(r"logit difference (\S+)", capsys.readouterr().out).group(1))
     assert diff <= 1e-4
-    assert set(load_file(f"{out}/model.safetensors")) == set(load_file(f"{base}/model.safetensors"))
-    for f in ("config.json", "tokenizer_config.json", "vocab.json", "merges.txt", "preprocessor_config.json",
-              "generation_config.json", "chat_template.json"):
-        assert (out / f).exists(), f
+    check_export(out, base, "float32")  # the base's config.json, files and official key set
     merged = M.Ovis25.from_pretrained(str(out)).eval()  # a plain checkpoint for model.py
     pm = M.load_adapter(M.Ovis25.from_pretrained(base).eval(), adapter)
     eng = infer.load(None, adapter=adapter, device="cpu")  # infer merges at load, base read from the adapter
@@ -149,7 +180,13 @@ def test_merge_equals_adapter_and_keeps_the_base_layout(runs, base, tokenizer, t
     with pytest.raises(SystemExit, match="exists"):
         merge_lora.main(["--adapter", adapter, "--out", str(out)])
     assert merge_lora.main(["--adapter", adapter, "--out", str(tmp_path / "bf16")]) == 0
-    assert {t.dtype for t in load_file(f"{tmp_path}/bf16/model.safetensors").values()} == {torch.bfloat16}
+    check_export(tmp_path / "bf16", base, "bfloat16")
+    # the ZeRO-3 adapter records its base as a Hub id: merge_lora resolves it from the (offline) cache
+    env = {**os.environ, **hub["env"], "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), "--adapter", str(runs[3] / "final"), "--out",
+                        str(tmp_path / "from_hub")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "logit difference" in r.stdout, r.stderr[-3000:]
+    check_export(tmp_path / "from_hub", hub["snapshots"]["v1"], "bfloat16")
     cfg = json.loads((ROOT / "assets" / "tiny" / "config.json").read_text())
     cfg["llm_config"]["intermediate_size"] = 96
     other = M.Ovis25.from_config(cfg)
@@ -191,4 +228,6 @@ def test_resume_eval_and_best(base, small_data, tmp_path):
 def test_shipped_lora_configs_parse():
     for f in sorted((ROOT / "configs").glob("*lora*.json")):
         c = data.load_config(lora.Config, ["--config", str(f)])
-        assert (ROOT / c.zero_config).exists() and lora.lora_config(c), f
+        assert (ROOT / c.zero_config).exists(), f
+        assert lora.lora_config(c, M.OvisConfig.from_dict(M.json.load(open(ROOT / "assets/tiny/config.json")))).r \
+            == c.lora_r, f

@@ -15,7 +15,7 @@ import data
 import model as M
 import sft
 import tools
-from _util import DEMO, ROOT, cfg_for, launch, metrics
+from _util import DEMO, ROOT, cfg_for, check_export, launch, metrics
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,8 +44,11 @@ def test_config_errors_are_clear(base, small_data, tmp_path):
     c = data.load_config(sft.Config, ["--config", str(good), "--lr=3e-5", "--local_rank=0", "--bf16", "false"])
     assert c.max_tokens == 10
     assert c.lr == 3e-5 and c.bf16 is False  # CLI overrides JSON overrides defaults; launcher arg accepted
-    with pytest.raises(ValueError, match="train_modules"):
-        sft.parse_train_modules("llm|vision", 1e-5)
+    m = M.Ovis25.from_pretrained(base)
+    with pytest.raises(ValueError, match="train_modules: unknown module 'vision'; choose from all, llm"):
+        sft.param_groups(m, sft.Config(train_modules="llm|vision"))
+    with pytest.raises(ValueError, match="train_modules is empty"):
+        sft.param_groups(m, sft.Config(train_modules=" | "))
     with pytest.raises(ValueError, match="schedule"):
         sft.lr_lambda(sft.Config(schedule="cosin"), 10)
 
@@ -60,6 +63,11 @@ def test_lr_schedule_and_param_groups(base):
     assert lrs == {(1e-4, 0.1), (1e-4, 0.0), (5e-5, 0.1), (5e-5, 0.0)}
     assert not any(p.requires_grad for p in m.visual_tokenizer.vit.parameters()) and not m.vte.weight.requires_grad
     assert all(p.requires_grad for p in m.llm.parameters())
+    # visual_tokenizer.vit.last_block (the official trainer's name): the ViT's last encoder layer, and only it
+    sft.param_groups(m, sft.Config(train_modules="vte|visual_tokenizer.vit.last_block:1e-5"))
+    last = f"visual_tokenizer.vit.vision_model.encoder.layers.{m.config.vit.num_hidden_layers - 1}."
+    on = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert on == {n for n, _ in m.named_parameters() if n.startswith(last) or n.startswith("vte.")} and len(on) == 17
 
 
 def test_frozen_modules_bit_identical_and_export_reloads(base, small_data, tmp_path):
@@ -72,8 +80,7 @@ def test_frozen_modules_bit_identical_and_export_reloads(base, small_data, tmp_p
             assert torch.equal(before[k], after[k]), k
     k = "llm.model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(before[k], after[k])
-    for f in ("tokenizer_config.json", "vocab.json", "merges.txt", "preprocessor_config.json", "config.json"):
-        assert (out / "final" / f).exists(), f
+    check_export(out / "final", base, "float32")  # read without our loader: config, files, key set, dtypes
     reloaded = M.Ovis25.from_pretrained(str(out / "final")).eval()
     live.eval()
     tok = data.load_tokenizer(str(out / "final"))
@@ -114,7 +121,8 @@ def test_eval_early_stopping_keeps_best(base, small_data, tmp_path, capsys):
     assert rec[-1]["epoch"] < 2  # stopped well before the 3 epochs
     best = min(evals)
     assert evals[-1] > best and evals[-2] > best  # stopped after `patience` evals without improvement
-    assert (out / "best" / "model.safetensors").exists() and (out / "final" / "model.safetensors").exists()
+    check_export(out / "best", base, "float32")
+    check_export(out / "final", base, "float32")
 
 
 def test_two_ranks_zero2_equal_one_rank_grad_accum(base, small_data, tmp_path):
@@ -203,7 +211,7 @@ def test_overfit_one_tool_sample_greedy_reproduces_it(base, tmp_path):
 def test_shipped_configs_parse():
     for f in sorted((ROOT / "configs").glob("*sft*.json")):
         c = data.load_config(sft.Config, ["--config", str(f)])
-        assert (ROOT / c.zero_config).exists() and sft.parse_train_modules(c.train_modules, c.lr), f
+        assert (ROOT / c.zero_config).exists() and M.parse_modules(c.train_modules, c.lr) != [], f
     for f in sorted((ROOT / "zero_configs").glob("*.json")):
         assert '"auto"' not in f.read_text(), f  # concrete values only; the script owns optimizer and schedule
         assert not {"optimizer", "scheduler", "train_batch_size"} & set(json.loads(f.read_text())), f
