@@ -229,7 +229,7 @@ def bench_infer(turn_tokens: int = 32, n_calls: int = 3, side: int = 1792, crop:
     """A 3-tool-call trajectory as the tool loop runs it (tools.run_tool_loop): prompt (text + one 448x448 image)
     -> generate -> Crop -> generate -> Crop -> generate -> Crop -> generate. Each round's generation is fixed to
     `turn_tokens` tokens (a random model never writes `</tool_call>` on cue); each Crop is executed by the registry
-    and appended with data.tool_result_ids / tool_result_pixels, exactly the loop's per-round calls. Two ways:
+    and appended with tools.tool_result_ids / tool_result_pixels, exactly the loop's per-round calls. Two ways:
     continuing from the KV cache (state=...) vs re-prefilling the whole sequence with every image each round.
     Defaults: one row, a photo at Ovis2.5's max_pixels (1792 px, 3136 visual tokens), 600 px crops (~340 tokens
     each at the crop budget), 32 tokens per turn. The ratio falls as turns get longer (decode dominates) and rises
@@ -247,7 +247,7 @@ def bench_infer(turn_tokens: int = 32, n_calls: int = 3, side: int = 1792, crop:
     crops = []
     for k in range(n_calls):  # real Crop calls on the image, rendered as the loop renders them
         res = registry.execute(f"Crop [{40 * k}, {30 * k}, {40 * k + crop}, {30 * k + crop}]", [img], ["bench"])
-        p, gg = data.tool_result_pixels(res, data.CROP_MIN_PIXELS, data.CROP_MAX_PIXELS, vit.patch_size,
+        p, gg = tools.tool_result_pixels(res, tools.CROP_MIN_PIXELS, tools.CROP_MAX_PIXELS, vit.patch_size,
                                         vit.hidden_stride)
         crops.append((M.expand_placeholders([M.IMAGE_TOKEN_ID], gg, vit.hidden_stride), p, gg))
     kw = dict(max_new_tokens=turn_tokens, do_sample=False, eos_token_ids=())

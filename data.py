@@ -13,7 +13,7 @@ Tool turns (spec 14) in a gpt value: the `<tool_call>...</tool_call>` text is le
 * `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>`: the crop of the first image sits at `<image>`; a Crop
   without `<image>` (the seed's old format) gets one (`auto_crops`): inference always answers a Crop with an image.
 * any other call must be followed directly by `<tool_response>result</tool_response>`, else the sample is rejected.
-`tool_result_ids` / `tool_result_pixels` give the inference tool loop the same ids and pixels as this rendering.
+A tool result's ids and pixels come from `tools.tool_result_ids` / `tool_result_pixels`, shared with inference.
 Prompts = the chat template (spec 9.2-9.3): `build_inputs`, `prompt_messages`; video works only there.
 Over-long samples are never cut inside an image: `overlong` "drop" (SampleError) or "truncate" (official).
 Also: `SFTDataset` (bad samples skipped, counted), `pack`, `plan_epoch`, `collate`, run helpers, `python data.py check`.
@@ -21,6 +21,7 @@ Also: `SFTDataset` (bad samples skipped, counted), `pack`, `plan_epoch`, `collat
 
 import bisect
 import json
+import math
 import os
 import random
 import re
@@ -43,14 +44,15 @@ ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 PLACEHOLDERS = {"<image>": IMAGE_TOKEN_ID, "<video>": VIDEO_TOKEN_ID}
 FORBIDDEN = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # would break the turn structure or the pad mask
-CROP_MIN_PIXELS, CROP_MAX_PIXELS = 448 * 448, 896 * 896  # tool crops: small crops are upscaled to min_pixels
 
 
 class SampleError(ValueError):
-    """A bad sample: where it is and why. str() is the one-line report `file:index id=... field=...: why`."""
+    """A bad sample: where it is and why. str() is the one-line report `file:index id=... field=...: why`; `reason`
+    is the bucket it is counted in when skipped (default: the field's name)."""
 
-    def __init__(self, file, index, id, field: str, why: str):
+    def __init__(self, file, index, id, field: str, why: str, reason: str = ""):
         self.file, self.index, self.id, self.field, self.why = file, index, id, field, why
+        self.reason = reason or ("over-long" if field == "length" else field.split("[")[0])
         super().__init__(f"{file}:{index} id={id} field={field}: {why}")
 
 
@@ -96,23 +98,6 @@ def tokenize_with_placeholders(texts, tokenizer, placeholders=("<image>", "<vide
     return out[0] if single else out
 
 
-def tool_result_ids(result: tools.ToolResult, tokenizer) -> list[int]:
-    """What follows `</tool_call>`: one `<image>` placeholder for an image (its grid: tool_result_pixels), else
-    `<tool_response>text</tool_response>`. Never learned."""
-    if result.kind == "image":
-        return [IMAGE_TOKEN_ID]
-    text = f"<tool_response>{tools.safe_text(result.text)}</tool_response>"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def tool_result_pixels(result: tools.ToolResult, crop_min_pixels: int = CROP_MIN_PIXELS,
-                       crop_max_pixels: int = CROP_MAX_PIXELS, patch_size: int = 16, hidden_stride: int = 2):
-    """Pixels of a tool result: (pixel_values (N, 3*ps*ps), grid_thws (1, 3)) for a crop, (None, None) for text."""
-    if result.kind != "image":
-        return None, None
-    return model.preprocess_image(result.image, crop_min_pixels, crop_max_pixels, patch_size, hidden_stride)
-
-
 def _grid(size, min_pixels, max_pixels, patch_size, hidden_stride) -> torch.Tensor:
     """grid_thw of an image of size (W, H) without decoding it (same rule as model.preprocess_image)."""
     h, w = model.smart_resize(size[1], size[0], patch_size * hidden_stride, min_pixels, max_pixels)
@@ -155,8 +140,8 @@ def _assistant_tools(value: str, registry: tools.Registry, need) -> tuple[str, l
 
 def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pixels: int = 448 * 448,
                   single_image_max_pixels: int = 1792 * 1792, multiple_image_min_pixels: int = 448 * 448,
-                  multiple_image_max_pixels: int = 896 * 896, crop_min_pixels: int = CROP_MIN_PIXELS,
-                  crop_max_pixels: int = CROP_MAX_PIXELS, max_length: int | None = None,
+                  multiple_image_max_pixels: int = 896 * 896, crop_min_pixels: int = tools.CROP_MIN_PIXELS,
+                  crop_max_pixels: int = tools.CROP_MAX_PIXELS, max_length: int | None = None,
                   text_max_length: int | None = None, overlong: str = "drop", registry: tools.Registry | None = None,
                   bbox_format: str = "pixel", patch_size: int = 16, hidden_stride: int = 2,
                   with_pixels: bool = True) -> dict:
@@ -166,9 +151,9 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
     (same ids and grids, no pixels). Over `max_length` (`text_max_length` without images): `overlong` drop|truncate."""
     sid = sample.get("id", sample.get("_index"))
 
-    def need(ok, field: str, why: str):
+    def need(ok, field: str, why: str, reason: str = ""):
         if not ok:
-            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sid, field, why)
+            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sid, field, why, reason)
 
     registry, conv = registry or tools.default_registry(bbox_format), sample.get("conversations")
     paths = [sample["image"]] if isinstance(sample.get("image"), str) else sample.get("image") or []
@@ -186,6 +171,9 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
         need(not any(s in value for s in FORBIDDEN), fld + ".value", f"contains one of the reserved tokens {FORBIDDEN}")
         prefix = f"<|im_start|>{role}\n"
         if role in ("assistant", "ignored"):
+            need(any(r == "user" for r, _, _ in turns), fld, "a gpt turn before any human turn")
+            need(role == "ignored" or value.strip() != "", fld + ".value", "empty gpt answer: nothing to learn",
+                 "empty answer")
             value, c, n, a = _assistant_tools(value, registry, lambda ok, why, f=fld + ".value": need(ok, f, why))
             crops, auto = crops + [(x, fld + ".value") for x in c], auto + a
             calls.update(n)
@@ -240,7 +228,7 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
                 res = registry.execute(x, imgs[:1], paths[:1])
                 if res.kind != "image":
                     raise ValueError(res.text)
-                pv, g = tool_result_pixels(res, crop_min_pixels, crop_max_pixels, **geo)
+                pv, g = tools.tool_result_pixels(res, crop_min_pixels, crop_max_pixels, **geo)
             else:  # only the crop's size: same box rule, no decoding
                 x1, y1, x2, y2 = registry.get(x.name).box(x.args, imgs[0])
                 pv, g = None, _grid((x2 - x1, y2 - y1), crop_min_pixels, crop_max_pixels, **geo)
@@ -355,11 +343,15 @@ class SFTDataset(torch.utils.data.Dataset):
         self.samples, self.lengths = [], []
         for s in tqdm(samples, desc="length pass", disable=len(samples) < 2000, file=sys.stderr):
             try:
-                self.lengths.append(len(encode_sample(s, tokenizer, image_dir, with_pixels=False, **kw)["input_ids"]))
+                enc = encode_sample(s, tokenizer, image_dir, with_pixels=False, **kw)
+                if (enc["labels"] == IGNORE_ID).all():  # the official code keeps it; it would only dilute a step
+                    raise SampleError(s["_file"], s["_index"], enc["id"], "labels", "no learned token left after "
+                                      f"truncation to {kw.get('max_length')} tokens", "no learned token")
+                self.lengths.append(len(enc["input_ids"]))
                 self.samples.append(s)
             except SampleError as e:
                 errors.append(e)
-        self.skipped = Counter("over-long" if e.field == "length" else e.field.split("[")[0] for e in errors)
+        self.skipped = Counter(e.reason for e in errors)
         for e in errors[:10]:
             log(f"warning: skipping {e}")
         log(f"data: {len(self.samples)} samples, {sum(self.lengths)} tokens; skipped {len(errors)} "
@@ -371,8 +363,7 @@ class SFTDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict | None:
         try:
             return encode_sample(self.samples[i], self.tokenizer, self.image_dir, **self.kw)
-        except SampleError as e:
-            self.skipped["at load"] += 1
+        except SampleError as e:  # collate counts it (n_failed): the counter survives DataLoader workers
             print(f"warning: skipping {e}", file=sys.stderr)
             return None
 
@@ -409,15 +400,15 @@ def plan_epoch(lengths: list[int], max_tokens: int, world_size: int = 1, grad_ac
     return [rows[s * per_step:(s + 1) * per_step] for s in range(n_steps)]
 
 
-def collate(rows: list[list[dict | None]], pad_to_multiple: int = 1) -> dict:
-    """Rows of encoded samples (None: dropped) -> one packed micro-batch: input_ids / labels / position_ids (R, T),
-    pixel_values | None, grid_thws | None (row-major), n_samples, n_target_tokens (for loss normalisation).
+def collate(rows: list[list[dict | None]]) -> dict:
+    """Rows of encoded samples (None: failed at load) -> one packed micro-batch: input_ids / labels / position_ids
+    (R, T), pixel_values | None, grid_thws | None (row-major), n_samples, n_failed, n_target_tokens (loss norm).
     position_ids restart at 0 per sample and for the padding, so attention stays inside each sample (no mask).
     Without images pixel_values is None: the model runs its zero-weighted dummy image (ZeRO-3, spec 13)."""
+    n_failed = sum(s is None for r in rows for s in r)
     rows = [[s for s in r if s is not None] for r in rows]
     rows = [r for r in rows if r] or [[]]
     T = max(1, max(sum(len(s["input_ids"]) for s in r) for r in rows))
-    T = -(-T // pad_to_multiple) * pad_to_multiple
     ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE_ID, dtype=torch.long)
     pos = torch.zeros((len(rows), T), dtype=torch.long)
@@ -435,27 +426,86 @@ def collate(rows: list[list[dict | None]], pad_to_multiple: int = 1) -> dict:
         pos[r, off:] = torch.arange(T - off)  # padding is a "sample" of its own
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "pixel_values": torch.cat(pv) if pv else None,
             "grid_thws": torch.cat(grids) if grids else None, "n_samples": sum(len(r) for r in rows),
-            "n_target_tokens": int(((labels != IGNORE_ID) & (pos != 0)).sum())}  # a sample's 1st token is no target
-
-
-def collate_row(samples: list[dict | None]) -> dict:
-    return collate([samples])
+            "n_failed": n_failed,  # a sample's first token is never a target (nothing before it)
+            "n_target_tokens": int(((labels != IGNORE_ID) & (pos != 0)).sum())}
 
 
 def micro_batches(dataset: SFTDataset, max_tokens: int, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
                   seed: int = 0, epoch: int = 0, start_step: int = 0, num_workers: int = 0):
-    """This rank's micro-batches (one packed row each) of one epoch from optimizer step `start_step` on (resume).
-    Returns (DataLoader, number of optimizer steps in the epoch)."""
+    """This rank's micro-batches (one packed row each) of one epoch from optimizer step `start_step` on (resume)."""
     plan = plan_epoch(dataset.lengths, max_tokens, world_size, grad_accum, seed, epoch)
     mine = [mb for step in plan[start_step:] for mb in step[rank::world_size]]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate_row,
-                                       num_workers=num_workers), len(plan)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate_row, num_workers=num_workers)
+
+
+def collate_row(samples: list[dict | None]) -> dict:  # a module-level function: DataLoader workers pickle it
+    return collate([samples])
 
 
 # --- Run helpers every stage script shares, and `python data.py check --data x.json --image_dir DIR` ---
 
 
+class RunError(RuntimeError):
+    """A run that must stop and say so (it diverged, or there is nothing to train on): exit non-zero, no final/."""
+
+
+def check_choices(cfg):
+    """Each Config's __post_init__: a field typed Literal[...] must hold one of its values (typos are errors)."""
+    for k, tp in typing.get_type_hints(type(cfg)).items():
+        if typing.get_origin(tp) is typing.Literal and getattr(cfg, k) not in typing.get_args(tp):
+            raise ValueError(f"config key {k!r}: {getattr(cfg, k)!r} is not one of {list(typing.get_args(tp))}")
+
+
+class RunGuard:
+    """Stops a run that went wrong before its weights are evaluated, saved or exported: a non-finite loss or gradient
+    norm (with fp16 loss scaling an overflow is a skipped step instead, max_skips in a row), or more than
+    max_empty_frac of the steps without any target token on any rank (samples failing at load, say)."""
+
+    def __init__(self, max_skips: int, max_empty_frac: float, loss_scaled: bool, output_dir: str):
+        self.max_skips, self.max_empty_frac, self.loss_scaled = max_skips, max_empty_frac, loss_scaled
+        self.out = output_dir
+        self.skips = self.seen_skips = self.empty = self.failed = 0
+        self.last_good = "none saved yet"  # the newest resumable checkpoint
+
+    def check(self, step: int, rec: dict, skipped_steps: int) -> str:
+        """The step's record (loss, grad_norm, targets, load_failures) -> why the run must stop, or ""."""
+        self.skips, self.seen_skips = self.skips + 1 if skipped_steps > self.seen_skips else 0, skipped_steps
+        self.empty, self.failed = self.empty + (rec["targets"] == 0), self.failed + rec.get("load_failures", 0)
+        if not math.isfinite(rec["loss"]) or not (self.loss_scaled or math.isfinite(rec["grad_norm"])):
+            return self.stop(step, f"loss {rec['loss']}, gradient norm {rec['grad_norm']}: the run diverged")
+        if self.skips > self.max_skips:
+            return self.stop(step, f"{self.skips} steps in a row skipped for fp16 overflow (max_skipped_steps "
+                                   f"{self.max_skips}): the run diverged")
+        if self.empty > max(1, self.max_empty_frac * step):
+            return self.stop(step, f"{self.empty} of {step} steps had no target token on any rank ({self.failed} "
+                                   "samples failed to load; run python data.py check)")
+        return ""
+
+    def stop(self, step: int, why: str) -> str:
+        best = f"; best model so far: {self.out}/best" if os.path.isdir(os.path.join(self.out, "best")) else ""
+        return (f"step {step}: {why}. Stopped without writing final/. Last good checkpoint: {self.last_good}{best} "
+                "(fix the cause, then resume)")
+
+
+def metrics_line(rec: dict) -> str:
+    """One metrics.jsonl line in strict JSON: a NaN or infinite value is written as null and named in `nonfinite`."""
+    bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+    out = {k: None if k in bad else v for k, v in rec.items()}
+    return json.dumps({**out, "nonfinite": bad} if bad else out, allow_nan=False) + "\n"
+
+
+def trim_metrics(path: str, step: int):
+    """On resume from `step`: drop the records of later steps (the resumed run writes them again) and a torn line."""
+    if os.path.exists(path):
+        keep = [x for x in Path(path).read_text().splitlines(keepends=True)
+                if x.endswith("\n") and isinstance(r := _json(x), dict) and r.get("step", 0) <= step]
+        Path(path + ".tmp").write_text("".join(keep))
+        os.replace(path + ".tmp", path)
+
+
 def _coerce(v, tp, key: str):
+    if typing.get_origin(tp) is typing.Literal:  # checked against its values in check_choices
+        return v
     opts = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     if type(None) in opts and (v is None or (isinstance(v, str) and v.lower() in ("none", "null"))):
         return None

@@ -30,10 +30,12 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import deepspeed
 import numpy as np
@@ -77,12 +79,12 @@ class Config:
     max_pixels: int = 1792 * 1792
     crop_min_pixels: int = 448 * 448  # pixel budget of Crop results
     crop_max_pixels: int = 896 * 896
-    bbox_format: str = "pixel"  # Crop boxes and the data's bbox: pixel | norm | norm1000
+    bbox_format: Literal["pixel", "norm", "norm1000"] = "pixel"  # Crop boxes and the data's bbox
     # --- rewards and policy update
     rewards: str = "format:0.5|accuracy:1|iou:0.5|tool:0.5"  # "|"-separated name:weight; a dotted path = custom
     scale_rewards: bool = True  # divide advantages by the group std
     dynamic_sampling: bool = False  # drop zero-variance groups from the loss
-    loss_type: str = "bnpo"  # grpo | bnpo | dr_grpo
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "bnpo"  # normaliser of the token losses
     epsilon_low: float = 0.2  # ratio clip below 1
     epsilon_high: float = 0.28  # ratio clip above 1 (clip-higher)
     num_iterations: int = 1  # optimizer steps per rollout batch (PPO epochs)
@@ -101,6 +103,10 @@ class Config:
     keep_last: int = 2
     resume: str = ""  # "" | "auto" | a checkpoint dir
     dist_timeout_s: int = 1800
+    max_skipped_steps: int = 3  # fp16: more overflow-skipped steps in a row stop the run
+
+    def __post_init__(self):
+        data.check_choices(self)  # Literal fields: a typo is an error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,6 +397,7 @@ def save_resumable(engine, cfg: Config, step: int, rank: int):
         for old in sorted(d for d in os.listdir(ckpt) if d.startswith("step"))[:-cfg.keep_last]:
             shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
     dist.barrier()
+    return os.path.join(ckpt, tag)
 
 
 def pack_rollouts(rollouts: list, device) -> dict:
@@ -428,7 +435,6 @@ def main(cfg: Config):
         raise ValueError(f"prompts_per_rank x num_generations ({n_local}) must be a multiple of micro_batch_size "
                          f"({cfg.micro_batch_size}), and num_generations >= 2")
     reward_fns = parse_rewards(cfg.rewards)
-    token_weights([1], cfg.loss_type, 1, 1, 1)  # validates loss_type before anything is loaded
     os.makedirs(cfg.output_dir, exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -478,7 +484,9 @@ def main(cfg: Config):
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     dev = engine.device
 
-    step, ckpt = 0, os.path.join(cfg.output_dir, "checkpoints")
+    step, ckpt, metrics_path = 0, os.path.join(cfg.output_dir, "checkpoints"), os.path.join(cfg.output_dir,
+                                                                                           "metrics.jsonl")
+    guard = data.RunGuard(cfg.max_skipped_steps, 0.0, engine.fp16_enabled(), cfg.output_dir)
     if cfg.resume:  # "auto": the latest checkpoint, if any; else a checkpoint dir
         latest = os.path.join(ckpt, "latest")
         ckpt, tag = (ckpt, Path(latest).read_text().strip() if os.path.exists(latest) else None) \
@@ -491,13 +499,15 @@ def main(cfg: Config):
             random.setstate(client["rng"]["python"])
             np.random.set_state(client["rng"]["numpy"])
             torch.set_rng_state(client["rng"]["torch"])
+            guard.last_good = os.path.join(ckpt, tag)
+            if rank == 0:
+                data.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
             log(f"resumed from {ckpt}/{tag} at step {step}")
     reference = "none" if cfg.beta == 0 else "adapters disabled" if cfg.lora else "frozen copy"
-    log(f"grpo: {cfg.model_path}{' + ' + cfg.adapter if cfg.adapter else ''}, {n_train / 1e6:.2f}M trainable "
+    log(f"grpo: {cfg.model_path or path}{' + ' + cfg.adapter if cfg.adapter else ''}, {n_train / 1e6:.2f}M trainable "
         f"({'LoRA' if cfg.lora else cfg.train_modules}), reference {reference} | {len(prompts)} prompts, {total} "
         f"steps of {world} ranks x {cfg.prompts_per_rank} prompts x {cfg.num_generations} completions, {gas} "
         "micro-batches")
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tool_calls=
                     cfg.max_tool_calls, max_new_tokens=cfg.max_new_tokens, thinking_budget=cfg.thinking_budget or None,
                     crop_min_pixels=cfg.crop_min_pixels, crop_max_pixels=cfg.crop_max_pixels)
@@ -515,7 +525,10 @@ def main(cfg: Config):
         G = cfg.num_generations  # each prompt G times:
         prompt_ids, images, keys = ([x[k] for x in inputs for _ in range(G)] for k in range(3))
         with torch.no_grad(), deepspeed.runtime.zero.unwrap_model_for_generation(engine) if z3 else nullcontext():
-            rolls = tools.run_tool_loop(policy, tokenizer, prompt_ids, images, keys, registry, **sampling)
+            try:
+                rolls = tools.run_tool_loop(policy, tokenizer, prompt_ids, images, keys, registry, **sampling)
+            except FloatingPointError as e:  # the last update left non-finite weights
+                raise data.RunError(guard.stop(step + 1, f"{e}: the run diverged")) from e
         t_roll = time.time() - t0
 
         # 2. rewards, group advantages, the loss normalisers over the global batch
@@ -584,14 +597,17 @@ def main(cfg: Config):
                "kl": st_sum[1].item() / n_tok, "clip_frac": st_sum[0].item() / n_tok,
                "loss": st_sum[3].item() / cfg.num_iterations, "lr": sched.get_last_lr()[0],
                "grad_norm": float(engine.get_global_grad_norm() or 0), "rollout_s": t_roll, "train_s": t_train,
-               "rollout_tok_per_s": g["gen_tokens"] / world / max(t_roll, 1e-9)}
+               "rollout_tok_per_s": g["gen_tokens"] / world / max(t_roll, 1e-9), "targets": g["gen_tokens"]}
+        failure = guard.check(step, rec, engine.skipped_steps)  # "" = healthy; else never save or export
         if rank == 0:
             print(f"step {step}/{total} | " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in (
                 "step", "epoch", "lr", "grad_norm", "loss")), flush=True)
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(data.metrics_line(rec))  # strict JSON: NaN / inf become null, named in "nonfinite"
+        if failure:
+            raise data.RunError(failure)
         if step % cfg.save_interval == 0 or step == total:
-            save_resumable(engine, cfg, step, rank)
+            guard.last_good = save_resumable(engine, cfg, step, rank)
     export(engine, model, cfg, os.path.join(cfg.output_dir, "final"), rank)
     log(f"done: {'adapter' if cfg.lora else 'model'} in {cfg.output_dir}/final")
     if owns_group:
@@ -600,4 +616,7 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(data.load_config(Config))
+    try:
+        main(data.load_config(Config))
+    except data.RunError as e:  # diverged: say so, exit non-zero, no final/
+        sys.exit(f"grpo.py: error: {e}")

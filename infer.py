@@ -7,8 +7,9 @@ Launch:
 Batch input: JSONL lines `{"id", "image": path | [paths], "prompt"}`, `{"id", "messages": [...]}` or data samples
 (`{"id", "image", "conversations"}`: the turns before the first gpt turn); paths relative to --image-dir. Output:
 JSONL `{"id", "answer", "thinking", "text", "tool_calls", "n_generated", "finish"}`, appended batch by batch; ids
-already in --output are skipped, so an interrupted run resumes. Sampling defaults: the checkpoint's
-generation_config.json; --greedy, --temperature etc. override.
+already in --output are skipped, so an interrupted run resumes. A request that cannot be answered (missing image, bad
+messages) gets `{"id", "error"}` naming its field, the rest go on, the exit code is 1; --retry-errors asks again.
+Sampling defaults: the checkpoint's generation_config.json; --greedy, --temperature etc. override.
 
 Python:
     import infer
@@ -61,20 +62,34 @@ def load(model_path: str | None, adapter: str | None = None, dtype=None, device=
 
 def _request(req: dict, image_dir: str = ".") -> tuple[list, list, list]:
     """A request ({"messages"} | {"image", "prompt"} | a data sample) -> (chat messages, its images, their keys).
-    Keys (what an Identify map is indexed by) are the paths as written in the request, relative to image_dir."""
+    Keys (what an Identify map is indexed by) are the paths as written in the request, relative to image_dir. A bad
+    request raises data.SampleError naming the file, line, id and field."""
+    def bad(field, why):
+        return data.SampleError(req.get("_file", "request"), req.get("_index", 0), req.get("id"), field, why)
+
     imgs = req.get("image") or []
-    imgs = imgs if isinstance(imgs, list) else [imgs]
+    imgs = [("image", i) for i in (imgs if isinstance(imgs, list) else [imgs])]
     if "messages" in req:
         msgs, image_dir = req["messages"], "."  # paths as written in the messages
-        imgs = [it["image"] for m in msgs if not isinstance(m["content"], str) for it in m["content"]
-                if it.get("type") == "image"]
-    opened = [i if isinstance(i, Image.Image) else _rgb(Path(image_dir) / i) for i in imgs]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
+            raise bad("messages", "must be a list of {role, content} messages")
+        imgs = [(f"messages[{i}].content[{j}].image", it.get("image")) for i, m in enumerate(msgs)
+                if not isinstance(m["content"], str) for j, it in enumerate(m["content"]) if it.get("type") == "image"]
+    elif "conversations" not in req and not isinstance(req.get("prompt"), str):
+        raise bad("prompt", "a request needs a text prompt (or messages, or conversations)")
+    opened = []
+    for fld, i in imgs:
+        try:
+            opened.append(i if isinstance(i, Image.Image) else _rgb(Path(image_dir) / i))
+        except (OSError, TypeError) as e:
+            raise bad(fld, f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} image "
+                           f"{Path(image_dir) / str(i)} ({type(e).__name__})") from e
     if "conversations" in req:
         msgs = data.prompt_messages(req, image_dir)
     elif "messages" not in req:
         msgs = [{"role": "user", "content": [{"type": "image", "image": i} for i in opened] +
-                 [{"type": "text", "text": req.get("prompt", "")}]}]
-    return msgs, opened, [i if isinstance(i, str) else "" for i in imgs]
+                 [{"type": "text", "text": req["prompt"]}]}]
+    return msgs, opened, [i if isinstance(i, str) else "" for _, i in imgs]
 
 
 def _rgb(path) -> Image.Image:
@@ -97,7 +112,11 @@ def chat_batch(engine: Engine, requests: list, image_dir: str = ".", *, enable_t
         msgs, imgs, k = _request(req, image_dir)
         if registry and not any(m["role"] == "system" for m in msgs):
             msgs = [{"role": "system", "content": registry.system_prompt()}] + msgs
-        prompts.append(data.build_inputs(msgs, engine.tokenizer, enable_thinking, True, min_pixels, max_pixels))
+        try:
+            prompts.append(data.build_inputs(msgs, engine.tokenizer, enable_thinking, True, min_pixels, max_pixels))
+        except ValueError as e:  # an invalid message, or an image too small / thin for the pixel budget
+            raise data.SampleError(req.get("_file", "request"), req.get("_index", 0), req.get("id"),
+                                   "messages" if "messages" in req else "image", str(e)) from e
         images.append(imgs)
         keys.append(k)
     return tool_lib.run_tool_loop(
@@ -117,15 +136,30 @@ def record(rid, r) -> dict:
             "n_generated": r.n_generated, "finish": r.finish}
 
 
-def done_ids(path: str) -> set:
-    """Ids already answered in `path`; a torn last line (an interrupted write) is removed."""
+def answer(engine: Engine, requests: list, image_dir: str = ".", **kw) -> list[dict]:
+    """Requests -> one output record each: the answer, or {"id", "error"} for a request that cannot be prepared (the
+    error names its field) or fails to generate. One bad request never blocks the others: a failing batch is
+    answered again one request at a time."""
+    try:
+        return [record(q["id"], r) for q, r in zip(requests, chat_batch(engine, requests, image_dir, **kw))]
+    except (ValueError, OSError, RuntimeError) as e:  # SampleError is a ValueError; RuntimeError: e.g. out of memory
+        if len(requests) > 1:
+            return [x for q in requests for x in answer(engine, [q], image_dir, **kw)]
+        return [{"id": requests[0]["id"], "error": str(e) if isinstance(e, data.SampleError) else
+                 f"{type(e).__name__}: {e}"}]
+
+
+def done_ids(path: str, retry_errors: bool = False) -> dict:
+    """{id: whether its record is an error} of the records already in `path`. A torn last line (an interrupted
+    write) is removed; with retry_errors the error records are removed too, so that they are asked again."""
     if not os.path.exists(path):
-        return set()
-    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        Path(path).write_text("".join(lines[:-1]), encoding="utf-8")
-        lines = lines[:-1]
-    return {json.loads(x)["id"] for x in lines if x.strip()}
+        return {}
+    lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines(keepends=True) if x.strip()]
+    keep = [x for x in lines if x.endswith("\n") and not (retry_errors and "error" in json.loads(x))]
+    if keep != lines:  # rewritten whole, then renamed: a crash never loses answers
+        Path(path + ".tmp").write_text("".join(keep), encoding="utf-8")
+        os.replace(path + ".tmp", path)
+    return {r["id"]: "error" in r for r in map(json.loads, keep)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt")
     ap.add_argument("--input")
     ap.add_argument("--output")
+    ap.add_argument("--retry-errors", action="store_true", help="ask again the requests --output holds errors for")
     ap.add_argument("--image-dir", default=".")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--think", action="store_true", help="enable thinking")
@@ -174,18 +209,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tqdm import tqdm
 
-    reqs = [{**r, "id": r.get("id", i)} for i, r in enumerate(data.load_samples(a.input))]
-    seen = done_ids(a.output)
-    todo = [r for r in reqs if r["id"] not in seen]
+    bad_lines = []
+    reqs = [{**r, "id": r.get("id", i)} for i, r in enumerate(data.load_samples(a.input, bad_lines))]
+    seen = done_ids(a.output, a.retry_errors)
+    todo, n_failed = [r for r in reqs if r["id"] not in seen], 0
+    bad = [{"id": f"{a.input}:{e.index}", "error": str(e)} for e in bad_lines if f"{a.input}:{e.index}" not in seen]
     with open(a.output, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="infer", unit="q") as bar:
+        f.writelines(json.dumps(rec) + "\n" for rec in bad)  # a line that is no JSON object (id: file:line)
         for s in range(0, len(todo), a.batch_size):
             batch = todo[s:s + a.batch_size]
-            for req, r in zip(batch, chat_batch(eng, batch, a.image_dir, **kw)):
-                f.write(json.dumps(record(req["id"], r), ensure_ascii=False) + "\n")
+            for rec in answer(eng, batch, a.image_dir, **kw):
+                n_failed += "error" in rec
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(batch))
-    print(f"{len(todo)} answered, {len(reqs) - len(todo)} already in {a.output}")
-    return 0
+    n_err, n_old = n_failed + len(bad), sum(seen.values())
+    print(f"{len(todo) - n_failed} answered, {n_err} errors, {len(reqs) - len(todo)} already in {a.output}"
+          + (f" ({n_old} of them errors)" if n_old else "")
+          + (" | each error record names its field; --retry-errors asks them again" if n_err + n_old else ""))
+    return 1 if n_err + n_old else 0  # finished, but not every request has an answer
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import deepspeed
 import numpy as np
@@ -60,7 +62,7 @@ class Config:
     #                             vte; each may carry "name:lr"
     # --- optimisation
     lr: float = 1e-4  # peak learning rate of the adapters and of modules without their own
-    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup
     warmup_ratio: float = 0.03  # fraction of all steps spent warming up linearly from 0
     min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak
     weight_decay: float = 0.0  # AdamW decoupled weight decay (never on norms and biases)
@@ -70,14 +72,14 @@ class Config:
     max_tokens: int = 8192  # tokens per packed micro-batch (row) per rank
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step per rank
     max_length: int = 8192  # longest sample in tokens; longer ones follow `overlong`
-    overlong: str = "drop"  # drop (counted and reported) | truncate (never inside an image)
+    overlong: Literal["drop", "truncate"] = "drop"  # drop (counted, reported) | truncate (never inside an image)
     single_image_min_pixels: int = 448 * 448  # pixel budgets as in the official training (spec 11.2)
     single_image_max_pixels: int = 1792 * 1792
     multiple_image_min_pixels: int = 448 * 448
     multiple_image_max_pixels: int = 448 * 448
     crop_min_pixels: int = 448 * 448  # budget of Crop results inserted into the conversation
     crop_max_pixels: int = 896 * 896
-    bbox_format: str = "pixel"  # Crop boxes in the data: pixel | norm | norm1000
+    bbox_format: Literal["pixel", "norm", "norm1000"] = "pixel"  # Crop boxes in the data
     bf16: bool = True  # overrides the zero config's bf16.enabled
     gradient_checkpointing: bool = True  # recompute activations in backward (ViT and LLM)
     attn_implementation: str = ""  # LLM attention: "" = flash_attention_2 if installed else sdpa; or eager
@@ -94,6 +96,12 @@ class Config:
     wandb_project: str = ""  # also log to this wandb project
     num_workers: int = 0  # DataLoader workers (image decoding)
     dist_timeout_s: int = 1800  # collective timeout; a hung rank fails loudly after this
+    # --- when to stop a run that went wrong (never ends "done" on garbage)
+    max_skipped_steps: int = 3  # fp16: more overflow-skipped steps in a row stop the run
+    max_empty_step_frac: float = 0.1  # more steps than this share without any target token (all ranks) stop it
+
+    def __post_init__(self):
+        data.check_choices(self)  # Literal fields: a typo such as overlong="truncat" is an error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,8 +161,6 @@ def lr_lambda(cfg: Config, total_steps: int):
         decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
-    if cfg.schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"schedule must be cosine, linear or constant, got {cfg.schedule!r}")
     return f
 
 
@@ -222,6 +228,7 @@ def save_resumable(engine, cfg: Config, step: int, state: dict, rank: int):
         for old in tags[:-cfg.keep_last] if cfg.keep_last > 0 else []:
             shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
     dist.barrier()
+    return os.path.join(ckpt, tag)
 
 
 def to_device(mb: dict, device) -> dict:
@@ -281,9 +288,32 @@ def main(cfg: Config):
                      train_batch_size=cfg.gradient_accumulation_steps * world)
     ds_config["bf16"] = {"enabled": cfg.bf16}
 
-    # model, tokenizer, trainable parameters
+    # data first: a run with nothing to train on stops here, before a model is loaded. Sizes are known before
+    # training, so the schedule covers exactly the steps that will run
     path = ovis.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
     tokenizer = data.load_tokenizer(path)
+    enc = dict(max_length=cfg.max_length, overlong=cfg.overlong, bbox_format=cfg.bbox_format,
+               single_image_min_pixels=cfg.single_image_min_pixels,
+               single_image_max_pixels=cfg.single_image_max_pixels,
+               multiple_image_min_pixels=cfg.multiple_image_min_pixels,
+               multiple_image_max_pixels=cfg.multiple_image_max_pixels, crop_min_pixels=cfg.crop_min_pixels,
+               crop_max_pixels=cfg.crop_max_pixels)
+    train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc)
+    eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc) \
+        if cfg.eval_data_path else None
+    for name, ds in (("data_path", train_ds), ("eval_data_path", eval_ds)):
+        if ds is not None and len(ds) == 0:
+            raise data.RunError(f"{name}: no usable sample in {getattr(cfg, name)} (skipped {dict(ds.skipped)}; "
+                                "python data.py check --data ... lists each bad sample and why)")
+    gas = cfg.gradient_accumulation_steps
+    steps_per_epoch = len(data.plan_epoch(train_ds.lengths, cfg.max_tokens, world, gas, cfg.seed, 0))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    if total_steps <= 0:
+        raise data.RunError(f"0 training steps (epochs={cfg.epochs}, max_steps={cfg.max_steps}): nothing would train")
+    eval_every = cfg.eval_interval or steps_per_epoch
+    save_every = cfg.save_interval or steps_per_epoch
+
+    # model, trainable parameters
     base, base_name = load_model(cfg, path, ds_config, rank)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable()
@@ -298,22 +328,6 @@ def main(cfg: Config):
         f"{cfg.lora_r} alpha {cfg.lora_alpha} on {cfg.lora_targets}{' + ViT' if cfg.lora_vit else ''}"
         f"{' | modules_to_save ' + cfg.modules_to_save if cfg.modules_to_save else ''}")
 
-    # data: sizes are known before training, so the schedule covers exactly the steps that will run
-    enc = dict(max_length=cfg.max_length, overlong=cfg.overlong, bbox_format=cfg.bbox_format,
-               single_image_min_pixels=cfg.single_image_min_pixels,
-               single_image_max_pixels=cfg.single_image_max_pixels,
-               multiple_image_min_pixels=cfg.multiple_image_min_pixels,
-               multiple_image_max_pixels=cfg.multiple_image_max_pixels, crop_min_pixels=cfg.crop_min_pixels,
-               crop_max_pixels=cfg.crop_max_pixels)
-    train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc)
-    eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc) \
-        if cfg.eval_data_path else None
-    gas = cfg.gradient_accumulation_steps
-    steps_per_epoch = len(data.plan_epoch(train_ds.lengths, cfg.max_tokens, world, gas, cfg.seed, 0))
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    eval_every = cfg.eval_interval or steps_per_epoch
-    save_every = cfg.save_interval or steps_per_epoch
-
     betas = tuple(cfg.adam_betas or (0.9, 0.999))
     if ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
@@ -325,7 +339,8 @@ def main(cfg: Config):
 
     # resume: engine state, step, early-stopping state, RNG
     state = {"best_eval": float("inf"), "bad_evals": 0}
-    step = 0
+    step, metrics_path = 0, os.path.join(cfg.output_dir, "metrics.jsonl")
+    guard = data.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir)
     if cfg.resume:
         ckpt = os.path.join(cfg.output_dir, "checkpoints") if cfg.resume == "auto" else os.path.dirname(
             cfg.resume.rstrip("/"))
@@ -342,6 +357,9 @@ def main(cfg: Config):
             random.setstate(client["rng"]["python"])
             np.random.set_state(client["rng"]["numpy"])
             torch.set_rng_state(client["rng"]["torch"])
+            guard.last_good = os.path.join(ckpt, tag)
+            if rank == 0:
+                data.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
             log(f"resumed from {ckpt}/{tag} at step {step}")
         else:
             log("resume=auto: no checkpoint yet, starting fresh")
@@ -353,7 +371,6 @@ def main(cfg: Config):
     if rank == 0 and cfg.wandb_project:
         import wandb
         wb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     log(f"training: {len(train_ds)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, {world} ranks x "
         f"{gas} micro-batches of <= {cfg.max_tokens} tokens")
 
@@ -362,8 +379,8 @@ def main(cfg: Config):
     stop = False
     while step < total_steps and not stop:
         epoch, start = divmod(step, steps_per_epoch)
-        loader, _ = data.micro_batches(train_ds, cfg.max_tokens, rank, world, gas, cfg.seed, epoch, start,
-                                       cfg.num_workers)
+        loader = data.micro_batches(train_ds, cfg.max_tokens, rank, world, gas, cfg.seed, epoch, start,
+                                    cfg.num_workers)
         batches = iter(loader)
         for _ in range(start, steps_per_epoch):
             t0 = time.time()
@@ -371,8 +388,8 @@ def main(cfg: Config):
             # target tokens of the whole step, all micro-batches and ranks: the loss denominator
             counts = torch.tensor([sum(mb["n_target_tokens"] for mb in mbs),
                                    sum(int((mb["input_ids"] != ovis.PAD_ID).sum()) for mb in mbs),
-                                   sum(mb["input_ids"].numel() for mb in mbs)], device=engine.device,
-                                  dtype=torch.float64)
+                                   sum(mb["input_ids"].numel() for mb in mbs), sum(mb["n_failed"] for mb in mbs)],
+                                  device=engine.device, dtype=torch.float64)
             dist.all_reduce(counts)
             n_targets = counts[0].clamp(min=1)
             loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
@@ -394,8 +411,9 @@ def main(cfg: Config):
                    "lr": sched.get_last_lr()[0],
                    "grad_norm": grad_norm if grad_norm is not None else float(engine.get_global_grad_norm() or 0),
                    "tokens_per_s": counts[1].item() / dt, "real_token_frac": (counts[1] / counts[2]).item(),
-                   "mem_gb": memory_gb(), "time_s": dt}
-            if step % eval_every == 0 and eval_ds is not None:
+                   "targets": int(counts[0]), "load_failures": int(counts[3]), "mem_gb": memory_gb(), "time_s": dt}
+            failure = guard.check(step, rec, engine.skipped_steps)  # "" = healthy; else never eval, save or export
+            if step % eval_every == 0 and eval_ds is not None and not failure:
                 rec["eval_loss"] = evaluate(engine, eval_ds, cfg, rank, world)
                 if rec["eval_loss"] < state["best_eval"] - cfg.early_stopping_min_delta:
                     state.update(best_eval=rec["eval_loss"], bad_evals=0)
@@ -404,26 +422,31 @@ def main(cfg: Config):
                     state["bad_evals"] += 1
                     stop = 0 < cfg.early_stopping_patience <= state["bad_evals"]
             if rank == 0:
-                if step % cfg.log_interval == 0 or step == total_steps or "eval_loss" in rec:
+                if step % cfg.log_interval == 0 or step == total_steps or "eval_loss" in rec or failure:
                     print(f"step {step}/{total_steps} | epoch {epoch} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
                           f" | grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f} | real "
                           f"{rec['real_token_frac']:.1%} | mem {rec['mem_gb']:.2f}GB"
-                          + (f" | eval_loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""), flush=True)
+                          + (f" | eval_loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else "")
+                          + (f" | {rec['load_failures']} samples failed to load" if rec["load_failures"] else ""),
+                          flush=True)
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                    f.write(data.metrics_line(rec))  # strict JSON: NaN / inf become null, named in "nonfinite"
                 for k, v in rec.items():
-                    tb and tb.add_scalar(f"train/{k}", v, step)
+                    tb and math.isfinite(v) and tb.add_scalar(f"train/{k}", v, step)
                 wb and wb.log(rec, step=step)
+            if failure:
+                raise data.RunError(failure)
             if step % save_every == 0 or step == total_steps or stop:
-                save_resumable(engine, cfg, step, state, rank)
+                guard.last_good = save_resumable(engine, cfg, step, state, rank)
             if step >= total_steps or stop:
                 break
     if stop:
         log(f"early stopping at step {step}: no eval improvement in {state['bad_evals']} evals "
             f"(best {state['best_eval']:.4f}, kept in {cfg.output_dir}/best)")
     export(engine, model, os.path.join(cfg.output_dir, "final"), rank)
-    log(f"done: adapter in {cfg.output_dir}/final (base {base_name}); merge: python merge_lora.py "
-        f"--adapter {cfg.output_dir}/final --out {cfg.output_dir}/merged")
+    log(f"done: adapter in {cfg.output_dir}/final (base {base_name})" + (f" ({guard.empty} steps without targets, "
+        f"{guard.failed} samples failed to load)" if guard.empty or guard.failed else "") + "; merge: python "
+        f"merge_lora.py --adapter {cfg.output_dir}/final --out {cfg.output_dir}/merged")
     tb and tb.close()
     wb and wb.finish()
     if owns_group:
@@ -432,4 +455,7 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(data.load_config(Config))
+    try:
+        main(data.load_config(Config))
+    except data.RunError as e:  # diverged, or nothing to train on: say so, exit non-zero, no final/
+        sys.exit(f"lora.py: error: {e}")

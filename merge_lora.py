@@ -2,12 +2,13 @@
 
 Launch:
     python merge_lora.py --adapter out/demo_lora/final --out out/demo_lora/merged        # base read from the adapter
-    python merge_lora.py --base /path/to/Ovis2.5-9B --adapter out/lora_9b/final --out out/lora_9b/merged --dtype bf16
+    python merge_lora.py --base AIDC-AI/Ovis2.5-9B --adapter out/lora_9b/final --out out/lora_9b/merged --dtype bf16
 
 What it does, in order:
-- refuses an existing --out (nothing is ever overwritten), loads the base in fp32 (W + s * B @ A is computed in
-  fp32 and cast once at the end) and attaches the adapter, every tensor checked against the base first: an adapter
-  of another model fails naming the tensor and both shapes;
+- refuses an existing --out (nothing is ever overwritten) and a --base other than the adapter's recorded base
+  (unless --force); loads the base in fp32 (W + s * B @ A is computed in fp32 and cast once at the end) and
+  attaches the adapter, every tensor checked against the base first: an adapter of another model fails naming the
+  tensor and both shapes;
 - runs a probe of its own (a synthetic image and a question, in the chat template) through base + adapter, merges
   (modules_to_save copies replace their originals), runs the probe again, prints the largest logit difference and
   fails above --tol;
@@ -49,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="dtype of the written weights")
     ap.add_argument("--device", default="cpu", help="where the merge and the probe run")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest allowed probe logit difference (fp32)")
+    ap.add_argument("--force", action="store_true", help="merge onto a --base other than the one the adapter records")
     a = ap.parse_args(argv)
     if os.path.exists(a.out):
         raise SystemExit(f"merge_lora: {a.out} exists; choose a new --out (nothing is overwritten)")
-    base = ovis.resolve_checkpoint(a.base or ovis.adapter_base(a.adapter))  # a dir or a Hub id
+    recorded = ovis.adapter_base(a.adapter)
+    same = lambda x, y: x == y or (os.path.isdir(x) and os.path.isdir(y) and os.path.samefile(x, y))
+    if a.base and not same(a.base, recorded) and not a.force:
+        raise SystemExit(f"merge_lora: --base {a.base} is not the base the adapter was trained on ({recorded}, "
+                         f"in {a.adapter}/adapter_config.json); pass --force to merge onto it anyway")
+    base = ovis.resolve_checkpoint(a.base or recorded)  # a dir or a Hub id
     t0 = time.time()
     model = ovis.Ovis25.from_pretrained(base, dtype=torch.float32, device=a.device).eval()
     keys = set(model.state_dict())

@@ -860,7 +860,10 @@ class Ovis25(nn.Module):
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) >= top_p
             logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        probs = logits.softmax(-1)
+        if not torch.isfinite(probs).all():  # torch.multinomial would fail with a message that names no cause
+            raise FloatingPointError("generate: the model's next-token logits are not finite (diverged weights?)")
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Call convention (spec 14, the seed's data format): the model writes `<tool_call>
 inside its own (assistant) turn; the Qwen3 JSON form `<tool_call>{"name": "Crop", "arguments": {"bbox": [...]}}
 </tool_call>` is accepted too. The system answers right after `</tool_call>`: an image result becomes the visual
 tokens of one image, a text result becomes `<tool_response>...</tool_response>`. How a result turns into token ids
-is defined once, in data.py (`tool_result_ids`, `tool_result_pixels`), for training and inference alike.
+and pixels is defined once, here (`tool_result_ids`, `tool_result_pixels`), for training and inference alike.
 
 Rules every tool follows: every failure is a result the model reads (`ToolResult(text="Error: ...", error=True)`),
 never an exception; a tool only touches the images of the current conversation (passed in by the caller), never a
@@ -18,13 +18,17 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
+
+import model as ovis
 
 CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # complete calls in a text
 _NAME_RE = re.compile(r"\s*([A-Za-z_][\w.-]*)\s*(.*)", re.DOTALL)
 _NUM_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 BBOX_FORMATS = ("pixel", "norm", "norm1000")
 MIN_CROP_SIDE = 32  # = patch 16 x merge stride 2, the resize factor: smaller crops carry < 1 visual token a side
+CROP_MIN_PIXELS, CROP_MAX_PIXELS = 448 * 448, 896 * 896  # tool crops: small crops are upscaled to min_pixels
 
 
 @dataclass
@@ -54,6 +58,23 @@ def safe_text(s: str) -> str:
     """Tool text goes between <tool_response> markers: angle brackets would let it forge special tokens
     (`</tool_response>`, `<|im_end|>`), so they become look-alike guillemets."""
     return str(s).replace("<", "\u2039").replace(">", "\u203a")
+
+
+def tool_result_ids(result: ToolResult, tokenizer) -> list[int]:
+    """What follows `</tool_call>`: one `<image>` placeholder for an image (its grid: tool_result_pixels), else
+    `<tool_response>text</tool_response>`. Never learned."""
+    if result.kind == "image":
+        return [ovis.IMAGE_TOKEN_ID]
+    text = f"<tool_response>{safe_text(result.text)}</tool_response>"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tool_result_pixels(result: ToolResult, crop_min_pixels: int = CROP_MIN_PIXELS,
+                       crop_max_pixels: int = CROP_MAX_PIXELS, patch_size: int = 16, hidden_stride: int = 2):
+    """Pixels of a tool result: (pixel_values (N, 3*ps*ps), grid_thws (1, 3)) for a crop, (None, None) for text."""
+    if result.kind != "image":
+        return None, None
+    return ovis.preprocess_image(result.image, crop_min_pixels, crop_max_pixels, patch_size, hidden_stride)
 
 
 def _err(name: str, why: str) -> ToolResult:
@@ -323,21 +344,16 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
     """Generate for a batch of prompts (data.build_inputs dicts), running tool calls as they come. A round decodes
     all running rows (left-padded) until each stopped on `</tool_call>` or an eos; each call is then run by
     `registry` on its row's `images` (`keys`: their names, for Identify maps) and the result appended as
-    data.tool_result_ids / tool_result_pixels render it. Bad or unknown calls and every call past `max_tool_calls`
+    tool_result_ids / tool_result_pixels render it. Bad or unknown calls and every call past `max_tool_calls`
     (NO_MORE_TOOLS) become error responses. Waiting rows continue from the KV cache (kv_cache=False: re-prefill all
     each round, the reference); finished rows leave the batch. `max_new_tokens`, `thinking_budget` (thinking on
     only) count model tokens per row over all rounds. registry=None: no tools. `sampling`: Ovis25.generate's."""
-    import torch  # here, not at the top: data imports tools
-
-    import data
-    import model as M
-
     if thinking_budget is not None and not kv_cache:
         raise ValueError("thinking_budget needs kv_cache=True (it counts tokens over all rounds)")
-    vit, dev, forced = model.config.vit, next(model.parameters()).device, len(M.THINK_EARLY_STOP_IDS)
+    vit, dev, forced = model.config.vit, next(model.parameters()).device, len(ovis.THINK_EARLY_STOP_IDS)
     images, keys = images or [[] for _ in prompts], keys or [[] for _ in prompts]
-    crop_px = (crop_min_pixels or data.CROP_MIN_PIXELS, crop_max_pixels or data.CROP_MAX_PIXELS)
-    eos, stop = tuple(sampling.pop("eos_token_ids", M.EOS_IDS)), (TOOL_CALL_END_ID,) if registry else ()
+    crop_px = (crop_min_pixels or CROP_MIN_PIXELS, crop_max_pixels or CROP_MAX_PIXELS)
+    eos, stop = tuple(sampling.pop("eos_token_ids", ovis.EOS_IDS)), (TOOL_CALL_END_ID,) if registry else ()
     budget = None if thinking_budget is None else max(0, min(thinking_budget, max_new_tokens - forced - 1))
     outs = [Rollout(token_ids=t, gen_mask=[0] * len(t), prompt_len=len(t))
             for t in (p["input_ids"].reshape(-1).tolist() for p in prompts)]
@@ -352,7 +368,7 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
         if not kv_cache:
             chunk, new_pix, st = [outs[i].token_ids for i in active], [x for i in active for x in pix[i]], None
         n_pad = max(map(len, chunk))
-        ids = torch.tensor([[M.PAD_ID] * (n_pad - len(c)) + c for c in chunk], device=dev)
+        ids = torch.tensor([[ovis.PAD_ID] * (n_pad - len(c)) + c for c in chunk], device=dev)
         pv, g = (torch.cat([x[k] for x in new_pix]).to(dev) if new_pix else None for k in (0, 1))
         new, st = model.generate(ids, pv, g, max_new_tokens=n, eos_token_ids=eos, stop_token_ids=stop,
                                  thinking_budget=budget, state=st, return_state=True, **sampling)
@@ -372,14 +388,14 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
             res = (registry.execute(call, images[i], keys[i]) if len(o.tool_calls) < max_tool_calls else
                    ToolResult(name=call.name, text=NO_MORE_TOOLS, error=True))
             try:  # a crop too thin for the pixel budget is an error the model reads, not a crash
-                p, g = data.tool_result_pixels(res, *crop_px, vit.patch_size, vit.hidden_stride)
+                p, g = tool_result_pixels(res, *crop_px, vit.patch_size, vit.hidden_stride)
             except ValueError:
                 res, p, g = _err(res.name, f"the {res.image.width}x{res.image.height} crop is too thin to show; use "
                                  "a less elongated box"), None, None
             o.tool_calls.append({"name": res.name, "args": call.args, "ok": not res.error, "result": res.text})
-            add = data.tool_result_ids(res, tokenizer)
+            add = tool_result_ids(res, tokenizer)
             if g is not None:
-                add = M.expand_placeholders(add, g, vit.hidden_stride)
+                add = ovis.expand_placeholders(add, g, vit.hidden_stride)
                 o.crops, pix[i], new_pix = o.crops + [res.image], pix[i] + [(p, g)], new_pix + [(p, g)]
             o.text += "<image>" if g is not None else tokenizer.decode(add)
             o.token_ids, o.gen_mask, keep, chunk = o.token_ids + add, o.gen_mask + [0] * len(add), keep + [j], \
@@ -392,7 +408,7 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
         active = [active[j] for j in keep]
     for o, px in zip(outs, pix):
         gen = [k for k, v in enumerate(o.gen_mask) if v]
-        if budget is not None and M.THINK_END_ID not in [o.token_ids[k] for k in gen[:budget]]:
+        if budget is not None and ovis.THINK_END_ID not in [o.token_ids[k] for k in gen[:budget]]:
             for k in gen[budget:budget + forced]:  # forced at exactly `budget` generated tokens: not sampled
                 o.gen_mask[k] = 0
         o.thinking, o.answer = split_output(o.text)

@@ -25,14 +25,30 @@ def cfg_for(base, data_path, out, **kw):
     return c
 
 
+def _no_nan(token):
+    raise ValueError(f"metrics.jsonl holds {token}: not JSON")
+
+
 def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl read as a strict JSON reader does (NaN / Infinity are errors)."""
+    return [json.loads(line, parse_constant=_no_nan) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_script(script: str, cfg: dict, tmp: Path, timeout=300) -> subprocess.CompletedProcess:
+    """`python script --config cfg.json` as a user runs it (one process, its own port); returns the finished process."""
+    path = tmp / f"cfg_{Path(script).stem}_{len(list(tmp.iterdir()))}.json"
+    path.write_text(json.dumps(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / script), "--config", str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def launch(launcher: str, cfg: dict, tmp: Path, timeout=300, script: str = "sft.py", args=(), env=None):

@@ -197,7 +197,7 @@ def test_infer_cli_single_and_resumable_batch(trained, tokenizer, tmp_path, caps
     assert infer.main(batch) == 0
     again = [json.loads(x) for x in a.read_text().splitlines()]
     assert again == first
-    assert "2 answered, 1 already" in capsys.readouterr().out
+    assert "2 answered, 0 errors, 1 already" in capsys.readouterr().out
 
 
 def test_peft_lora_adapter_is_merged(trained, tmp_path):
