@@ -207,7 +207,7 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
         ids, labels = ids[:-1], labels[:-1]
     need(PAD_ID not in ids, "conversations", f"text tokenizes to the pad id {PAD_ID}")
 
-    # pixels (or only grids) per placeholder; crops are cut from the first image by the registry's own tool
+    # pixels (or only grids) per placeholder; image tool results are made by the registry's own tools
     n_img, imgs, pixels, grids = len(paths), [], [], []
     lo = single_image_min_pixels if n_img <= 1 or multiple_image_min_pixels < 0 else multiple_image_min_pixels
     hi = single_image_max_pixels if n_img <= 1 else (
@@ -224,14 +224,15 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
             if isinstance(x, int):  # an original image
                 pv, g = model.preprocess_image(imgs[x], lo, hi, **geo) if with_pixels else (None, _grid(
                     imgs[x], lo, hi, **geo))
-            elif with_pixels:  # a crop, cut by the very tool call the inference loop would run
-                res = registry.execute(x, imgs[:1], paths[:1])
-                if res.kind != "image":
-                    raise ValueError(res.text)
-                pv, g = tools.tool_result_pixels(res, crop_min_pixels, crop_max_pixels, **geo)
-            else:  # only the crop's size: same box rule, no decoding
-                x1, y1, x2, y2 = registry.get(x.name).box(x.args, imgs[0])
-                pv, g = None, _grid((x2 - x1, y2 - y1), crop_min_pixels, crop_max_pixels, **geo)
+            else:  # an image tool's result, made by the very call the inference loop would run
+                size = None if with_pixels else registry.get(x.name).output_size(x.args, imgs[0])
+                if size is None:  # run it (length pass: only for a tool that cannot size its result from the box)
+                    res = registry.execute(x, imgs if with_pixels else [_open(Path(image_dir) / p, True)
+                                                                        for p in paths], paths)
+                    if res.kind != "image":
+                        raise ValueError(res.text)
+                pv, g = tools.tool_result_pixels(res, crop_min_pixels, crop_max_pixels, **geo) if with_pixels else (
+                    None, _grid(size or res.image.size, crop_min_pixels, crop_max_pixels, **geo))
         except ValueError as e:
             need(False, fld, f"cannot preprocess: {e}" if isinstance(x, int) else f"{x.raw.strip()!r}: {e}")
         pixels, grids = pixels + [pv], grids + [g]
@@ -584,13 +585,15 @@ def check(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=str(Path(__file__).parent / "assets" / "tiny"))
     ap.add_argument("--max_length", type=int, default=None)
     ap.add_argument("--bbox_format", default="pixel", choices=tools.BBOX_FORMATS)
+    ap.add_argument("--tools", default="Crop|Identify", help="the run's tools: names or module:Class")
     a = ap.parse_args(argv)
+    registry = tools.load_tools(a.tools, a.bbox_format)
     tok, errors = load_tokenizer(a.tokenizer), []
     samples = [s for p in a.data for s in load_samples(p, errors)]
     n_total, lengths, images, calls, auto = len(samples) + len(errors), [], 0, Counter(), 0
     for s in tqdm(samples, desc="check", disable=len(samples) < 500, file=sys.stderr):
         try:
-            out = encode_sample(s, tok, a.image_dir, max_length=a.max_length, bbox_format=a.bbox_format)
+            out = encode_sample(s, tok, a.image_dir, max_length=a.max_length, registry=registry)
         except SampleError as e:
             errors.append(e)
             continue

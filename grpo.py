@@ -12,7 +12,8 @@ Algorithm choices (one optimizer step per rollout batch, repeated num_iterations
   ZeRO-3: the weights are gathered and the partitioning hooks lifted for the rollout (the cost: every rank holds the
   full bf16 weights meanwhile, 18 GB for the 9B), so ranks decoding different lengths never wait on each other.
 - Rewards: weighted named components (format, accuracy, iou, tool, and the seed's tool_usage, bbox_validity,
-  reasoning_quality) and custom functions by dotted path, fn(Completion) -> float; each logged separately.
+  reasoning_quality: tools.py's scorers, shared with infer.py --score) and your own fn(rollout, sample) -> float by
+  dotted path; each logged separately.
 - Advantages per group of num_generations: r - mean, divided by std + 1e-4 when scale_rewards (Dr. GRPO: false).
   dynamic_sampling drops groups whose rewards are all equal (no signal) from the loss and its normaliser.
 - Loss per generated token: -min(rho A, clip(rho, 1 - epsilon_low, 1 + epsilon_high) A) + beta k3, with
@@ -24,14 +25,13 @@ Algorithm choices (one optimizer step per rollout batch, repeated num_iterations
   adapters on top, else train_modules as in sft.py. Checkpoints and resume as sft.py.
 """
 
-import importlib
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ class Config:
     adapter: str = ""  # optional lora.py adapter dir, merged into model_path (default: its recorded base) (ZeRO 0-2)
     data_path: str = ""  # samples: image, conversations up to the question (or "question"), answer, bbox
     image_dir: str = "."  # image paths in the samples are relative to this
+    tools: str = "Crop|Identify"  # the tools rollouts run: built-in names or module:Class (tools.load_tools)
     identify_map: str = ""  # Identify backend: JSON {image path: [{"bbox": [...], "name": ...}]}; "" = none
     output_dir: str = "out/grpo"  # checkpoints/, final/, metrics.jsonl
     zero_config: str = "zero_configs/zero2.json"  # engine policy
@@ -81,7 +82,7 @@ class Config:
     crop_max_pixels: int = 896 * 896
     bbox_format: Literal["pixel", "norm", "norm1000"] = "pixel"  # Crop boxes and the data's bbox
     # --- rewards and policy update
-    rewards: str = "format:0.5|accuracy:1|iou:0.5|tool:0.5"  # "|"-separated name:weight; a dotted path = custom
+    rewards: str = "format:0.5|accuracy:1|iou:0.5|tool:0.5"  # tools.py scorers name:weight|...; dotted path = yours
     scale_rewards: bool = True  # divide advantages by the group std
     dynamic_sampling: bool = False  # drop zero-variance groups from the loss
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "bnpo"  # normaliser of the token losses
@@ -107,143 +108,6 @@ class Config:
 
     def __post_init__(self):
         data.check_choices(self)  # Literal fields: a typo is an error
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# rewards: fn(Completion) -> float, weighted by name in cfg.rewards
-
-
-@dataclass
-class Completion:
-    """What a reward sees."""
-    text: str  # everything after the prompt, tool results included (a crop reads <image>), no end token
-    model_text: str  # only the tokens the model sampled: a <tool_response> here was written by the model itself
-    rollout: tools.Rollout  # tool_calls ({name, args, ok, result}), answer, thinking, token ids, ...
-    sample: dict  # the data sample: answer, bbox, id, ...
-    image_size: tuple  # (W, H) of the first image
-    bbox_format: str  # of the Crop boxes and of sample["bbox"]
-    thinking: bool  # the prompt opened a thinking turn
-
-
-def _norm(s) -> str:  # lower case, no punctuation, no articles
-    return " ".join(w for w in re.sub(r"[^\w\s%-]", " ", str(s).lower()).split() if w not in ("a", "an", "the"))
-
-
-def _number(s) -> float | None:
-    nums = re.findall(r"-?\d+(?:\.\d+)?", str(s).replace(",", ""))
-    return float(nums[0]) if len(nums) == 1 else None
-
-
-def r_accuracy(c: Completion) -> float:
-    """1 if the answer (<answer> content, else the text after </think>) matches sample["answer"] (or one of a list):
-    numerically when the gold is a number, else after lower-casing, dropping punctuation and articles."""
-    gold, pred = c.sample.get("answer"), c.rollout.answer
-    for g in (gold if isinstance(gold, list) else [gold]) if gold is not None and pred else []:
-        if re.fullmatch(r"\s*-?[\d,]+(\.\d+)?\s*", str(g)):  # a number: compare values ("3.0", "3 squares")
-            if _number(pred) is not None and abs(_number(pred) - _number(g)) <= 1e-6 * max(1.0, abs(_number(g))):
-                return 1.0
-        elif _norm(pred) == _norm(g):
-            return 1.0
-    return 0.0
-
-
-def r_format(c: Completion) -> float:
-    """1 if: no tool output written by the model; thinking: one <think>...</think> holding every tool call, then
-    <answer>...</answer> to the end (no thinking: the answer block closes the text); every call parses."""
-    t = c.text.strip()
-    if "<tool_response>" in c.model_text or "</tool_response>" in c.model_text:
-        return 0.0
-    if c.thinking:
-        m = re.fullmatch(r"<think>(.*?)</think>\s*<answer>(.+?)</answer>", t, re.DOTALL)
-        if not m or "<think>" in m.group(1) or "<tool_call>" in t[m.end(1):]:
-            return 0.0
-    elif not re.search(r"<answer>.+?</answer>$", t, re.DOTALL):
-        return 0.0
-    calls = re.findall(r"<tool_call>.*?</tool_call>", c.model_text, re.DOTALL)
-    if len(calls) != c.model_text.count("<tool_call>") or len(calls) != c.model_text.count("</tool_call>"):
-        return 0.0
-    try:  # Crop / Identify with a well-formed box (whether the box hits the image is iou's business)
-        return float(all(not p.error and p.name.lower() in ("crop", "identify") and tools.bbox_args(p.args)
-                         for p in map(tools.parse_tool_call, calls)))
-    except ValueError:
-        return 0.0
-
-
-def r_iou(c: Completion) -> float:
-    """Mean IoU of the Crop calls' boxes with sample["bbox"] (a failed crop counts 0); 0 without a crop."""
-    gt, crops = c.sample.get("bbox"), [t for t in c.rollout.tool_calls if t["name"].lower() == "crop"]
-    if gt is None or not crops:
-        return 0.0
-    gt = tools.to_pixels(gt, c.image_size, c.bbox_format)
-    return sum(tools.iou(tools.to_pixels(t["args"], c.image_size, c.bbox_format), gt) if t["ok"] else 0.0
-               for t in crops) / len(crops)
-
-
-def r_tool(c: Completion) -> float:
-    """Tool use paid only when it helped: the answer is right and at least one Crop actually ran."""
-    return float(r_accuracy(c) == 1.0 and any(t["ok"] and t["name"].lower() == "crop" for t in c.rollout.tool_calls))
-
-
-# The seed's three (seed-behaviour 6.3), rule for rule, on the text with the real tool results.
-STRICT_CALL = re.compile(r"<tool_call>(Crop|Identify) \[([\d.,\s]+)\]</tool_call>")
-KEYWORDS = ("who", "identify", "person", "people", "crop", "examine", "look at", "focus on", "region", "area",
-            "section")
-
-
-def r_tool_usage(c: Completion) -> float:
-    t = c.text
-    calls = [m for m in STRICT_CALL.finditer(t) if len(re.findall(r"\d+(?:\.\d*)?|\.\d+", m.group(2))) == 4]
-    if not calls:
-        return 0.0 if any(k in t.lower() for k in KEYWORDS) else 0.5
-    score, ident = 0.3, [m for m in calls if m.group(1) == "Identify"]
-    if ident:
-        score += 0.4 * sum(bool(re.match(r"\s*<tool_response>[^<]", t[m.end():])) for m in ident) / len(ident)
-    think = re.search(r"<think>.*?</think>", t, re.DOTALL)
-    if think and all(think.start() <= m.start() and m.end() <= think.end() for m in calls):
-        score += 0.3
-    return min(score, 1.0)
-
-
-def r_bbox_validity(c: Completion) -> float:
-    boxes = re.findall(r"\[(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?)\]", c.text)
-    bad = sum(float(b[0]) >= float(b[2]) or float(b[1]) >= float(b[3]) for b in boxes)
-    return 1.0 - bad / len(boxes) if boxes else 1.0
-
-
-def r_reasoning_quality(c: Completion) -> float:
-    t = c.text
-    score = 0.3 * ("<think>" in t and "</think>" in t) + 0.3 * ("<answer>" in t and "</answer>" in t)
-    think = re.search(r"<think>(.*?)</think>", t, re.DOTALL)
-    if think and "<tool_call>" in think.group(1):
-        score += 0.2 * (len(think.group(1).split("<tool_call>")[0].split()) > 10)
-    n_words = len(t.split())
-    score *= 0.5 if n_words < 20 else 0.8 if n_words > 1000 else 1.0
-    if "<tool_response>" in t:
-        gaps = re.findall(r"</tool_response>(.*?)(?=<tool_call>|</think>)", t, re.DOTALL)
-        score += 0.2 * any(len(g.split()) > 5 for g in gaps)
-    return min(score, 1.0)
-
-
-REWARDS = {"format": r_format, "accuracy": r_accuracy, "iou": r_iou, "tool": r_tool, "tool_usage": r_tool_usage,
-           "bbox_validity": r_bbox_validity, "reasoning_quality": r_reasoning_quality}
-
-
-def parse_rewards(spec: str) -> list[tuple[str, float, object]]:
-    """"format:0.5|accuracy:1|mypkg.rewards.f:0.3" -> [(name, weight, fn)]; dotted names are imported."""
-    out = []
-    for part in filter(None, (p.strip() for p in spec.split("|"))):
-        name, _, w = part.partition(":")
-        if "." in name:
-            mod, _, attr = name.rpartition(".")
-            fn = getattr(importlib.import_module(mod), attr)
-        elif name in REWARDS:
-            fn = REWARDS[name]
-        else:
-            raise ValueError(f"rewards: unknown reward {name!r}; built-in: {', '.join(REWARDS)}, or a dotted path")
-        out.append((name, float(w) if w else 1.0, fn))
-    if not out:
-        raise ValueError("rewards is empty")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,7 +298,7 @@ def main(cfg: Config):
     if n_local % cfg.micro_batch_size or cfg.num_generations < 2:
         raise ValueError(f"prompts_per_rank x num_generations ({n_local}) must be a multiple of micro_batch_size "
                          f"({cfg.micro_batch_size}), and num_generations >= 2")
-    reward_fns = parse_rewards(cfg.rewards)
+    reward_fns = tools.parse_scorers(cfg.rewards)
     os.makedirs(cfg.output_dir, exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -449,7 +313,7 @@ def main(cfg: Config):
 
     path = ovis.resolve_checkpoint(cfg.model_path or ovis.adapter_base(cfg.adapter))  # Hub ids: once per node
     tokenizer = data.load_tokenizer(path)
-    registry = tools.default_registry(cfg.bbox_format, cfg.identify_map or None)
+    registry = tools.load_tools(cfg.tools, cfg.bbox_format, cfg.identify_map or None)
     prompts = load_prompts(cfg.data_path.split(","), cfg.image_dir, cfg.bbox_format)
     model = load_model(cfg, path, ds_config, rank)
     ref = None  # KL reference: a frozen copy (an engine without optimizer: partitioned under ZeRO-3, bf16 cast)
@@ -532,14 +396,10 @@ def main(cfg: Config):
         t_roll = time.time() - t0
 
         # 2. rewards, group advantages, the loss normalisers over the global batch
-        comps = [Completion(r.text, tokenizer.decode([t for t, m in zip(r.token_ids, r.gen_mask)
-                                                      if m and t not in ovis.EOS_IDS]), r, batch[j // G],
-                            inputs[j // G][1][0].size, cfg.bbox_format, cfg.enable_thinking)
-                 for j, r in enumerate(rolls)]
         parts = {}
-        for name, _, fn in reward_fns:  # a failing reward stops the run: never a silent 0
+        for name, _, fn in reward_fns:  # tools.py's scorers, fn(rollout, sample); a failing one stops the run
             try:
-                parts[name] = torch.tensor([float(fn(c)) for c in comps])
+                parts[name] = torch.tensor([float(fn(r, batch[j // G])) for j, r in enumerate(rolls)])
             except Exception as e:
                 raise RuntimeError(f"reward {name!r} failed on a completion of {[s.get('id') for s in batch]}") from e
         reward = sum(w * parts[name] for name, w, _ in reward_fns).view(-1, G)  # (P, G)
@@ -580,10 +440,9 @@ def main(cfg: Config):
         step += 1
 
         # 4. logs: every reward component, accuracy, tool use, lengths, KL, clipping, time (sums over all ranks)
-        crops = [t for r in rolls for t in r.tool_calls if t["name"].lower() == "crop"]
+        ts = sum((tools.trajectory_stats(r, batch[j // G]) for j, r in enumerate(rolls)), Counter())
         sums = {"reward": reward.sum(), **{f"reward_{n}": parts[n].sum() for n, _, _ in reward_fns},
-                "accuracy": sum(r_accuracy(c) for c in comps), "tool_calls": sum(len(r.tool_calls) for r in rolls),
-                "crops": len(crops), "crops_ok": sum(t["ok"] for t in crops), "gen_tokens": n_gen.sum(),
+                **{k: ts[k] for k in ("accuracy", "tool_calls", "crops", "crops_ok", "gen_tokens")},
                 "rollouts": len(rolls), "kept": keep.sum(), "group_std": reward.std(1).sum(), "groups": len(batch)}
         vals = torch.tensor([float(v) for v in sums.values()], device=dev, dtype=torch.float64)
         dist.all_reduce(vals)

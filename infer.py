@@ -13,14 +13,15 @@ Sampling defaults: the checkpoint's generation_config.json; --greedy, --temperat
 
 Python:
     import infer
-    eng = infer.load("path/to/Ovis2.5-2B", adapter=None, dtype=torch.bfloat16, device="cuda")
-    r = infer.chat(eng, image="a.jpg", prompt="...", enable_thinking=True, tools=True)   # a tools.Rollout
+    s = infer.load("AIDC-AI/Ovis2.5-2B", adapter=None, dtype=torch.bfloat16, device="cuda")
+    r = infer.chat(s, image="a.jpg", prompt="...", enable_thinking=True, use_tools=True)   # a tools.Rollout
     print(r.thinking, r.answer, r.tool_calls)
 """
 
 import argparse
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,18 +30,19 @@ from PIL import Image
 
 import data
 import model as ovis
-import tools as tool_lib
+import tools
 
 
 @dataclass
-class Engine:
+class Session:
+    """A loaded model, ready to answer."""
     model: ovis.Ovis25
     tokenizer: object
     sampling: dict = field(default_factory=dict)  # generate() keywords from generation_config.json
 
 
-def load(model_path: str | None, adapter: str | None = None, dtype=None, device=None) -> Engine:
-    """Checkpoint dir (official layout + tokenizer files) or Hub id ("AIDC-AI/Ovis2.5-2B") -> Engine. `adapter`: a
+def load(model_path: str | None, adapter: str | None = None, dtype=None, device=None) -> Session:
+    """Checkpoint dir (official layout + tokenizer files) or Hub id ("AIDC-AI/Ovis2.5-2B") -> Session. `adapter`: a
     LoRA dir from lora.py, merged into the weights (model_path None = the base recorded in it). Defaults: cuda +
     bf16, else fp32."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,7 +59,7 @@ def load(model_path: str | None, adapter: str | None = None, dtype=None, device=
         eos = g.get("eos_token_id")
         if eos is not None:
             gen["eos_token_ids"] = tuple(eos if isinstance(eos, list) else [eos])
-    return Engine(m, data.load_tokenizer(model_path), gen)
+    return Session(m, data.load_tokenizer(model_path), gen)
 
 
 def _request(req: dict, image_dir: str = ".") -> tuple[list, list, list]:
@@ -97,56 +99,70 @@ def _rgb(path) -> Image.Image:
         return im.convert("RGB")
 
 
-def chat_batch(engine: Engine, requests: list, image_dir: str = ".", *, enable_thinking: bool = False,
-               thinking_budget: int | None = None, tools: "bool | tool_lib.Registry" = False, max_tool_calls: int = 5,
-               identify=None, bbox_format: str = "pixel", max_new_tokens: int = 2048, min_pixels: int = 448 * 448,
-               max_pixels: int = 1792 * 1792, crop_min_pixels: int | None = None, crop_max_pixels: int | None = None,
-               **sampling) -> list:
-    """Requests (see _request) -> one tools.Rollout each, generated as one left-padded batch. tools=True: Crop +
-    Identify (`identify`: its map file / dict / callable), and the registry's system prompt when there is none.
-    thinking_budget applies with enable_thinking only; `sampling` overrides engine.sampling (generate keywords)."""
-    registry = tools if isinstance(tools, tool_lib.Registry) else (
-        tool_lib.default_registry(bbox_format, identify) if tools else None)
+def chat_batch(session: Session, requests: list, image_dir: str = ".", *, enable_thinking: bool = False,
+               thinking_budget: int | None = None, use_tools: "bool | str | tools.Registry" = False,
+               max_tool_calls: int = 5, identify=None, bbox_format: str = "pixel", max_new_tokens: int = 2048,
+               min_pixels: int = 448 * 448, max_pixels: int = 1792 * 1792, crop_min_pixels: int | None = None,
+               crop_max_pixels: int | None = None, **sampling) -> list:
+    """Requests (see _request) -> one tools.Rollout each, generated as one left-padded batch. use_tools: True = Crop +
+    Identify (`identify`: its map file / dict / callable), a tools spec ("Crop|mypkg.ocr:OCR") or a Registry; its
+    system prompt is added when a request has none. thinking_budget applies with enable_thinking only; `sampling`
+    overrides session.sampling (generate keywords)."""
+    registry = use_tools if isinstance(use_tools, tools.Registry) else tools.load_tools(
+        "Crop|Identify" if use_tools is True else use_tools, bbox_format, identify) if use_tools else None
     prompts, images, keys = [], [], []
     for req in requests:
         msgs, imgs, k = _request(req, image_dir)
         if registry and not any(m["role"] == "system" for m in msgs):
             msgs = [{"role": "system", "content": registry.system_prompt()}] + msgs
         try:
-            prompts.append(data.build_inputs(msgs, engine.tokenizer, enable_thinking, True, min_pixels, max_pixels))
+            prompts.append(data.build_inputs(msgs, session.tokenizer, enable_thinking, True, min_pixels, max_pixels))
         except ValueError as e:  # an invalid message, or an image too small / thin for the pixel budget
             raise data.SampleError(req.get("_file", "request"), req.get("_index", 0), req.get("id"),
                                    "messages" if "messages" in req else "image", str(e)) from e
         images.append(imgs)
         keys.append(k)
-    return tool_lib.run_tool_loop(
-        engine.model, engine.tokenizer, prompts, images, keys, registry, max_tool_calls, max_new_tokens,
+    return tools.run_tool_loop(
+        session.model, session.tokenizer, prompts, images, keys, registry, max_tool_calls, max_new_tokens,
         thinking_budget if enable_thinking else None, crop_min_pixels=crop_min_pixels,
-        crop_max_pixels=crop_max_pixels, **{**engine.sampling, **sampling})
+        crop_max_pixels=crop_max_pixels, **{**session.sampling, **sampling})
 
 
-def chat(engine: Engine, messages: list | None = None, image=None, prompt: str | None = None, **kw):
+def chat(session: Session, messages: list | None = None, image=None, prompt: str | None = None, **kw):
     """One conversation: `messages` (chat format, image items hold a path or a PIL image) or `image`(s) + `prompt`.
-    Keywords as chat_batch (enable_thinking, thinking_budget, tools, max_tool_calls, do_sample, ...)."""
-    return chat_batch(engine, [{"messages": messages} if messages else {"image": image, "prompt": prompt}], **kw)[0]
+    Keywords as chat_batch (enable_thinking, thinking_budget, use_tools, max_tool_calls, do_sample, ...)."""
+    return chat_batch(session, [{"messages": messages} if messages else {"image": image, "prompt": prompt}], **kw)[0]
 
 
-def record(rid, r) -> dict:
-    return {"id": rid, "answer": r.answer, "thinking": r.thinking, "text": r.text, "tool_calls": r.tool_calls,
-            "n_generated": r.n_generated, "finish": r.finish}
+def record(req: dict, r, scorers=()) -> dict:
+    """One output line. With scorers (tools.parse_scorers): each one's score against the request's answer / bbox,
+    and the trajectory's counts (tools.trajectory_stats) that the summary adds up."""
+    rec = {"id": req["id"], "answer": r.answer, "thinking": r.thinking, "text": r.text, "tool_calls": r.tool_calls,
+           "n_generated": r.n_generated, "finish": r.finish}
+    if scorers:
+        rec.update(scores={n: float(fn(r, req)) for n, _, fn in scorers}, stats=dict(tools.trajectory_stats(r, req)))
+    return rec
 
 
-def answer(engine: Engine, requests: list, image_dir: str = ".", **kw) -> list[dict]:
-    """Requests -> one output record each: the answer, or {"id", "error"} for a request that cannot be prepared (the
-    error names its field) or fails to generate. One bad request never blocks the others: a failing batch is
-    answered again one request at a time."""
+def answer(session: Session, requests: list, image_dir: str = ".", **kw) -> list:
+    """Requests -> a tools.Rollout each, or an error message (str) for a request that cannot be prepared (it names
+    the field) or fails to generate. One bad request never blocks the others: a failing batch is answered again one
+    request at a time."""
     try:
-        return [record(q["id"], r) for q, r in zip(requests, chat_batch(engine, requests, image_dir, **kw))]
+        return chat_batch(session, requests, image_dir, **kw)
     except (ValueError, OSError, RuntimeError) as e:  # SampleError is a ValueError; RuntimeError: e.g. out of memory
         if len(requests) > 1:
-            return [x for q in requests for x in answer(engine, [q], image_dir, **kw)]
-        return [{"id": requests[0]["id"], "error": str(e) if isinstance(e, data.SampleError) else
-                 f"{type(e).__name__}: {e}"}]
+            return [x for q in requests for x in answer(session, [q], image_dir, **kw)]
+        return [str(e) if isinstance(e, data.SampleError) else f"{type(e).__name__}: {e}"]
+
+
+def summary(path: str, scorers) -> dict:
+    """Accuracy, format rate, tool calls per question, valid-crop rate, mean crop IoU, mean generated tokens, finish
+    reasons, calls per tool and each scorer's mean over every scored record of `path` (earlier runs included)."""
+    recs = [r for r in map(json.loads, Path(path).read_text(encoding="utf-8").splitlines()) if "stats" in r]
+    out = tools.summarize(sum((Counter(r["stats"]) for r in recs), Counter()))
+    out["scores"] = {n: sum(r["scores"][n] for r in recs) / max(len(recs), 1) for n, _, _ in scorers}
+    return out
 
 
 def done_ids(path: str, retry_errors: bool = False) -> dict:
@@ -171,13 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input")
     ap.add_argument("--output")
     ap.add_argument("--retry-errors", action="store_true", help="ask again the requests --output holds errors for")
+    ap.add_argument("--score", nargs="?", const="accuracy|format|iou|tool", help="score each answer against the "
+                    "request's answer (and bbox) with tools.py scorers (dotted paths for yours); writes a summary")
     ap.add_argument("--image-dir", default=".")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--think", action="store_true", help="enable thinking")
     ap.add_argument("--thinking-budget", type=int)
-    ap.add_argument("--tools", action="store_true", help="Crop + Identify, run automatically")
+    ap.add_argument("--tools", nargs="?", const="Crop|Identify", help="run tool calls: Crop|Identify (no value), or "
+                    "names / module:Class, e.g. \"Crop|mypkg.ocr:OCR\"")
     ap.add_argument("--identify", help="Identify map: JSON {image_key: [{bbox, name}]}")
-    ap.add_argument("--bbox-format", default="pixel", choices=tool_lib.BBOX_FORMATS)
+    ap.add_argument("--bbox-format", default="pixel", choices=tools.BBOX_FORMATS)
     ap.add_argument("--max-tool-calls", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=2048)
     ap.add_argument("--greedy", action="store_true")
@@ -194,22 +213,28 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --model, --adapter or both")
     if bool(a.input) == bool(a.prompt) or bool(a.input) != bool(a.output):
         ap.error("give --prompt (one question) or --input and --output (a batch)")
-    eng = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device)
+    session = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device)
     torch.manual_seed(a.seed)
-    kw = dict(enable_thinking=a.think, thinking_budget=a.thinking_budget, tools=a.tools, identify=a.identify,
-              bbox_format=a.bbox_format, max_tool_calls=a.max_tool_calls, max_new_tokens=a.max_new_tokens)
+    kw = dict(enable_thinking=a.think, thinking_budget=a.thinking_budget, use_tools=a.tools or False,
+              identify=a.identify, bbox_format=a.bbox_format, max_tool_calls=a.max_tool_calls,
+              max_new_tokens=a.max_new_tokens)
     kw.update({k: getattr(a, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "min_pixels",
                                           "max_pixels", "crop_min_pixels", "crop_max_pixels")
                if getattr(a, k) is not None}, **({"do_sample": False} if a.greedy else {}))
     if a.prompt:
-        r = chat_batch(eng, [{"image": a.image, "prompt": a.prompt}], a.image_dir, **kw)[0]
+        r = chat_batch(session, [{"image": a.image, "prompt": a.prompt}], a.image_dir, **kw)[0]
         for c in r.tool_calls:
             print(f"[tool] {c['name']} {c['args']} -> {'ok' if c['ok'] else 'error'}: {c['result'] or '<image>'}")
         print(f"[thinking]\n{r.thinking}\n" if r.thinking else "", f"[answer]\n{r.answer}", sep="")
         return 0
+    return run_batch(session, a, kw)
+
+
+def run_batch(session: Session, a, kw: dict) -> int:
+    """The --input / --output CLI: resumable, error records, optional scores and summary. Returns the exit code."""
     from tqdm import tqdm
 
-    bad_lines = []
+    scorers, bad_lines = tools.parse_scorers(a.score, "--score") if a.score else (), []
     reqs = [{**r, "id": r.get("id", i)} for i, r in enumerate(data.load_samples(a.input, bad_lines))]
     seen = done_ids(a.output, a.retry_errors)
     todo, n_failed = [r for r in reqs if r["id"] not in seen], 0
@@ -218,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         f.writelines(json.dumps(rec) + "\n" for rec in bad)  # a line that is no JSON object (id: file:line)
         for s in range(0, len(todo), a.batch_size):
             batch = todo[s:s + a.batch_size]
-            for rec in answer(eng, batch, a.image_dir, **kw):
-                n_failed += "error" in rec
+            for req, r in zip(batch, answer(session, batch, a.image_dir, **kw)):
+                n_failed += isinstance(r, str)
+                rec = {"id": req["id"], "error": r} if isinstance(r, str) else record(req, r, scorers)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(batch))
@@ -227,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(todo) - n_failed} answered, {n_err} errors, {len(reqs) - len(todo)} already in {a.output}"
           + (f" ({n_old} of them errors)" if n_old else "")
           + (" | each error record names its field; --retry-errors asks them again" if n_err + n_old else ""))
+    if scorers:
+        out = {**summary(a.output, scorers), "errors": n_err + n_old}
+        Path(os.path.splitext(a.output)[0] + ".summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        print("summary:", json.dumps(out))
     return 1 if n_err + n_old else 0  # finished, but not every request has an answer
 
 

@@ -39,6 +39,7 @@ from peft import LoraConfig, get_peft_model
 
 import data
 import model as ovis
+import tools
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Config:
     crop_min_pixels: int = 448 * 448  # budget of Crop results inserted into the conversation
     crop_max_pixels: int = 896 * 896
     bbox_format: Literal["pixel", "norm", "norm1000"] = "pixel"  # Crop boxes in the data
+    tools: str = "Crop|Identify"  # the tools the data calls: built-in names or module:Class (tools.load_tools)
     bf16: bool = True  # overrides the zero config's bf16.enabled
     gradient_checkpointing: bool = True  # recompute activations in backward (ViT and LLM)
     attn_implementation: str = ""  # LLM attention: "" = flash_attention_2 if installed else sdpa; or eager
@@ -297,7 +299,7 @@ def main(cfg: Config):
                single_image_max_pixels=cfg.single_image_max_pixels,
                multiple_image_min_pixels=cfg.multiple_image_min_pixels,
                multiple_image_max_pixels=cfg.multiple_image_max_pixels, crop_min_pixels=cfg.crop_min_pixels,
-               crop_max_pixels=cfg.crop_max_pixels)
+               crop_max_pixels=cfg.crop_max_pixels, registry=tools.load_tools(cfg.tools, cfg.bbox_format))
     train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc)
     eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc) \
         if cfg.eval_data_path else None

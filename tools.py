@@ -12,9 +12,12 @@ path from model text; coordinates refer to the ORIGINAL first image of the conve
 `bbox_format`: `pixel` (seed data, default), `norm` ([0, 1], Ovis grounding style) or `norm1000` ([0, 1000]).
 """
 
+import importlib
+import inspect
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -173,18 +176,21 @@ def crop_box(box, size: tuple[int, int], bbox_format: str = "pixel",
 
 
 class Tool:
-    """A tool: a `name`, a `description` (goes into the system prompt) and `run(args, images, keys)` returning a
-    ToolResult. `images` are the conversation's images (originals, in order), `keys` their names in the data.
-    An image tool (returns = "image") also has `box(args, size)`: data.py sizes its result without decoding."""
+    """A tool the model may call. `name`; `description`: its line of the default system prompt; `returns`: "text" (the
+    result is a <tool_response>) or "image" (its visual tokens follow the call); `run(args, images, keys)` -> a
+    ToolResult, where images are the conversation's originals in order and keys their names in the data. In training
+    data a text tool's call is followed by its recorded <tool_response> (never run at load) and an image tool's call
+    is run at load, like Crop. `output_size` lets the length pass size an image result without decoding pixels."""
     name = ""
-    returns = "text"  # "image" or "text": tells the data checker what must follow the call
-
-    @property
-    def description(self) -> str:
-        return ""
+    returns = "text"
+    description = ""
 
     def run(self, args, images: list, keys: list) -> ToolResult:
         raise NotImplementedError
+
+    def output_size(self, args, size: tuple[int, int]) -> tuple[int, int] | None:
+        """(W, H) of the image this call returns, given the first image's (W, H); None: run it on the pixels."""
+        return None
 
 
 @dataclass
@@ -201,6 +207,10 @@ class Crop(Tool):
 
     def box(self, args, size: tuple[int, int]) -> tuple[int, int, int, int]:
         return crop_box(args, size, self.bbox_format, self.min_side)
+
+    def output_size(self, args, size: tuple[int, int]) -> tuple[int, int]:
+        x1, y1, x2, y2 = self.box(args, size)
+        return x2 - x1, y2 - y1
 
     def run(self, args, images: list, keys: list) -> ToolResult:
         if not images:
@@ -294,17 +304,47 @@ class Registry:
         return [t.name for t in self.tools.values()]
 
 
-def default_registry(bbox_format: str = "pixel", identify_backend: "str | dict | Callable | None" = None) -> Registry:
-    """Crop + Identify with one coordinate convention."""
+def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify=None) -> Registry:
+    """"Crop|Identify|mypkg.ocr:OCR|tests.my_tools:Flip{"axis": 1}" -> a Registry. Built-ins by name, any other tool
+    as module:Class (a Tool subclass; the module is imported); a JSON object right after a name holds its keyword
+    arguments. Tools that take bbox_format get it; Identify's backend defaults to `identify` (map file, dict, fn)."""
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
-    return Registry([Crop(bbox_format=bbox_format), Identify(backend=identify_backend, bbox_format=bbox_format)])
+    reg, pos, token, sep = Registry(), 0, re.compile(r"\s*([\w.]+(?::\w+)?)\s*"), re.compile(r"\s*(\||$)")
+    while pos < len(spec.rstrip()):
+        m = token.match(spec, pos)
+        name, pos, kw = (m.group(1), m.end(), {}) if m else ("", pos, {})
+        try:
+            kw, pos = json.JSONDecoder().raw_decode(spec, pos) if m and spec.startswith("{", pos) else (kw, pos)
+        except ValueError as e:
+            raise ValueError(f"tools: the keyword arguments of {name} are not a JSON object ({e})") from None
+        end = sep.match(spec, pos)
+        if not m or not end or not isinstance(kw, dict):
+            raise ValueError(f"tools: cannot read {spec[pos:]!r}; write Name, module:Class or Name{{json kwargs}}, "
+                             "|-separated")
+        pos = end.end()
+        mod, _, attr = name.rpartition(":")
+        cls = getattr(importlib.import_module(mod), attr, None) if mod else {"crop": Crop, "identify": Identify}.get(
+            name.lower())
+        if not (isinstance(cls, type) and issubclass(cls, Tool)):
+            raise ValueError(f"tools: {name!r} is not a built-in tool (Crop, Identify) nor a tools.Tool subclass")
+        params = inspect.signature(cls).parameters
+        kw = {**({"bbox_format": bbox_format} if "bbox_format" in params else {}),
+              **({"backend": identify} if cls is Identify and identify is not None else {}), **kw}
+        reg.register(cls(**kw))
+    return reg
+
+
+def default_registry(bbox_format: str = "pixel", identify_backend: "str | dict | Callable | None" = None) -> Registry:
+    """Crop + Identify with one coordinate convention."""
+    return load_tools("Crop|Identify", bbox_format, identify_backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The tool loop (infer.py, GRPO rollouts): batched, each result appended as training renders it, KV continuation
 
 TOOL_CALL_END_ID = 151658  # `</tool_call>`: a row stops there, its call runs, the result is appended
+EMPTY_THINK_IDS = (151667, 271, 151668, 271)  # "<think>\n\n</think>\n\n": how a prompt without thinking ends
 NO_MORE_TOOLS = "Error: no more tool calls are available; give your final answer."  # calls after max_tool_calls
 
 
@@ -326,6 +366,10 @@ class Rollout:
     grid_thws: object = None
     n_generated: int = 0
     finish: str = ""
+    model_text: str = ""  # only the sampled tokens: a <tool_response> here was written by the model itself
+    thinking_on: bool = False  # the prompt opened a thinking turn
+    image_size: tuple | None = None  # (W, H) of the first image: what tool boxes refer to
+    bbox_format: str = "pixel"  # of the tool boxes (the registry's Crop)
 
 
 def split_output(text: str) -> tuple[str, str]:
@@ -406,11 +450,169 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
             for k in ("mask", "pending", "pending_real", "seen", "n_generated", "think_closed", "force_pos"):
                 setattr(st, k, None if getattr(st, k) is None else getattr(st, k)[idx])
         active = [active[j] for j in keep]
-    for o, px in zip(outs, pix):
+    fmt = getattr(registry and registry.get("crop"), "bbox_format", "pixel")
+    for o, px, imgs in zip(outs, pix, images):
         gen = [k for k, v in enumerate(o.gen_mask) if v]
         if budget is not None and ovis.THINK_END_ID not in [o.token_ids[k] for k in gen[:budget]]:
             for k in gen[budget:budget + forced]:  # forced at exactly `budget` generated tokens: not sampled
                 o.gen_mask[k] = 0
         o.thinking, o.answer = split_output(o.text)
+        o.model_text = tokenizer.decode([t for t, m in zip(o.token_ids, o.gen_mask) if m and t not in eos])
+        o.thinking_on = o.token_ids[max(0, o.prompt_len - 4):o.prompt_len] != list(EMPTY_THINK_IDS)
+        o.image_size, o.bbox_format = (imgs[0].size if imgs else None), fmt
         o.pixel_values, o.grid_thws = (torch.cat([x[k] for x in px]) if px else None for k in (0, 1))
     return outs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring a tool trajectory: fn(rollout, sample) -> float, one definition for GRPO's rewards and `infer.py --score`.
+# `sample` holds the gold `answer` (a string, number or list) and optionally the gold `bbox` (rollout.bbox_format).
+
+
+def _norm(s) -> str:  # lower case, no punctuation, no articles
+    return " ".join(w for w in re.sub(r"[^\w\s%-]", " ", str(s).lower()).split() if w not in ("a", "an", "the"))
+
+
+def _number(s) -> float | None:
+    nums = re.findall(r"-?\d+(?:\.\d+)?", str(s).replace(",", ""))
+    return float(nums[0]) if len(nums) == 1 else None
+
+
+def score_accuracy(r: Rollout, sample: dict) -> float:
+    """1 if the answer (<answer> content, else the text after </think>) matches sample["answer"] (or one of a list):
+    numerically when the gold is a number, else after lower-casing, dropping punctuation and articles."""
+    gold, pred = sample.get("answer"), r.answer
+    for g in (gold if isinstance(gold, list) else [gold]) if gold is not None and pred else []:
+        if re.fullmatch(r"\s*-?[\d,]+(\.\d+)?\s*", str(g)):  # a number: compare values ("3.0", "3 squares")
+            if _number(pred) is not None and abs(_number(pred) - _number(g)) <= 1e-6 * max(1.0, abs(_number(g))):
+                return 1.0
+        elif _norm(pred) == _norm(g):
+            return 1.0
+    return 0.0
+
+
+def score_format(r: Rollout, sample: dict) -> float:
+    """1 if: no tool output written by the model; thinking: one <think>...</think> holding every tool call, then
+    <answer>...</answer> to the end (no thinking: the answer block closes the text); every call parses, and a Crop
+    or Identify call has a well-formed box (another tool: it was known to the loop)."""
+    t, said = r.text.strip(), r.model_text
+    if "<tool_response>" in said or "</tool_response>" in said:
+        return 0.0
+    if r.thinking_on:
+        m = re.fullmatch(r"<think>(.*?)</think>\s*<answer>(.+?)</answer>", t, re.DOTALL)
+        if not m or "<think>" in m.group(1) or "<tool_call>" in t[m.end(1):]:
+            return 0.0
+    elif not re.search(r"<answer>.+?</answer>$", t, re.DOTALL):
+        return 0.0
+    calls = re.findall(r"<tool_call>.*?</tool_call>", said, re.DOTALL)
+    if len(calls) != said.count("<tool_call>") or len(calls) != said.count("</tool_call>"):
+        return 0.0
+    known = {c["name"].lower() for c in r.tool_calls if "unknown tool" not in str(c.get("result"))}
+    try:  # whether a box hits the image is iou's business
+        return float(all(not p.error and (bbox_args(p.args) if p.name.lower() in ("crop", "identify") else
+                                          p.name.lower() in known) for p in map(parse_tool_call, calls)))
+    except ValueError:
+        return 0.0
+
+
+def score_iou(r: Rollout, sample: dict) -> float:
+    """Mean IoU of the Crop calls' boxes with sample["bbox"] (a failed crop counts 0); 0 without a crop."""
+    gt, crops = sample.get("bbox"), [t for t in r.tool_calls if t["name"].lower() == "crop"]
+    if gt is None or not crops or r.image_size is None:
+        return 0.0
+    gt = to_pixels(gt, r.image_size, r.bbox_format)
+    return sum(iou(to_pixels(t["args"], r.image_size, r.bbox_format), gt) if t["ok"] else 0.0
+               for t in crops) / len(crops)
+
+
+def score_tool(r: Rollout, sample: dict) -> float:
+    """Tool use paid only when it helped: the answer is right and at least one Crop actually ran."""
+    return float(score_accuracy(r, sample) == 1.0 and any(t["ok"] and t["name"].lower() == "crop"
+                                                          for t in r.tool_calls))
+
+
+# The seed's three rewards (seed-behaviour 6.3), rule for rule, on the text with the real tool results.
+STRICT_CALL = re.compile(r"<tool_call>(Crop|Identify) \[([\d.,\s]+)\]</tool_call>")
+KEYWORDS = ("who", "identify", "person", "people", "crop", "examine", "look at", "focus on", "region", "area",
+            "section")
+
+
+def score_tool_usage(r: Rollout, sample: dict) -> float:
+    t = r.text
+    calls = [m for m in STRICT_CALL.finditer(t) if len(re.findall(r"\d+(?:\.\d*)?|\.\d+", m.group(2))) == 4]
+    if not calls:
+        return 0.0 if any(k in t.lower() for k in KEYWORDS) else 0.5
+    score, ident = 0.3, [m for m in calls if m.group(1) == "Identify"]
+    if ident:
+        score += 0.4 * sum(bool(re.match(r"\s*<tool_response>[^<]", t[m.end():])) for m in ident) / len(ident)
+    think = re.search(r"<think>.*?</think>", t, re.DOTALL)
+    if think and all(think.start() <= m.start() and m.end() <= think.end() for m in calls):
+        score += 0.3
+    return min(score, 1.0)
+
+
+def score_bbox_validity(r: Rollout, sample: dict) -> float:
+    boxes = re.findall(r"\[(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?)\]", r.text)
+    bad = sum(float(b[0]) >= float(b[2]) or float(b[1]) >= float(b[3]) for b in boxes)
+    return 1.0 - bad / len(boxes) if boxes else 1.0
+
+
+def score_reasoning_quality(r: Rollout, sample: dict) -> float:
+    t = r.text
+    score = 0.3 * ("<think>" in t and "</think>" in t) + 0.3 * ("<answer>" in t and "</answer>" in t)
+    think = re.search(r"<think>(.*?)</think>", t, re.DOTALL)
+    if think and "<tool_call>" in think.group(1):
+        score += 0.2 * (len(think.group(1).split("<tool_call>")[0].split()) > 10)
+    n_words = len(t.split())
+    score *= 0.5 if n_words < 20 else 0.8 if n_words > 1000 else 1.0
+    if "<tool_response>" in t:
+        gaps = re.findall(r"</tool_response>(.*?)(?=<tool_call>|</think>)", t, re.DOTALL)
+        score += 0.2 * any(len(g.split()) > 5 for g in gaps)
+    return min(score, 1.0)
+
+
+SCORERS = {"format": score_format, "accuracy": score_accuracy, "iou": score_iou, "tool": score_tool,
+           "tool_usage": score_tool_usage, "bbox_validity": score_bbox_validity,
+           "reasoning_quality": score_reasoning_quality}
+
+
+def parse_scorers(spec: str, key: str = "rewards") -> list[tuple[str, float, Callable]]:
+    """"format:0.5|accuracy|mypkg.scores.f:0.3" -> [(name, weight, fn)]; a dotted name is imported."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split("|"))):
+        name, _, w = part.partition(":")
+        if "." in name:
+            mod, _, attr = name.rpartition(".")
+            fn = getattr(importlib.import_module(mod), attr)
+        elif name in SCORERS:
+            fn = SCORERS[name]
+        else:
+            raise ValueError(f"{key}: unknown scorer {name!r}; built-in: {', '.join(SCORERS)}, or a dotted path")
+        out.append((name, float(w) if w else 1.0, fn))
+    if not out:
+        raise ValueError(f"{key} is empty")
+    return out
+
+
+def trajectory_stats(r: Rollout, sample: dict) -> Counter:
+    """Counts of one trajectory that add up over a set (and over ranks); `summarize` turns their sums into rates."""
+    crops = [t for t in r.tool_calls if t["name"].lower() == "crop"]
+    n_iou = len(crops) if sample.get("bbox") is not None and r.image_size is not None else 0
+    out = Counter(questions=1, accuracy=score_accuracy(r, sample), format=score_format(r, sample),
+                  tool_calls=len(r.tool_calls), crops=len(crops), crops_ok=sum(t["ok"] for t in crops),
+                  iou_sum=score_iou(r, sample) * n_iou, iou_n=n_iou, gen_tokens=r.n_generated)
+    out.update([f"finish.{r.finish}"] + [f"tool.{t['name']}" for t in r.tool_calls])
+    return out
+
+
+def summarize(totals: Counter) -> dict:
+    """Summed trajectory_stats -> accuracy, format rate, tool calls per question, valid-crop rate, mean crop IoU
+    against the gold boxes, mean generated tokens, finish reasons and calls per tool (None: nothing to measure)."""
+    n = max(totals["questions"], 1)
+    return {"questions": totals["questions"], "accuracy": totals["accuracy"] / n, "format_rate": totals["format"] / n,
+            "tool_calls_per_question": totals["tool_calls"] / n,
+            "valid_crop_rate": totals["crops_ok"] / totals["crops"] if totals["crops"] else None,
+            "mean_crop_iou": totals["iou_sum"] / totals["iou_n"] if totals["iou_n"] else None,
+            "mean_generated_tokens": totals["gen_tokens"] / n,
+            "finish": {k[7:]: v for k, v in sorted(totals.items()) if k.startswith("finish.")},
+            "tools": {k[5:]: v for k, v in sorted(totals.items()) if k.startswith("tool.")}}

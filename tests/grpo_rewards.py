@@ -1,7 +1,7 @@
 """Custom GRPO rewards for the tests, loaded by dotted path (`rewards: "tests.grpo_rewards.even_ids:1"`)."""
 
 
-def even_ids(c) -> float:
+def even_ids(rollout, sample) -> float:
     """An easy verifiable reward a random tiny model can climb: the share of sampled tokens with an even id."""
-    ids = [t for t, m in zip(c.rollout.token_ids, c.rollout.gen_mask) if m]
+    ids = [t for t, m in zip(rollout.token_ids, rollout.gen_mask) if m]
     return sum(t % 2 == 0 for t in ids) / max(len(ids), 1)

@@ -29,10 +29,11 @@ def world_one():
 
 
 def comp(text, model_text=None, calls=(), sample=SAMPLE, thinking=True, fmt="pixel", size=(320, 240)):
-    r = tools.Rollout(text=text, tool_calls=list(calls))
+    """(rollout, sample) as a scorer sees them: the text with tool results, the model's own tokens, the calls."""
+    r = tools.Rollout(text=text, tool_calls=list(calls), thinking_on=thinking, image_size=size, bbox_format=fmt,
+                      model_text=text.replace("<image>", "") if model_text is None else model_text)
     r.thinking, r.answer = tools.split_output(text)
-    return grpo.Completion(text, text.replace("<image>", "") if model_text is None else model_text, r, sample, size,
-                           fmt, thinking)
+    return r, sample
 
 
 def crop(box, ok=True):
@@ -40,75 +41,75 @@ def crop(box, ok=True):
 
 
 def test_format_reward_and_adversarial_texts():
-    f = grpo.r_format
-    assert f(comp(GOOD)) == 1.0
+    f = tools.score_format
+    assert f(*comp(GOOD)) == 1.0
     identify = "<think>\nWho? <tool_call>Identify [1, 2, 30, 40]</tool_call><tool_response>Theo</tool_response>\n" \
                "</think>\n\n<answer>Theo</answer>"
     # the loop inserted that response: fine; the model writing one itself: 0
-    assert f(comp(identify, model_text=identify.replace("<tool_response>Theo</tool_response>", ""))) == 1.0
-    assert f(comp(identify, model_text=identify)) == 0.0
-    assert f(comp(GOOD.replace("</think>", ""))) == 0.0  # unclosed thinking
-    assert f(comp(GOOD.replace("<answer>green</answer>", "green"))) == 0.0  # no answer block
-    assert f(comp(GOOD + " more")) == 0.0  # text after the answer
+    assert f(*comp(identify, model_text=identify.replace("<tool_response>Theo</tool_response>", ""))) == 1.0
+    assert f(*comp(identify, model_text=identify)) == 0.0
+    assert f(*comp(GOOD.replace("</think>", ""))) == 0.0  # unclosed thinking
+    assert f(*comp(GOOD.replace("<answer>green</answer>", "green"))) == 0.0  # no answer block
+    assert f(*comp(GOOD + " more")) == 0.0  # text after the answer
     late = GOOD.replace("</think>\n\n<answer>", "</think><tool_call>Crop [1, 1, 9, 9]</tool_call><answer>")
-    assert f(comp(late)) == 0.0  # a call after the thinking
-    assert f(comp(GOOD.replace("Crop [270, 95, 290, 115]", "Crop [270, 95]"))) == 0.0  # unparseable call
-    assert f(comp(GOOD.replace("<tool_call>", ""))) == 0.0  # a </tool_call> without its start
-    assert f(comp("<answer>green</answer>", thinking=False)) == 1.0
-    assert f(comp("<think>\n</think><answer>green</answer>", thinking=False)) == 1.0
+    assert f(*comp(late)) == 0.0  # a call after the thinking
+    assert f(*comp(GOOD.replace("Crop [270, 95, 290, 115]", "Crop [270, 95]"))) == 0.0  # unparseable call
+    assert f(*comp(GOOD.replace("<tool_call>", ""))) == 0.0  # a </tool_call> without its start
+    assert f(*comp("<answer>green</answer>", thinking=False)) == 1.0
+    assert f(*comp("<think>\n</think><answer>green</answer>", thinking=False)) == 1.0
 
 
 def test_accuracy_iou_and_tool_rewards():
-    acc = grpo.r_accuracy
-    assert acc(comp(GOOD.replace(">green<", ">Green.<"))) == 1.0
-    assert acc(comp(GOOD.replace(">green<", ">the green<"))) == 1.0  # articles and punctuation do not count
-    assert acc(comp(GOOD.replace(">green<", ">It is green<"))) == 0.0
-    assert acc(comp("<think>x</think>\n\ngreen")) == 1.0  # no answer tags: the text after </think>
-    assert acc(comp(GOOD.replace(">green<", ">red<"), sample={**SAMPLE, "answer": ["red", "green"]})) == 1.0
-    assert acc(comp(GOOD, sample={"answer": None})) == 0.0
+    acc = tools.score_accuracy
+    assert acc(*comp(GOOD.replace(">green<", ">Green.<"))) == 1.0
+    assert acc(*comp(GOOD.replace(">green<", ">the green<"))) == 1.0  # articles and punctuation do not count
+    assert acc(*comp(GOOD.replace(">green<", ">It is green<"))) == 0.0
+    assert acc(*comp("<think>x</think>\n\ngreen")) == 1.0  # no answer tags: the text after </think>
+    assert acc(*comp(GOOD.replace(">green<", ">red<"), sample={**SAMPLE, "answer": ["red", "green"]})) == 1.0
+    assert acc(*comp(GOOD, sample={"answer": None})) == 0.0
     num = {**SAMPLE, "answer": "3"}
-    assert [acc(comp(GOOD.replace(">green<", f">{a}<"), sample=num)) for a in ("3 squares", "3.0", "4", "3 or 4")] \
+    assert [acc(*comp(GOOD.replace(">green<", f">{a}<"), sample=num)) for a in ("3 squares", "3.0", "4", "3 or 4")] \
         == [1.0, 1.0, 0.0, 0.0]
-    gt = SAMPLE["bbox"]
-    assert grpo.r_iou(comp(GOOD, calls=[crop(gt)])) == 1.0
-    assert grpo.r_iou(comp(GOOD, calls=[crop(gt), crop([900, 900, 950, 950], ok=False)])) == 0.5  # outside: failed
-    assert abs(grpo.r_iou(comp(GOOD, calls=[crop([274, 99, 280, 111])])) - 0.5) < 1e-9  # half the box
-    assert grpo.r_iou(comp(GOOD)) == 0.0 and grpo.r_iou(comp(GOOD, calls=[crop(gt)], sample={"answer": "x"})) == 0.0
+    gt, iou = SAMPLE["bbox"], tools.score_iou
+    assert iou(*comp(GOOD, calls=[crop(gt)])) == 1.0
+    assert iou(*comp(GOOD, calls=[crop(gt), crop([900, 900, 950, 950], ok=False)])) == 0.5  # outside: failed
+    assert abs(iou(*comp(GOOD, calls=[crop([274, 99, 280, 111])])) - 0.5) < 1e-9  # half the box
+    assert iou(*comp(GOOD)) == 0.0 and iou(*comp(GOOD, calls=[crop(gt)], sample={"answer": "x"})) == 0.0
     norm = {**SAMPLE, "bbox": [0.5, 0.5, 0.6, 0.6]}
-    assert abs(grpo.r_iou(comp(GOOD, calls=[crop([0.5, 0.5, 0.6, 0.6])], sample=norm, fmt="norm")) - 1.0) < 1e-9
-    tool = grpo.r_tool
-    assert tool(comp(GOOD, calls=[crop(gt)])) == 1.0
-    assert tool(comp(GOOD)) == 0.0  # right without a crop
-    assert tool(comp(GOOD.replace(">green<", ">red<"), calls=[crop(gt)])) == 0.0  # a crop, wrong answer
-    assert tool(comp(GOOD, calls=[crop(gt, ok=False)])) == 0.0  # only a failed crop
+    assert abs(iou(*comp(GOOD, calls=[crop([0.5, 0.5, 0.6, 0.6])], sample=norm, fmt="norm")) - 1.0) < 1e-9
+    tool = tools.score_tool
+    assert tool(*comp(GOOD, calls=[crop(gt)])) == 1.0
+    assert tool(*comp(GOOD)) == 0.0  # right without a crop
+    assert tool(*comp(GOOD.replace(">green<", ">red<"), calls=[crop(gt)])) == 0.0  # a crop, wrong answer
+    assert tool(*comp(GOOD, calls=[crop(gt, ok=False)])) == 0.0  # only a failed crop
 
 
 def test_seed_rewards_follow_its_rules():
-    tu = grpo.r_tool_usage
-    assert tu(comp("I see a person.")) == 0.0 and tu(comp("It is green.")) == 0.5  # keyword rule
-    assert tu(comp(GOOD)) == pytest.approx(0.6)  # Crop inside the think block: 0.3 + 0.3
+    tu = tools.score_tool_usage
+    assert tu(*comp("I see a person.")) == 0.0 and tu(*comp("It is green.")) == 0.5  # keyword rule
+    assert tu(*comp(GOOD)) == pytest.approx(0.6)  # Crop inside the think block: 0.3 + 0.3
     ident = "<think>Who is it <tool_call>Identify [1, 2, 30, 40]</tool_call>{}</think><answer>Theo</answer>"
-    assert tu(comp(ident.format("<tool_response>Theo</tool_response>"))) == pytest.approx(1.0)
-    assert tu(comp(ident.format(""))) == pytest.approx(0.6)
-    assert tu(comp("<tool_call>Crop [-1, 2, 30, 40]</tool_call>")) == 0.0  # not the strict syntax; "crop" keyword
-    bv = grpo.r_bbox_validity
-    assert bv(comp("[10, 10, 5, 20] and [1, 1, 2, 2]")) == 0.5 and bv(comp("[ 1, 2, 3, 4]")) == 1.0
-    assert bv(comp("no boxes")) == 1.0
-    rq = grpo.r_reasoning_quality
+    assert tu(*comp(ident.format("<tool_response>Theo</tool_response>"))) == pytest.approx(1.0)
+    assert tu(*comp(ident.format(""))) == pytest.approx(0.6)
+    assert tu(*comp("<tool_call>Crop [-1, 2, 30, 40]</tool_call>")) == 0.0  # not the strict syntax; "crop" keyword
+    bv = tools.score_bbox_validity
+    assert bv(*comp("[10, 10, 5, 20] and [1, 1, 2, 2]")) == 0.5 and bv(*comp("[ 1, 2, 3, 4]")) == 1.0
+    assert bv(*comp("no boxes")) == 1.0
+    rq = tools.score_reasoning_quality
     long = ("<think>" + "word " * 11 + "<tool_call>Identify [1, 2, 3, 4]</tool_call><tool_response>Theo"
             "</tool_response> so this is clearly the person we want</think><answer>Theo</answer>")
-    assert rq(comp(long)) == pytest.approx(1.0)  # 0.3 + 0.3 + 0.2 + 0.2
-    assert rq(comp("<answer>x</answer>")) == pytest.approx(0.15)  # 0.3, halved under 20 words
+    assert rq(*comp(long)) == pytest.approx(1.0)  # 0.3 + 0.3 + 0.2 + 0.2
+    assert rq(*comp("<answer>x</answer>")) == pytest.approx(0.15)  # 0.3, halved under 20 words
 
 
 def test_parse_rewards_custom_and_errors():
-    fns = grpo.parse_rewards("format:0.5|tests.grpo_rewards.even_ids:2|accuracy")
+    fns = tools.parse_scorers("format:0.5|tests.grpo_rewards.even_ids:2|accuracy")
     assert [(n, w) for n, w, _ in fns] == [("format", 0.5), ("tests.grpo_rewards.even_ids", 2.0), ("accuracy", 1.0)]
-    assert fns[1][2](comp("x", calls=[])) == 0.0
-    with pytest.raises(ValueError, match="unknown reward 'acuracy'"):
-        grpo.parse_rewards("acuracy:1")
+    assert fns[1][2](*comp("x", calls=[])) == 0.0
+    with pytest.raises(ValueError, match="rewards: unknown scorer 'acuracy'"):
+        tools.parse_scorers("acuracy:1")
     with pytest.raises(ModuleNotFoundError):
-        grpo.parse_rewards("no_such_module.f:1")
+        tools.parse_scorers("no_such_module.f:1")
     with pytest.raises(ValueError, match="loss_type"):
         grpo.token_weights([1], "ppo", 1, 1, 1)
 
@@ -252,7 +253,7 @@ def test_shipped_grpo_configs_parse():
     for f in sorted((ROOT / "configs").glob("*grpo*.json")):
         c = data.load_config(grpo.Config, ["--config", str(f)])
         assert (ROOT / c.zero_config).exists(), f
-        assert [n for n, _, _ in grpo.parse_rewards(c.rewards)] == [p.split(":")[0] for p in c.rewards.split("|")], f
+        assert [n for n, _, _ in tools.parse_scorers(c.rewards)] == [p.split(":")[0] for p in c.rewards.split("|")], f
 
 
 def test_a_crop_too_thin_to_show_is_an_error_result(tool_ckpt, tokenizer):

@@ -1,6 +1,7 @@
 """tools.py: tolerant call parsing (incl. fuzzing), Crop geometry, Identify backends, errors as results."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,31 @@ def test_fuzz_crop_geometry(box, fmt, w, h):
         return
     assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
     assert x2 - x1 >= min(32, w) and y2 - y1 >= min(32, h)
+
+
+def test_trajectory_stats_and_summary_by_hand():
+    """The numbers infer.py --score and GRPO's logs report, against a hand count over three trajectories."""
+    good = "<think>\nx <tool_call>Crop [0, 0, 10, 10]</tool_call><image>\n</think>\n\n<answer>green</answer>"
+
+    def roll(text, calls, finish, n, **kw):
+        said = re.sub(r"<image>|<tool_response>.*?</tool_response>", "", text)  # what the model itself wrote
+        r = tools.Rollout(text=text, model_text=said, tool_calls=calls, finish=finish, n_generated=n,
+                          thinking_on=True, image_size=(100, 100), **kw)
+        r.thinking, r.answer = tools.split_output(text)
+        return r
+
+    crop = lambda box, ok: {"name": "Crop", "args": box, "ok": ok, "result": None if ok else "Error: x"}
+    gt = {"answer": "green", "bbox": [0, 0, 10, 10]}
+    rs = [(roll(good, [crop([0, 0, 10, 10], True), crop([50, 50, 50, 60], False)], "eos", 40), gt),
+          (roll("<think>\nhm\n</think>\n\n<answer>red</answer>", [], "length", 100), gt),
+          (roll(good.replace("Crop [0, 0, 10, 10]</tool_call><image>", "Identify [1, 1, 9, 9]</tool_call>"
+                             "<tool_response>it</tool_response>"),
+                [{"name": "Identify", "args": [1, 1, 9, 9], "ok": True, "result": "it"}], "eos", 60),
+           {"answer": "green"})]
+    stats = [tools.trajectory_stats(r, s) for r, s in rs]
+    assert [s["format"] for s in stats] == [1.0, 1.0, 1.0] and [s["accuracy"] for s in stats] == [1.0, 0.0, 1.0]
+    got = tools.summarize(sum(stats, tools.Counter()))
+    assert got == {"questions": 3, "accuracy": 2 / 3, "format_rate": 1.0, "tool_calls_per_question": 1.0,
+                   "valid_crop_rate": 0.5, "mean_crop_iou": 0.5, "mean_generated_tokens": 200 / 3,
+                   "finish": {"eos": 2, "length": 1}, "tools": {"Crop": 2, "Identify": 1}}
+    assert tools.summarize(tools.Counter())["valid_crop_rate"] is None  # nothing to measure: None, not 0
