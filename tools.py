@@ -310,19 +310,16 @@ def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify
     arguments. Tools that take bbox_format get it; Identify's backend defaults to `identify` (map file, dict, fn)."""
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
-    reg, pos, token, sep = Registry(), 0, re.compile(r"\s*([\w.]+(?::\w+)?)\s*"), re.compile(r"\s*(\||$)")
+    reg, pos = Registry(), 0
     while pos < len(spec.rstrip()):
-        m = token.match(spec, pos)
-        name, pos, kw = (m.group(1), m.end(), {}) if m else ("", pos, {})
+        m = re.compile(r"\s*([\w.]+(?::\w+)?)\s*(\{.*?\})?\s*(\||$)").match(spec, pos)  # Name{json}|
+        if not m:
+            raise ValueError(f"tools: cannot read {spec[pos:]!r}; write Name, module:Class or Name{{json}}, |-separated")
+        name, pos = m.group(1), m.end()
         try:
-            kw, pos = json.JSONDecoder().raw_decode(spec, pos) if m and spec.startswith("{", pos) else (kw, pos)
+            kw = json.loads(m.group(2) or "{}")
         except ValueError as e:
-            raise ValueError(f"tools: the keyword arguments of {name} are not a JSON object ({e})") from None
-        end = sep.match(spec, pos)
-        if not m or not end or not isinstance(kw, dict):
-            raise ValueError(f"tools: cannot read {spec[pos:]!r}; write Name, module:Class or Name{{json kwargs}}, "
-                             "|-separated")
-        pos = end.end()
+            raise ValueError(f"tools: the keyword arguments of {name} are not a JSON object: {e}") from None
         mod, _, attr = name.rpartition(":")
         cls = getattr(importlib.import_module(mod), attr, None) if mod else {"crop": Crop, "identify": Identify}.get(
             name.lower())
