@@ -20,6 +20,7 @@ Also: `SFTDataset` (bad samples skipped, counted), `pack`, `plan_epoch`, `collat
 """
 
 import bisect
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import sys
 import types
 import typing
 from collections import Counter
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -138,30 +139,93 @@ def _assistant_tools(value: str, registry: tools.Registry, need) -> tuple[str, l
     return new, crops, counts, new.count("<image>") - value.count("<image>")
 
 
-def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pixels: int = 448 * 448,
-                  single_image_max_pixels: int = 1792 * 1792, multiple_image_min_pixels: int = 448 * 448,
-                  multiple_image_max_pixels: int = 896 * 896, crop_min_pixels: int = tools.CROP_MIN_PIXELS,
-                  crop_max_pixels: int = tools.CROP_MAX_PIXELS, max_length: int | None = None,
-                  text_max_length: int | None = None, overlong: str = "drop", registry: tools.Registry | None = None,
-                  bbox_format: str = "pixel", patch_size: int = 16, hidden_stride: int = 2,
-                  with_pixels: bool = True) -> dict:
-    """One training sample -> {input_ids (L,), labels (L,), pixel_values (N, 3*ps*ps) | None, grid_thws (n, 3) |
-    None, id, n_images, tool_calls, auto_crops}; raises SampleError. Budgets as spec 11.2 (originals: single or
-    multiple_*, negative multiple_* fall back to single; crops: crop_*). `with_pixels=False` reads only image headers
-    (same ids and grids, no pixels). Over `max_length` (`text_max_length` without images): `overlong` drop|truncate."""
-    sid = sample.get("id", sample.get("_index"))
+@dataclass
+class Budgets:
+    """How large a training sample may get: pixel budgets (spec 11.2; defaults = the official training arguments),
+    video frames, tool-result crops, length. One place for every stage script's defaults and `data.py check`."""
+    single_image_min_pixels: int = 448 * 448
+    single_image_max_pixels: int = 1792 * 1792
+    multiple_image_min_pixels: int = 448 * 448  # per image when a sample has several; negative: the single min
+    multiple_image_max_pixels: int = 896 * 896  # negative: max(min, single max // number of images)
+    video_min_pixels: int = 448 * 448  # per frame
+    video_max_pixels: int = 896 * 896
+    min_frames: int = 8  # a video is resampled to between min_frames and max_frames frames
+    max_frames: int = 8
+    crop_min_pixels: int = tools.CROP_MIN_PIXELS  # image tool results (Crop)
+    crop_max_pixels: int = tools.CROP_MAX_PIXELS
+    max_length: int | None = None  # tokens; a longer sample follows `overlong`
+    text_max_length: int | None = None  # the same for samples without visuals (official); None: max_length
+    overlong: str = "drop"  # drop (a SampleError) | truncate (official: never inside an image or the video)
 
-    def need(ok, field: str, why: str, reason: str = ""):
-        if not ok:
-            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sid, field, why, reason)
+    @classmethod
+    def of(cls, cfg) -> "Budgets":
+        """The budgets a run config (any object with some of these fields) sets."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
 
-    registry, conv = registry or tools.default_registry(bbox_format), sample.get("conversations")
+    def originals(self, n_images: int, video: bool) -> tuple[int, int]:
+        """(min, max) pixels of each original image / frame."""
+        if video:
+            return self.video_min_pixels, self.video_max_pixels
+        one = n_images <= 1
+        lo = self.single_image_min_pixels if one or self.multiple_image_min_pixels < 0 else \
+            self.multiple_image_min_pixels
+        hi = self.single_image_max_pixels if one else self.multiple_image_max_pixels \
+            if self.multiple_image_max_pixels >= 0 else max(lo, self.single_image_max_pixels // n_images)
+        return lo, hi
+
+
+def sample_frames(n: int, min_frames: int, max_frames: int) -> list[int]:
+    """The official training's choice of frames: all n when min_frames <= n <= max_frames, else the mid-point of each
+    of t even strides over the n frames (t = min_frames or max_frames; frames repeat when n < t)."""
+    if min_frames <= n <= max_frames:
+        return list(range(n))
+    t = min_frames if n < min_frames else max_frames
+    return [min(n - 1, (round(n / t * i) + round(n / t * (i + 1))) // 2) for i in range(t)]
+
+
+def _video(sample: dict, image_dir, b: Budgets, decode: bool, need) -> list:
+    """A sample's video as its sampled frames: PIL images, or (decode=False) their (W, H) without decoding pixels.
+    `video_frames`: frame image paths; `video`: a file, read with PyAV (optional; imported only here)."""
+    if "video_frames" in sample:
+        paths = sample["video_frames"]
+        need(isinstance(paths, list) and paths and all(isinstance(p, str) for p in paths), "video_frames",
+             "must be a non-empty list of frame image paths")
+        picked = [paths[i] for i in sample_frames(len(paths), b.min_frames, b.max_frames)]
+        try:
+            return [_open(Path(image_dir) / p, decode) for p in (picked if decode else picked[:1])] * (
+                1 if decode else len(picked))
+        except Exception as e:
+            need(False, "video_frames", f"unreadable frame ({type(e).__name__}: {e})")
+    path = Path(image_dir) / str(sample["video"])
+    try:
+        import av
+    except ImportError:
+        need(False, "video", f"reading the video file {path} needs PyAV (pip install av); or give its frames as "
+                             "video_frames")
+    try:
+        with av.open(str(path)) as c:  # the frame count without decoding: stream metadata, else one demux pass
+            st = c.streams.video[0]
+            n, size = st.frames or sum(1 for p in c.demux(st) if p.size), (st.width, st.height)
+        want = Counter(sample_frames(n, b.min_frames, b.max_frames))
+        if not decode:
+            return [size] * sum(want.values())
+        with av.open(str(path)) as c:
+            return [im for i, f in enumerate(c.decode(video=0)) if i in want for im in [f.to_image()] * want[i]]
+    except Exception as e:
+        need(False, "video", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} video {path} "
+                             f"({type(e).__name__}: {e})")
+
+
+def _render(sample: dict, registry: tools.Registry, need) -> tuple[list, list, list, Counter, int]:
+    """Step 1: validate the sample and render its turns as the official formatter does: [(role, role prefix,
+    value)], the original images' paths, the image-tool calls in the order of their results, the tool-call counts,
+    and how many old-format Crops were given their `<image>`."""
+    conv, video = sample.get("conversations"), "video" in sample or "video_frames" in sample
     paths = [sample["image"]] if isinstance(sample.get("image"), str) else sample.get("image") or []
     need(isinstance(conv, list) and conv, "conversations", "missing or empty list of turns")
     need(isinstance(paths, list) and all(isinstance(p, str) for p in paths), "image",
          "must be a path or a list of paths")
-    need("video" not in sample and "video_frames" not in sample, "video",
-         "video samples are not supported for training")
+    need(not (paths and video), "video", "a sample has images or one video, not both (as the official trainer)")
     turns, crops, calls, auto = [], [], Counter(), 0  # turns: (role, role prefix, value)
     for t, turn in enumerate(conv):
         fld = f"conversations[{t}]"
@@ -181,73 +245,114 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", *, single_image_min_pi
             prefix = "<|im_start|>assistant\n" + ("" if think else EMPTY_THINK)  # official: empty think inserted
         turns.append((role, prefix, value))
     need(any(r == "assistant" for r, _, _ in turns), "conversations", "no gpt turn: nothing to learn")
-    n_ph = sum(v.count("<image>") for r, _, v in turns if r in ("system", "user"))
-    if paths and n_ph == 0:  # LLaVA-style data without markers: the images open the first human turn
+    ph, want = ("<video>", 1) if video else ("<image>", len(paths))
+    n_ph = sum(v.count(ph) for r, _, v in turns if r in ("system", "user"))
+    if want and n_ph == 0:  # LLaVA-style data without markers: the media open the first human turn
         u = next((i for i, (r, _, _) in enumerate(turns) if r == "user"), 0)
-        turns[u], n_ph = (*turns[u][:2], "<image>\n" * len(paths) + turns[u][2]), len(paths)
-    need(n_ph == len(paths), "image", f"{len(paths)} images but {n_ph} <image> placeholders in system/human turns")
-    need(paths or not crops, "image", "the sample has a Crop call but no image to crop")
+        turns[u], n_ph = (*turns[u][:2], f"{ph}\n" * want + turns[u][2]), want
+    need(n_ph == want, "video" if video else "image", f"{want} {ph[1:-1]}s but {n_ph} {ph} placeholders in "
+                                                      "system/human turns")
+    need(paths or not crops, "image", "the sample calls an image tool but has no image for it")
+    return turns, paths, crops, calls, auto
 
-    # tokens: turn by turn, chunk-wise around placeholders (the official formatter's way); labels by token count
-    ids_per_turn = tokenize_with_placeholders([p + v + "<|im_end|>\n" for _, p, v in turns] +
-                                              [p for _, p, _ in turns], tokenizer, ("<image>",))
+
+def _tokens_and_labels(turns: list, tokenizer, placeholder: str) -> tuple[list, list, list]:
+    """Step 2: token ids turn by turn (chunk-wise around the placeholders, the official formatter's way) and the
+    label mask. THE RULE of what is learned: a gpt turn's tokens after its role prefix (and after the empty think
+    block inserted for it) through its <|im_end|>. Never learned: system, human and ignored_gpt turns, role
+    prefixes, the inserted empty think, the "\\n" after <|im_end|>, visual placeholders, and tool results (a
+    <tool_response>...</tool_response> span, an image tool's image): what the model did not write itself.
+    Also returns, per placeholder in order, whether a gpt turn holds it (an image tool's result)."""
+    per_turn = tokenize_with_placeholders([p + v + "<|im_end|>\n" for _, p, v in turns] + [p for _, p, _ in turns],
+                                          tokenizer, (placeholder,))
     tr_open, tr_close = tokenizer.convert_tokens_to_ids(["<tool_response>", "</tool_response>"])
-    ids, labels, crop_it, img_it, visuals = [], [], iter(crops), iter(range(len(paths))), []
-    for (role, _, _), t_ids, p_ids in zip(turns, ids_per_turn, ids_per_turn[len(turns):]):
+    ids, labels, by_tool = [], [], []
+    for (role, _, _), t_ids, p_ids in zip(turns, per_turn, per_turn[len(turns):]):
+        by_tool += [role in ("assistant", "ignored") for i in t_ids if i in (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)]
         lab, inside = [IGNORE_ID] * len(t_ids), False
-        if role == "assistant":  # learn the answer and its <|im_end|>; not the prefix, tool results, trailing "\n"
+        if role == "assistant":
             for j in range(len(p_ids), len(t_ids) - 1):
                 inside = inside or t_ids[j] == tr_open
                 lab[j] = IGNORE_ID if inside or t_ids[j] < 0 else t_ids[j]
                 inside = inside and t_ids[j] != tr_close
-        visuals += [next(crop_it) if role in ("assistant", "ignored") else (next(img_it), "image")
-                    for i in t_ids if i == IMAGE_TOKEN_ID]  # (what fills the placeholder, field for errors)
         ids, labels = ids + t_ids, labels + lab
     if turns[-1][0] == "assistant":  # the official formatter drops the last "\n"
         ids, labels = ids[:-1], labels[:-1]
-    need(PAD_ID not in ids, "conversations", f"text tokenizes to the pad id {PAD_ID}")
+    return ids, labels, by_tool
 
-    # pixels (or only grids) per placeholder; image tool results are made by the registry's own tools
-    n_img, imgs, pixels, grids = len(paths), [], [], []
-    lo = single_image_min_pixels if n_img <= 1 or multiple_image_min_pixels < 0 else multiple_image_min_pixels
-    hi = single_image_max_pixels if n_img <= 1 else (
-        multiple_image_max_pixels if multiple_image_max_pixels >= 0 else max(lo, single_image_max_pixels // n_img))
-    geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
+
+def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets, geo: dict, decode: bool, need):
+    """Step 3: (pixels, grid) of each placeholder in order: an original image, the video (one grid [T, h, w]), or
+    an image tool's result (made by the very call the inference loop would run). decode=False: grids only, from
+    image headers (a tool that cannot size its result from its arguments runs on the pixels)."""
+    video = "video" in sample or "video_frames" in sample
+    lo, hi = b.originals(len(paths), video)
+    imgs = []
     for p in paths:
         try:
-            imgs.append(_open(Path(image_dir) / p, with_pixels))  # RGB image, or only (W, H) from the header
+            imgs.append(_open(Path(image_dir) / p, decode))  # RGB image, or only (W, H) from the header
         except Exception as e:
             need(False, "image", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} image "
                                  f"{Path(image_dir) / p} ({type(e).__name__}: {e})")
-    for x, fld in visuals:
+    out = []
+    for x, fld in owners:
         try:
-            if isinstance(x, int):  # an original image
-                pv, g = model.preprocess_image(imgs[x], lo, hi, **geo) if with_pixels else (None, _grid(
+            if x == "video":
+                frames = _video(sample, image_dir, b, decode, need)
+                pv, g = model.preprocess_video(frames, lo, hi, **geo) if decode else (None, _grid(
+                    frames[0], lo, hi, **geo) * torch.tensor([[len(frames), 1, 1]]))
+            elif isinstance(x, int):  # an original image
+                pv, g = model.preprocess_image(imgs[x], lo, hi, **geo) if decode else (None, _grid(
                     imgs[x], lo, hi, **geo))
-            else:  # an image tool's result, made by the very call the inference loop would run
-                size = None if with_pixels else registry.get(x.name).output_size(x.args, imgs[0])
-                if size is None:  # run it (length pass: only for a tool that cannot size its result from the box)
-                    res = registry.execute(x, imgs if with_pixels else [_open(Path(image_dir) / p, True)
-                                                                        for p in paths], paths)
+            else:  # an image tool's result
+                size = None if decode else registry.get(x.name).output_size(x.args, imgs[0])
+                if size is None:
+                    res = registry.execute(x, imgs if decode else [_open(Path(image_dir) / p, True) for p in paths],
+                                           paths)
                     if res.kind != "image":
                         raise ValueError(res.text)
-                pv, g = tools.tool_result_pixels(res, crop_min_pixels, crop_max_pixels, **geo) if with_pixels else (
-                    None, _grid(size or res.image.size, crop_min_pixels, crop_max_pixels, **geo))
+                pv, g = tools.tool_result_pixels(res, b.crop_min_pixels, b.crop_max_pixels, **geo) if decode else (
+                    None, _grid(size or res.image.size, b.crop_min_pixels, b.crop_max_pixels, **geo))
         except ValueError as e:
-            need(False, fld, f"cannot preprocess: {e}" if isinstance(x, int) else f"{x.raw.strip()!r}: {e}")
-        pixels, grids = pixels + [pv], grids + [g]
+            need(False, fld, f"cannot preprocess: {e}" if fld in ("image", "video") else f"{x.raw.strip()!r}: {e}")
+        out.append((pv, g))
+    return [p for p, _ in out], [g for _, g in out]
 
-    # expand placeholders: [start] + [atom] * n + [end], all unlearned
+
+def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | None = None, *,
+                  registry: tools.Registry | None = None, bbox_format: str = "pixel", patch_size: int = 16,
+                  hidden_stride: int = 2, with_pixels: bool = True, **overrides) -> dict:
+    """One training sample -> {input_ids (L,), labels (L,), pixel_values (N, 3*ps*ps) | None, grid_thws (n, 3) |
+    None, id, n_images, tool_calls, auto_crops}, or a SampleError naming file, sample and field. `budgets`: a
+    Budgets (keyword `overrides` replace fields of it); with_pixels=False reads only image headers (the length pass:
+    the same ids and grids, no pixels). Four steps: render the turns, tokens and labels, visuals, expand + truncate."""
+    b, sid = dataclasses.replace(budgets or Budgets(), **overrides), sample.get("id", sample.get("_index"))
+
+    def need(ok, field: str, why: str, reason: str = ""):
+        if not ok:
+            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sid, field, why, reason)
+
+    registry = registry or tools.default_registry(bbox_format)
+    turns, paths, crops, calls, auto = _render(sample, registry, need)
+    video = "video" in sample or "video_frames" in sample
+    ids, labels, by_tool = _tokens_and_labels(turns, tokenizer, "<video>" if video else "<image>")
+    need(PAD_ID not in ids, "conversations", f"text tokenizes to the pad id {PAD_ID}")
+    originals, crop_it = iter([("video", "video")] if video else [(k, "image") for k in range(len(paths))]), iter(crops)
+    owners = [next(crop_it) if t else next(originals) for t in by_tool]  # what fills each placeholder, its field
+    geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
+    pixels, grids = _visuals(sample, owners, paths, image_dir, registry, b, geo, with_pixels, need)
+
+    # Step 4: expand each placeholder to [start] + [atom] * n + [end] (unlearned); truncate, never inside a visual
     n_vis = iter([model.num_visual_tokens(g[0], hidden_stride) + 2 for g in grids])
-    labels = [x for i, lab in zip(ids, labels) for x in ([IGNORE_ID] * next(n_vis) if i == IMAGE_TOKEN_ID else [lab])]
+    labels = [x for i, lab in zip(ids, labels) for x in ([IGNORE_ID] * next(n_vis) if i < -100 else [lab])]
     ids = model.expand_placeholders(ids, torch.cat(grids) if grids else None, hidden_stride)
-    limit = max_length if (grids or text_max_length is None) else text_max_length
+    limit = b.max_length if (grids or b.text_max_length is None) else b.text_max_length
     if limit is not None and len(ids) > limit:
-        need(overlong == "truncate", "length", f"{len(ids)} tokens > max_length {limit} (overlong={overlong!r})")
+        need(b.overlong == "truncate", "length", f"{len(ids)} tokens > max_length {limit} (overlong={b.overlong!r})")
         ids, labels, pixels, grids = truncate(ids, labels, pixels, grids, limit, hidden_stride)
     return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels),
             "pixel_values": torch.cat(pixels) if with_pixels and pixels else None,
-            "grid_thws": torch.cat(grids) if grids else None, "n_images": n_img, "tool_calls": calls,
+            "grid_thws": torch.cat(grids) if grids else None, "n_images": len(paths), "tool_calls": calls,
             "auto_crops": auto}
 
 
@@ -312,20 +417,28 @@ def build_inputs(messages: list[dict], tokenizer, enable_thinking: bool = False,
             else None, "grid_thws": grids, "prompt": text}
 
 
-def prompt_messages(sample: dict, image_dir=".") -> list[dict]:
-    """A data sample's turns before its first gpt turn as chat messages (GRPO / eval prompts), `<image>` as image
-    items (paths). Same tokens as the training rendering for "<image>\nquestion"."""
+def prompt_messages(sample: dict, image_dir=".", budgets: Budgets | None = None) -> list[dict]:
+    """A data sample's turns before its first gpt turn as chat messages (GRPO / eval prompts): `<image>` as image
+    items (paths), `<video>` as the video's frames (sampled as in training). Same tokens as the training rendering
+    for "<image>\nquestion"."""
+    def need(ok, field, why, reason=""):
+        if not ok:
+            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sample.get("id"), field, why)
+
+    ph = "<video>" if "video" in sample or "video_frames" in sample else "<image>"
     paths = [sample["image"]] if isinstance(sample.get("image"), str) else sample.get("image") or []
+    media = [_video(sample, image_dir, budgets or Budgets(), True, need)] if ph == "<video>" else [
+        str(Path(image_dir) / p) for p in paths]
     turns = [(ROLES.get(t["from"]), t["value"]) for t in sample["conversations"]]
-    if paths and not any("<image>" in v for r, v in turns if r in ("system", "user")):  # as encode_sample
+    if media and not any(ph in v for r, v in turns if r in ("system", "user")):  # as encode_sample
         u = next(i for i, (r, _) in enumerate(turns) if r == "user")
-        turns[u] = ("user", "<image>\n" * len(paths) + turns[u][1])
-    images, msgs = iter(paths), []
+        turns[u] = ("user", f"{ph}\n" * len(media) + turns[u][1])
+    media, msgs = iter(media), []
     for role, value in turns:
         if role in ("assistant", "ignored"):
             break
-        content = [{"type": "image", "image": str(Path(image_dir) / next(images))} if p.startswith("<image>") else
-                   {"type": "text", "text": p} for p in re.split(r"(<image>\n?)", value) if p]
+        content = [{"type": ph[1:-1], ph[1:-1]: next(media)} if p.startswith(ph) else {"type": "text", "text": p}
+                   for p in re.split(f"({ph}\n?)", value) if p]
         msgs.append({"role": role, "content": content})
     return msgs
 
@@ -334,29 +447,34 @@ def prompt_messages(sample: dict, image_dir=".") -> list[dict]:
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Samples of one or more files, encoded on access (**kw: `encode_sample`'s). A length pass (text + image headers)
-    drops bad samples, counted; `lengths` feeds `plan_epoch`. One failing at load (truncated image) is None."""
+    """Samples of one or more files, encoded on access (**kw: `encode_sample`'s). A length pass (text + image headers;
+    decode=True: every pixel, as `python data.py check`) drops bad samples and ones left with no learned token,
+    counted by reason (`skipped`, `errors`); `lengths` feeds `plan_epoch`; `stats` counts images and tool calls.
+    A sample failing at load (a truncated image) is None."""
 
-    def __init__(self, paths, tokenizer, image_dir=".", log=print, **kw):
+    def __init__(self, paths, tokenizer, image_dir=".", log=print, decode: bool = False, **kw):
         from tqdm import tqdm
-        self.tokenizer, self.image_dir, self.kw, errors = tokenizer, image_dir, kw, []
-        samples = [s for p in ([paths] if isinstance(paths, (str, Path)) else paths) for s in load_samples(p, errors)]
-        self.samples, self.lengths = [], []
+        self.tokenizer, self.image_dir, self.kw, self.errors = tokenizer, image_dir, kw, []
+        paths = [paths] if isinstance(paths, (str, Path)) else paths
+        samples = [s for p in paths for s in load_samples(p, self.errors)]
+        self.samples, self.lengths, self.stats = [], [], Counter()
         for s in tqdm(samples, desc="length pass", disable=len(samples) < 2000, file=sys.stderr):
             try:
-                enc = encode_sample(s, tokenizer, image_dir, with_pixels=False, **kw)
+                enc = encode_sample(s, tokenizer, image_dir, with_pixels=decode, **kw)
                 if (enc["labels"] == IGNORE_ID).all():  # the official code keeps it; it would only dilute a step
                     raise SampleError(s["_file"], s["_index"], enc["id"], "labels", "no learned token left after "
-                                      f"truncation to {kw.get('max_length')} tokens", "no learned token")
+                                      "truncation to max_length", "no learned token")
                 self.lengths.append(len(enc["input_ids"]))
                 self.samples.append(s)
+                self.stats.update({"images": enc["n_images"], "old-format crops given their image": enc["auto_crops"],
+                                   **{f"calls {k}": v for k, v in enc["tool_calls"].items()}})
             except SampleError as e:
-                errors.append(e)
-        self.skipped = Counter(e.reason for e in errors)
-        for e in errors[:10]:
+                self.errors.append(e)
+        self.skipped = Counter(e.reason for e in self.errors)
+        for e in self.errors[:10]:
             log(f"warning: skipping {e}")
-        log(f"data: {len(self.samples)} samples, {sum(self.lengths)} tokens; skipped {len(errors)} "
-            f"{dict(self.skipped)}")
+        log(f"data: {len(self.samples)} samples, {sum(self.lengths)} tokens, {dict(self.stats)}; skipped "
+            f"{len(self.errors)} {dict(self.skipped)}")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -575,43 +693,42 @@ def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
 
 
 def check(argv: list[str] | None = None) -> int:
-    """Validate data files: one line per bad sample, then totals. Returns the exit code (1 if any sample is bad)."""
+    """Validate data files, decoding every image: one line per bad sample, then totals. With --config (a stage's run
+    config) its data, image dir, budgets and tools are used, so what is reported bad is what that run would drop.
+    Returns the exit code (1 if any sample is bad)."""
     import argparse
 
-    from tqdm import tqdm
     ap = argparse.ArgumentParser(prog="python data.py check")
-    ap.add_argument("--data", nargs="+", required=True)
-    ap.add_argument("--image_dir", default=".")
-    ap.add_argument("--tokenizer", default=str(Path(__file__).parent / "assets" / "tiny"))
-    ap.add_argument("--max_length", type=int, default=None)
-    ap.add_argument("--bbox_format", default="pixel", choices=tools.BBOX_FORMATS)
-    ap.add_argument("--tools", default="Crop|Identify", help="the run's tools: names or module:Class")
+    ap.add_argument("--config", help="a run config (configs/x.json): data_path, image_dir, budgets, tools")
+    ap.add_argument("--data", nargs="+", help="data files (default with --config: its data_path, eval_data_path)")
+    ap.add_argument("--image_dir")
+    ap.add_argument("--tokenizer", help="a checkpoint dir (default: the run's model_path if local, else the bundled "
+                                        "Ovis2.5 tokenizer, which every Ovis2.5 shares)")
+    ap.add_argument("--max_length", type=int)
+    ap.add_argument("--bbox_format", choices=tools.BBOX_FORMATS)
+    ap.add_argument("--tools", help="the run's tools: names or module:Class (default Crop|Identify)")
     a = ap.parse_args(argv)
-    registry = tools.load_tools(a.tools, a.bbox_format)
-    tok, errors = load_tokenizer(a.tokenizer), []
-    samples = [s for p in a.data for s in load_samples(p, errors)]
-    n_total, lengths, images, calls, auto = len(samples) + len(errors), [], 0, Counter(), 0
-    for s in tqdm(samples, desc="check", disable=len(samples) < 500, file=sys.stderr):
-        try:
-            out = encode_sample(s, tok, a.image_dir, max_length=a.max_length, registry=registry)
-        except SampleError as e:
-            errors.append(e)
-            continue
-        lengths.append(len(out["input_ids"]))
-        images, auto = images + out["n_images"], auto + out["auto_crops"]
-        calls.update(out["tool_calls"])
-    for e in sorted(errors, key=lambda e: (str(e.file), e.index if isinstance(e.index, int) else -1)):
+    run = json.loads(Path(a.config).read_text()) if a.config else {}
+    run.update({k: v for k, v in vars(a).items() if v is not None and k not in ("config", "data", "tokenizer")})
+    files = a.data or [f for k in ("data_path", "eval_data_path") for f in str(run.get(k) or "").split(",") if f]
+    if not files:
+        ap.error("give --data or a --config with data_path")
+    tok = a.tokenizer or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
+                          str(Path(__file__).parent / "assets" / "tiny"))
+    ds = SFTDataset(files, load_tokenizer(tok), run.get("image_dir", "."), log=lambda *_: None, decode=True,
+                    budgets=Budgets.of(types.SimpleNamespace(**run)), registry=tools.load_tools(
+                        run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel")))
+    for e in sorted(ds.errors, key=lambda e: (str(e.file), e.index if isinstance(e.index, int) else -1)):
         print(f"BAD {e}")
-    q = sorted(lengths) or [0]
+    q = sorted(ds.lengths) or [0]
     pct = {p: q[min(len(q) - 1, p * len(q) // 100)] for p in (50, 90, 99)}
-    n_long = sum(e.field == "length" for e in errors)
-    print(f"samples {n_total}: ok {len(lengths)}, bad {len(errors)}, over-long {n_long} | images {images} | "
-          f"tool calls {dict(calls)}, old-format crops given their image {auto}")
+    print(f"samples {len(ds) + len(ds.errors)}: ok {len(ds)}, bad {len(ds.errors)}, over-long "
+          f"{ds.skipped['over-long']} | {', '.join(f'{k} {v}' for k, v in ds.stats.items())}")
     print(f"tokens per sample: p50 {pct[50]} p90 {pct[90]} p99 {pct[99]} max {q[-1]}")
-    return 1 if errors else 0
+    return 1 if ds.errors else 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["check"]:
-        sys.exit("usage: python data.py check --data x.json [--image_dir DIR] [--max_length N]")
+        sys.exit("usage: python data.py check (--config run.json | --data x.json) [--image_dir DIR] ...")
     sys.exit(check(sys.argv[2:]))

@@ -76,10 +76,10 @@ class Config:
     temperature: float = 1.0  # sampling (and the log-probs' temperature)
     top_p: float = 1.0
     top_k: int = 0
-    min_pixels: int = 448 * 448  # pixel budget of the prompt images
-    max_pixels: int = 1792 * 1792
-    crop_min_pixels: int = 448 * 448  # pixel budget of Crop results
-    crop_max_pixels: int = 896 * 896
+    min_pixels: int = data.Budgets.single_image_min_pixels  # pixel budget of the prompt images (data.Budgets)
+    max_pixels: int = data.Budgets.single_image_max_pixels
+    crop_min_pixels: int = data.Budgets.crop_min_pixels  # pixel budget of Crop results
+    crop_max_pixels: int = data.Budgets.crop_max_pixels
     bbox_format: Literal["pixel", "norm", "norm1000"] = "pixel"  # Crop boxes and the data's bbox
     # --- rewards and policy update
     rewards: str = "format:0.5|accuracy:1|iou:0.5|tool:0.5"  # tools.py scorers name:weight|...; dotted path = yours

@@ -102,7 +102,8 @@ def _rgb(path) -> Image.Image:
 def chat_batch(session: Session, requests: list, image_dir: str = ".", *, enable_thinking: bool = False,
                thinking_budget: int | None = None, use_tools: "bool | str | tools.Registry" = False,
                max_tool_calls: int = 5, identify=None, bbox_format: str = "pixel", max_new_tokens: int = 2048,
-               min_pixels: int = 448 * 448, max_pixels: int = 1792 * 1792, crop_min_pixels: int | None = None,
+               min_pixels: int = data.Budgets.single_image_min_pixels,
+               max_pixels: int = data.Budgets.single_image_max_pixels, crop_min_pixels: int | None = None,
                crop_max_pixels: int | None = None, **sampling) -> list:
     """Requests (see _request) -> one tools.Rollout each, generated as one left-padded batch. use_tools: True = Crop +
     Identify (`identify`: its map file / dict / callable), a tools spec ("Crop|mypkg.ocr:OCR") or a Registry; its

@@ -541,6 +541,14 @@ def resolve_checkpoint(name: str) -> str:
     return path
 
 
+def patch_geometry(path: str) -> dict:
+    """patch_size and hidden_stride of a checkpoint's ViT (its config.json), for the data path: training data is cut
+    into patches the way that checkpoint sees them."""
+    with open(os.path.join(path, "config.json")) as f:
+        v = json.load(f).get("vit_config") or {}
+    return {"patch_size": v.get("patch_size", 16), "hidden_stride": v.get("hidden_stride", 2)}
+
+
 def checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):

@@ -61,13 +61,18 @@ class Config:
     max_tokens: int = 8192  # tokens per packed micro-batch (row) per rank
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step per rank
     max_length: int = 8192  # longest sample in tokens; longer ones follow `overlong`
-    overlong: Literal["drop", "truncate"] = "drop"  # drop (counted, reported) | truncate (never inside an image)
-    single_image_min_pixels: int = 448 * 448  # pixel budgets as in the official training (spec 11.2)
-    single_image_max_pixels: int = 1792 * 1792
-    multiple_image_min_pixels: int = 448 * 448
-    multiple_image_max_pixels: int = 448 * 448
-    crop_min_pixels: int = 448 * 448  # budget of Crop results inserted into the conversation
-    crop_max_pixels: int = 896 * 896
+    overlong: Literal["drop", "truncate"] = "drop"  # drop (counted, reported) | truncate (never inside a visual)
+    # pixel budgets (spec 11.2), video frames, tool-result crops: defaults in data.Budgets, as the official trainer's
+    single_image_min_pixels: int = data.Budgets.single_image_min_pixels  # one image
+    single_image_max_pixels: int = data.Budgets.single_image_max_pixels
+    multiple_image_min_pixels: int = data.Budgets.multiple_image_min_pixels  # each of several images
+    multiple_image_max_pixels: int = data.Budgets.multiple_image_max_pixels
+    video_min_pixels: int = data.Budgets.video_min_pixels  # each video frame
+    video_max_pixels: int = data.Budgets.video_max_pixels
+    min_frames: int = data.Budgets.min_frames  # a video is resampled to between min_frames and max_frames
+    max_frames: int = data.Budgets.max_frames
+    crop_min_pixels: int = data.Budgets.crop_min_pixels  # image tool results (Crop) inserted in a conversation
+    crop_max_pixels: int = data.Budgets.crop_max_pixels
     bbox_format: Literal["pixel", "norm", "norm1000"] = "pixel"  # Crop boxes in the data
     tools: str = "Crop|Identify"  # the tools the data calls: built-in names or module:Class (tools.load_tools)
     bf16: bool = True  # overrides the zero config's bf16.enabled
@@ -250,12 +255,8 @@ def main(cfg: Config):
     # training, so the schedule covers exactly the steps that will run
     path = ovis.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
     tokenizer = data.load_tokenizer(path)
-    enc = dict(max_length=cfg.max_length, overlong=cfg.overlong, bbox_format=cfg.bbox_format,
-               single_image_min_pixels=cfg.single_image_min_pixels,
-               single_image_max_pixels=cfg.single_image_max_pixels,
-               multiple_image_min_pixels=cfg.multiple_image_min_pixels,
-               multiple_image_max_pixels=cfg.multiple_image_max_pixels, crop_min_pixels=cfg.crop_min_pixels,
-               crop_max_pixels=cfg.crop_max_pixels, registry=tools.load_tools(cfg.tools, cfg.bbox_format))
+    enc = dict(budgets=data.Budgets.of(cfg), registry=tools.load_tools(cfg.tools, cfg.bbox_format),
+               **ovis.patch_geometry(path))  # the checkpoint's own patch size and merge stride
     train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc)
     eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc) \
         if cfg.eval_data_path else None

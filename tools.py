@@ -314,7 +314,7 @@ def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify
     while pos < len(spec.rstrip()):
         m = re.compile(r"\s*([\w.]+(?::\w+)?)\s*(\{.*?\})?\s*(\||$)").match(spec, pos)  # Name{json}|
         if not m:
-            raise ValueError(f"tools: cannot read {spec[pos:]!r}; write Name, module:Class or Name{{json}}, |-separated")
+            raise ValueError(f"tools: cannot read {spec[pos:]!r}; write Name, module:Class or Name{{json}}, |-apart")
         name, pos = m.group(1), m.end()
         try:
             kw = json.loads(m.group(2) or "{}")

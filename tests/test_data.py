@@ -310,7 +310,7 @@ def test_check_cli_ok():
     r = subprocess.run([sys.executable, "data.py", "check", "--data", str(DATA / "tools.json"), "--image_dir",
                         str(IMG)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "bad 0" in r.stdout and "'Crop': 3" in r.stdout and "old-format crops given their image 1" in r.stdout
+    assert "bad 0" in r.stdout and "calls Crop 3" in r.stdout and "old-format crops given their image 1" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
