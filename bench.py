@@ -4,7 +4,7 @@
     python bench.py sft     # sft.py tokens/s and real-token fraction: packed micro-batches vs one sample each
     python bench.py infer   # a 3-Crop tool trajectory: KV continuation vs re-prefill per turn; generation tok/s
     python bench.py lora    # LoRA vs full SFT: trainable params, optimizer-state bytes, step time (+ exact 9B counts)
-    python bench.py grpo    # GRPO demo steps: rollout tokens/s, share of step time in rollout vs training
+    python bench.py grpo    # GRPO rollouts: shared vs per-completion prompt; demo steps: rollout tok/s, time split
 
 Figures are ratios measured on this machine (CPU by default, CUDA when available); absolute numbers depend on it.
 """
@@ -202,6 +202,39 @@ def bench_lora():
     return lo[1] / s[1]
 
 
+def bench_rollout(group: int = 8, side: int = 1792, new_tokens: int = 64) -> float:
+    """GRPO's rollouts of one image-heavy prompt: a side x side photo at the official budget (1792 px: 3136 visual
+    tokens), `group` sampled completions of `new_tokens` each through tools.run_tool_loop, the group sharing one ViT
+    pass and one prefill (group=G, the KV cache copied) vs the prompt repeated G times. The same generator seed:
+    the tokens must be identical."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    m = M.Ovis25.from_config(BENCH_CONFIG, device=dev).eval()
+    tok = data.load_tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny"))
+    g = torch.Generator().manual_seed(0)
+    img = Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy())
+    pv, grid = M.preprocess_image(img, 448 * 448, 1792 * 1792)
+    ids = M.expand_placeholders(torch.randint(0, 8000, (64,), generator=g).tolist() + [M.IMAGE_TOKEN_ID], grid)
+    prompt = {"input_ids": torch.tensor([ids]), "pixel_values": pv, "grid_thws": grid}
+    kw = dict(max_new_tokens=new_tokens, do_sample=True, eos_token_ids=())  # no end token: every row runs in full
+
+    def run(shared: bool):
+        n, gen = (1, group) if shared else (group, 1)
+        t0 = time.perf_counter()
+        out = tools.run_tool_loop(m, tok, [prompt] * n, [[img]] * n, [["img"]] * n, None, group=gen,
+                                  generator=torch.Generator(dev).manual_seed(1), **kw)
+        return time.perf_counter() - t0, [r.token_ids for r in out]
+
+    with torch.no_grad():
+        run(True)  # warm-up
+        t_sh, a = run(True)
+        t_un, b = run(False)
+    print(f"grpo rollouts ({dev}): {group} completions x {new_tokens} tokens of a {side}px prompt ({len(ids)} tokens) "
+          f"| shared prompt {t_sh:.2f}s, prompt per completion {t_un:.2f}s: {t_un / t_sh:.2f}x (target >= 1.5x) | "
+          f"same tokens: {a == b}")
+    return t_un / t_sh
+
+
 def bench_grpo(steps: int = 6):
     """grpo.py with configs/demo_grpo.json (the SFT demo's model, real Crop calls, 16 completions per step) for a
     few steps: generated tokens per second of rollout, and where the step time goes."""
@@ -209,7 +242,8 @@ def bench_grpo(steps: int = 6):
 
     root = os.path.dirname(os.path.abspath(__file__))
     if not os.path.exists(os.path.join(root, "out", "demo_sft", "final", "config.json")):
-        sys.exit("bench grpo starts from the SFT demo: run `python sft.py --config configs/demo_sft.json` first")
+        print("bench grpo steps start from the SFT demo: run `python sft.py --config configs/demo_sft.json` first")
+        return None
     out = tempfile.mkdtemp(prefix="bench_grpo_")
     subprocess.run([sys.executable, "grpo.py", "--config", "configs/demo_grpo.json", f"--max_steps={steps}",
                     f"--output_dir={out}", "--save_interval=1000"], check=True, capture_output=True,
@@ -296,6 +330,8 @@ if __name__ == "__main__":
     elif what == "lora":
         bench_lora()
     elif what == "grpo":
+        torch.set_num_threads(os.cpu_count() or 1)
+        bench_rollout()
         bench_grpo()
     elif what == "infer":
         torch.set_num_threads(os.cpu_count() or 1)

@@ -443,16 +443,42 @@ def prompt_messages(sample: dict, image_dir=".", budgets: Budgets | None = None)
     return msgs
 
 
+def load_prompts(paths: list[str], image_dir: str, bbox_format: str) -> list[dict]:
+    """Samples with an image and a question; `answer` (str, number or list) and `bbox` ([x1, y1, x2, y2] in
+    bbox_format) optional. A bad one raises SampleError naming the file, sample and field."""
+    out = []
+    for path in paths:
+        for s in load_samples(path):
+            err = lambda field, why, s=s: SampleError(s["_file"], s["_index"], s.get("id"), field, why)
+            s.setdefault("conversations", [{"from": "human", "value": s["question"]}] if "question" in s else None)
+            if not isinstance(s.get("conversations"), list) or not any(
+                    isinstance(t, dict) and t.get("from") in ("human", "user") for t in s["conversations"]):
+                raise err("conversations", "needs a human turn with the question (or a `question` field)")
+            imgs = [s["image"]] if isinstance(s.get("image"), str) else s.get("image")
+            if not imgs or not all(isinstance(i, str) and os.path.isfile(os.path.join(image_dir, i)) for i in imgs):
+                raise err("image", f"missing or not found under {image_dir!r}: {s.get('image')!r}")
+            b, top = s.get("bbox", [0, 0, 1, 1]), {"norm": 1, "norm1000": 1000}.get(bbox_format, 1e9)
+            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+                    and 0 <= b[0] < b[2] <= top and 0 <= b[1] < b[3] <= top):
+                raise err("bbox", f"{b!r} is not [x1, y1, x2, y2], x1 < x2, y1 < y2, within the {bbox_format} range")
+            if "answer" in s and not isinstance(s["answer"], (str, int, float, list)):
+                raise err("answer", "must be a string, a number or a list of them")
+            out.append({**s, "_image_dir": image_dir})
+    if not out:
+        raise RunError(f"no prompts in {paths}")
+    return out
+
+
 # --- Training: dataset with counted skips, packing into token-budget rows, sharding, collation ---
 
 
 class SFTDataset(torch.utils.data.Dataset):
     """Samples of one or more files, encoded on access (**kw: `encode_sample`'s). A length pass (text + image headers;
     decode=True: every pixel, as `python data.py check`) drops bad samples and ones left with no learned token,
-    counted by reason (`skipped`, `errors`); `lengths` feeds `plan_epoch`; `stats` counts images and tool calls.
-    A sample failing at load (a truncated image) is None."""
+    counted by reason (`skipped`, `errors`); `lengths` feeds `plan_epoch`; `stats` counts images and tool calls;
+    `required` (a config key): no usable sample is a RunError. A sample failing at load (a truncated image) is None."""
 
-    def __init__(self, paths, tokenizer, image_dir=".", log=print, decode: bool = False, **kw):
+    def __init__(self, paths, tokenizer, image_dir=".", log=print, decode: bool = False, required: str = "", **kw):
         from tqdm import tqdm
         self.tokenizer, self.image_dir, self.kw, self.errors = tokenizer, image_dir, kw, []
         paths = [paths] if isinstance(paths, (str, Path)) else paths
@@ -475,6 +501,9 @@ class SFTDataset(torch.utils.data.Dataset):
             log(f"warning: skipping {e}")
         log(f"data: {len(self.samples)} samples, {sum(self.lengths)} tokens, {dict(self.stats)}; skipped "
             f"{len(self.errors)} {dict(self.skipped)}")
+        if required and not self.samples:  # `required`: the run config key, named in the error
+            raise RunError(f"{required}: no usable sample in {','.join(map(str, paths))} (skipped "
+                           f"{dict(self.skipped)}; python data.py check --data ... lists each bad sample and why)")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -600,10 +629,26 @@ class RunGuard:
                                    "samples failed to load; run python data.py check)")
         return ""
 
+    def summary(self) -> str:  # for the closing log line
+        return f" ({self.empty} steps without targets, {self.failed} samples failed to load)" if self.empty or \
+            self.failed else ""
+
     def stop(self, step: int, why: str) -> str:
         best = f"; best model so far: {self.out}/best" if os.path.isdir(os.path.join(self.out, "best")) else ""
         return (f"step {step}: {why}. Stopped without writing final/. Last good checkpoint: {self.last_good}{best} "
                 "(fix the cause, then resume)")
+
+
+def loggers(cfg, rank: int) -> tuple:
+    """(tensorboard writer, wandb run) when the config's `tensorboard` / `wandb_project` ask for them, rank 0 only."""
+    tb = wb = None
+    if rank == 0 and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+    if rank == 0 and cfg.wandb_project:
+        import wandb
+        wb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+    return tb, wb
 
 
 def metrics_line(rec: dict) -> str:

@@ -11,14 +11,11 @@ Algorithm choices:
   every rank runs the same number of micro-batches per optimizer step (data.plan_epoch).
 - Loss = sum of token cross-entropies / number of target tokens of the whole optimizer step, over all its
   micro-batches and all ranks, so gradient accumulation 4 x 1 equals 1 x 4 and long samples weigh by tokens.
-- LoRA (peft) on the LLM's linear layers only, matched by full module name: the ViT's q/k/v_proj share the short
-  names and stay untouched unless lora_vit. modules_to_save trains small modules in full (visual head, vte), each
-  with its own lr, as peft copies: the base weights stay bit-identical. AdamW, warmup then cosine / linear /
-  constant, built in Python.
-- Two checkpoint kinds: resumable (trainable parameters + optimizer + step + RNG, atomic `latest`; the frozen base
-  is not copied) under output_dir/checkpoints, and the adapter in the standard peft layout (adapter_config.json with
-  the base path + adapter_model.safetensors, modules_to_save inside) in output_dir/final and output_dir/best.
-  With init_random the random base is written to output_dir/base, so the adapter always has a base to load onto.
+- LoRA (peft) on the LLM's linear layers, matched by full module name (the ViT's q/k/v_proj only with lora_vit);
+  modules_to_save trains small modules in full as peft copies, each with its own lr: the base stays bit-identical.
+- Two checkpoint kinds: resumable (trainable parameters + optimizer + step + RNG, atomic `latest`) under
+  output_dir/checkpoints, and the adapter in the standard peft layout (base recorded, modules_to_save inside) in
+  output_dir/final and output_dir/best; with init_random the random base is written to output_dir/base.
 """
 
 import json
@@ -50,6 +47,7 @@ class Config:
     data_path: str = ""  # training samples, JSON list or JSONL; several files separated by ","
     eval_data_path: str = ""  # optional eval samples in the same format
     image_dir: str = "."  # image paths in the samples are relative to this
+    eval_image_dir: str = ""  # the same for the eval samples; "" = image_dir
     output_dir: str = "out/lora"  # checkpoints/, final/, best/ (adapters), base/ (init_random), metrics.jsonl
     zero_config: str = "zero_configs/zero2.json"  # engine policy: ZeRO stage, offload, bf16, clipping, buckets
     # --- what trains
@@ -261,11 +259,10 @@ def evaluate(engine, eval_ds, cfg: Config, rank: int, world: int) -> float:
     return (tot[0] / tot[1].clamp(min=1)).item()
 
 
-def memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+def memory_gb() -> float:  # peak: GPU memory allocated, else the process's resident set
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,13 +298,9 @@ def main(cfg: Config):
     tokenizer = data.load_tokenizer(path)
     enc = dict(budgets=data.Budgets.of(cfg), registry=tools.load_tools(cfg.tools, cfg.bbox_format),
                **ovis.patch_geometry(path))  # the checkpoint's own patch size and merge stride
-    train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc)
-    eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc) \
-        if cfg.eval_data_path else None
-    for name, ds in (("data_path", train_ds), ("eval_data_path", eval_ds)):
-        if ds is not None and len(ds) == 0:
-            raise data.RunError(f"{name}: no usable sample in {getattr(cfg, name)} (skipped {dict(ds.skipped)}; "
-                                "python data.py check --data ... lists each bad sample and why)")
+    train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log, required="data_path", **enc)
+    eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.eval_image_dir or cfg.image_dir, log,
+                              required="eval_data_path", **enc) if cfg.eval_data_path else None
     gas = cfg.gradient_accumulation_steps
     steps_per_epoch = len(data.plan_epoch(train_ds.lengths, cfg.max_tokens, world, gas, cfg.seed, 0))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
@@ -367,13 +360,7 @@ def main(cfg: Config):
         else:
             log("resume=auto: no checkpoint yet, starting fresh")
 
-    tb = wb = None
-    if rank == 0 and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-    if rank == 0 and cfg.wandb_project:
-        import wandb
-        wb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+    tb, wb = data.loggers(cfg, rank)  # tensorboard / wandb writers when the config asks for them (rank 0)
     log(f"training: {len(train_ds)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, {world} ranks x "
         f"{gas} micro-batches of <= {cfg.max_tokens} tokens")
 
@@ -447,9 +434,8 @@ def main(cfg: Config):
         log(f"early stopping at step {step}: no eval improvement in {state['bad_evals']} evals "
             f"(best {state['best_eval']:.4f}, kept in {cfg.output_dir}/best)")
     export(engine, model, os.path.join(cfg.output_dir, "final"), rank)
-    log(f"done: adapter in {cfg.output_dir}/final (base {base_name})" + (f" ({guard.empty} steps without targets, "
-        f"{guard.failed} samples failed to load)" if guard.empty or guard.failed else "") + "; merge: python "
-        f"merge_lora.py --adapter {cfg.output_dir}/final --out {cfg.output_dir}/merged")
+    log(f"done: adapter in {cfg.output_dir}/final (base {base_name}){guard.summary()}; merge: python merge_lora.py "
+        f"--adapter {cfg.output_dir}/final --out {cfg.output_dir}/merged")
     tb and tb.close()
     wb and wb.finish()
     if owns_group:

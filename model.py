@@ -780,7 +780,7 @@ class Ovis25(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, eos_token_ids=EOS_IDS, stop_token_ids=(),
                  thinking_budget: int | None = None, state: GenState | None = None, return_state: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, repeat: int = 1):
         """Batched decoding with a KV cache. `input_ids` (B, L) are left-padded with PAD_ID; returns only the new
         tokens (B, n) with PAD_ID after a row finished (an eos or stop id ends a row and is returned).
 
@@ -789,7 +789,9 @@ class Ovis25(nn.Module):
         A fresh call whose max_new_tokens leaves too little room shrinks the budget instead of failing; with
         `state`, the count and any half-forced text carry over from the previous calls. Use with thinking on.
         state: continue a previous call (return_state=True): `input_ids` are then the new tokens (text + image
-        placeholders, left-padded) appended after everything generated so far; nothing before is re-encoded."""
+        placeholders, left-padded) appended after everything generated so far; nothing before is re-encoded.
+        repeat: each input row continues as `repeat` rows (GRPO's group): its images and prefix are encoded once and
+        the KV cache copied, so the output has B * repeat rows, row-major (the rows of input 0 first)."""
         dev = input_ids.device
         ids = input_ids
         if state is None:
@@ -803,13 +805,21 @@ class Ovis25(nn.Module):
             st = state
             ids = torch.cat([st.pending[:, None], ids], 1)
             real = torch.cat([st.pending_real[:, None], input_ids != PAD_ID], 1)
-        b = ids.shape[0]
-        vocab = self.llm.config.vocab_size
         if repetition_penalty != 1.0:
             if st.seen is None:
-                st.seen = torch.zeros(b, vocab, dtype=torch.bool, device=dev)
+                st.seen = torch.zeros(ids.shape[0], self.llm.config.vocab_size, dtype=torch.bool, device=dev)
             text = real & (ids >= 0)
             st.seen.scatter_(1, torch.where(text, ids, 0), text)
+        x = self.embed(ids, pixel_values, grid_thws)
+        st.mask = torch.cat([st.mask, real.long()], 1)
+        logits = self._last_logits(x, st)  # the prefill: (B, vocab)
+        if repeat > 1:  # copy each row's cache and state `repeat` times: the prefix is encoded once
+            st.cache.batch_repeat_interleave(repeat)
+            for k in ("mask", "seen", "n_generated", "think_closed", "force_pos"):
+                v = getattr(st, k)
+                setattr(st, k, None if v is None else v.repeat_interleave(repeat, 0))
+            logits = logits.repeat_interleave(repeat, 0)
+        b = logits.shape[0]
         eos = torch.tensor(list(eos_token_ids), device=dev)
         stop = torch.tensor(list(stop_token_ids) or [-1], device=dev)
         forced = torch.tensor(THINK_EARLY_STOP_IDS, device=dev)
@@ -818,15 +828,11 @@ class Ovis25(nn.Module):
             budget = torch.full_like(st.n_generated, thinking_budget)
             if state is None:  # one-shot call: shrink so the forced text and an answer still fit (no ValueError)
                 budget = budget.clamp(max=max_new_tokens - len(THINK_EARLY_STOP_IDS) - 1).clamp(min=0)
-
-        x = self.embed(ids, pixel_values, grid_thws)
-        st.mask = torch.cat([st.mask, real.long()], 1)
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
         new = []
         for step in range(max_new_tokens):
-            pos = (st.mask.cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1]:]
-            logits = self.llm(inputs_embeds=x, attention_mask=st.mask, position_ids=pos, cache=st.cache,
-                              use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (B, vocab)
+            if step:
+                logits = self._last_logits(x, st)  # (B, vocab)
             tok = self._next_token(logits, st.seen, do_sample, temperature, top_p, top_k, repetition_penalty,
                                    generator)
             if budget is not None:  # per-row thinking budget: start forcing, then emit the forced text
@@ -851,6 +857,12 @@ class Ovis25(nn.Module):
             st.mask = torch.cat([st.mask, was_running.long()[:, None]], 1)
         out = torch.stack(new, 1) if new else ids.new_zeros(b, 0)
         return (out, st) if return_state else out
+
+    def _last_logits(self, x: torch.Tensor, st: GenState) -> torch.Tensor:
+        """(B, T, H) new input embeddings -> (B, vocab) fp32 logits at the last position; the cache grows by T."""
+        pos = (st.mask.cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1]:]
+        return self.llm(inputs_embeds=x, attention_mask=st.mask, position_ids=pos, cache=st.cache, use_cache=True,
+                        logits_to_keep=1).logits[:, -1].float()
 
     @staticmethod
     def _next_token(logits, seen, do_sample, temperature, top_p, top_k, repetition_penalty, generator):

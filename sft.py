@@ -44,6 +44,7 @@ class Config:
     data_path: str = ""  # training samples, JSON list or JSONL; several files separated by ","
     eval_data_path: str = ""  # optional eval samples in the same format
     image_dir: str = "."  # image paths in the samples are relative to this
+    eval_image_dir: str = ""  # the same for the eval samples; "" = image_dir
     output_dir: str = "out/sft"  # checkpoints/, final/, best/, metrics.jsonl
     zero_config: str = "zero_configs/zero2.json"  # engine policy: ZeRO stage, offload, bf16, clipping, buckets
     # --- what trains
@@ -217,11 +218,10 @@ def evaluate(engine, eval_ds, cfg: Config, rank: int, world: int) -> float:
     return (tot[0] / tot[1].clamp(min=1)).item()
 
 
-def memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+def memory_gb() -> float:  # peak: GPU memory allocated, else the process's resident set
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,13 +257,9 @@ def main(cfg: Config):
     tokenizer = data.load_tokenizer(path)
     enc = dict(budgets=data.Budgets.of(cfg), registry=tools.load_tools(cfg.tools, cfg.bbox_format),
                **ovis.patch_geometry(path))  # the checkpoint's own patch size and merge stride
-    train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc)
-    eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.image_dir, log=log, **enc) \
-        if cfg.eval_data_path else None
-    for name, ds in (("data_path", train_ds), ("eval_data_path", eval_ds)):
-        if ds is not None and len(ds) == 0:
-            raise data.RunError(f"{name}: no usable sample in {getattr(cfg, name)} (skipped {dict(ds.skipped)}; "
-                                "python data.py check --data ... lists each bad sample and why)")
+    train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log, required="data_path", **enc)
+    eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.eval_image_dir or cfg.image_dir, log,
+                              required="eval_data_path", **enc) if cfg.eval_data_path else None
     gas = cfg.gradient_accumulation_steps
     steps_per_epoch = len(data.plan_epoch(train_ds.lengths, cfg.max_tokens, world, gas, cfg.seed, 0))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
@@ -316,13 +312,7 @@ def main(cfg: Config):
         else:
             log("resume=auto: no checkpoint yet, starting fresh")
 
-    tb = wb = None
-    if rank == 0 and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-    if rank == 0 and cfg.wandb_project:
-        import wandb
-        wb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+    tb, wb = data.loggers(cfg, rank)  # tensorboard / wandb writers when the config asks for them (rank 0)
     log(f"training: {len(train_ds)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, {world} ranks x "
         f"{gas} micro-batches of <= {cfg.max_tokens} tokens")
 
@@ -396,8 +386,7 @@ def main(cfg: Config):
         log(f"early stopping at step {step}: no eval improvement in {state['bad_evals']} evals "
             f"(best {state['best_eval']:.4f}, kept in {cfg.output_dir}/best)")
     export(engine, model, os.path.join(cfg.output_dir, "final"), rank)
-    log(f"done: deployable model in {cfg.output_dir}/final" + (f" ({guard.empty} steps without targets, "
-        f"{guard.failed} samples failed to load)" if guard.empty or guard.failed else ""))
+    log(f"done: deployable model in {cfg.output_dir}/final{guard.summary()}")
     tb and tb.close()
     wb and wb.finish()
     if owns_group:

@@ -381,26 +381,29 @@ def split_output(text: str) -> tuple[str, str]:
 def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, keys: list | None = None,
                   registry: "Registry | None" = None, max_tool_calls: int = 8, max_new_tokens: int = 1024,
                   thinking_budget: int | None = None, kv_cache: bool = True, crop_min_pixels: int | None = None,
-                  crop_max_pixels: int | None = None, **sampling) -> list[Rollout]:
+                  crop_max_pixels: int | None = None, group: int = 1, **sampling) -> list[Rollout]:
     """Generate for a batch of prompts (data.build_inputs dicts), running tool calls as they come. A round decodes
     all running rows (left-padded) until each stopped on `</tool_call>` or an eos; each call is then run by
     `registry` on its row's `images` (`keys`: their names, for Identify maps) and the result appended as
     tool_result_ids / tool_result_pixels render it. Bad or unknown calls and every call past `max_tool_calls`
     (NO_MORE_TOOLS) become error responses. Waiting rows continue from the KV cache (kv_cache=False: re-prefill all
     each round, the reference); finished rows leave the batch. `max_new_tokens`, `thinking_budget` (thinking on
-    only) count model tokens per row over all rounds. registry=None: no tools. `sampling`: Ovis25.generate's."""
+    only) count model tokens per row over all rounds. registry=None: no tools. `sampling`: Ovis25.generate's.
+    group: each prompt gives `group` rollouts (GRPO), row-major; its images and prefix are encoded once (one ViT pass,
+    one prefill) and the KV cache copied: the same tokens as passing each prompt `group` times."""
     if thinking_budget is not None and not kv_cache:
         raise ValueError("thinking_budget needs kv_cache=True (it counts tokens over all rounds)")
     vit, dev, forced = model.config.vit, next(model.parameters()).device, len(ovis.THINK_EARLY_STOP_IDS)
     images, keys = images or [[] for _ in prompts], keys or [[] for _ in prompts]
+    prompts, images, keys = ([x for x in v for _ in range(group)] for v in (prompts, images, keys))
     crop_px = (crop_min_pixels or CROP_MIN_PIXELS, crop_max_pixels or CROP_MAX_PIXELS)
     eos, stop = tuple(sampling.pop("eos_token_ids", ovis.EOS_IDS)), (TOOL_CALL_END_ID,) if registry else ()
     budget = None if thinking_budget is None else max(0, min(thinking_budget, max_new_tokens - forced - 1))
     outs = [Rollout(token_ids=t, gen_mask=[0] * len(t), prompt_len=len(t))
             for t in (p["input_ids"].reshape(-1).tolist() for p in prompts)]
     pix = [[(p["pixel_values"], p["grid_thws"])] if p.get("grid_thws") is not None else [] for p in prompts]
-    active, st = list(range(len(prompts))), None
-    chunk, new_pix = [o.token_ids for o in outs], [x for p in pix for x in p]
+    active, st, repeat = list(range(len(prompts))), None, group if kv_cache else 1
+    chunk, new_pix = [o.token_ids for o in outs[::repeat]], [x for p in pix[::repeat] for x in p]
     while active:
         left = [max_new_tokens - outs[i].n_generated for i in active]
         n = max(left)  # generate shrinks a thinking budget to fit its own max_new_tokens: give a thinker room
@@ -412,7 +415,8 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
         ids = torch.tensor([[ovis.PAD_ID] * (n_pad - len(c)) + c for c in chunk], device=dev)
         pv, g = (torch.cat([x[k] for x in new_pix]).to(dev) if new_pix else None for k in (0, 1))
         new, st = model.generate(ids, pv, g, max_new_tokens=n, eos_token_ids=eos, stop_token_ids=stop,
-                                 thinking_budget=budget, state=st, return_state=True, **sampling)
+                                 thinking_budget=budget, state=st, return_state=True, repeat=repeat, **sampling)
+        repeat = 1  # the group shares only the prompt
         keep, chunk, new_pix = [], [], []
         for j, i in enumerate(active):
             o, toks = outs[i], new[j].tolist()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import data
 import grpo
@@ -150,7 +151,7 @@ def test_rollouts_mask_tool_outputs_and_match_the_training_encoding(tool_ckpt, t
     m = M.Ovis25.from_pretrained(tool_ckpt)
     cfg = grpo.Config(image_dir=str(DEMO), min_pixels=4096, max_pixels=8192, crop_min_pixels=4096,
                       crop_max_pixels=8192)
-    sample = grpo.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
+    sample = data.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
     reg = tools.default_registry()
     inp, images, keys = grpo.prompt_inputs(sample, cfg, tokenizer, reg)
     with torch.no_grad():
@@ -217,6 +218,99 @@ def test_easy_reward_rises_and_resume_is_exact(base, tmp_path):
         assert x["step"] == y["step"] and x["reward"] == y["reward"] and abs(x["loss"] - y["loss"]) < 1e-6, (x, y)
 
 
+def test_shared_prompt_rollouts_equal_per_completion_prompts(tool_ckpt, tokenizer):
+    """The G completions of a prompt share its ViT pass and prefill (the KV cache copied): greedy and sampled rollouts
+    (the same generator state) are those of the prompt given G times, tool calls, masks and pixels included."""
+    m = M.Ovis25.from_pretrained(tool_ckpt).eval()
+    cfg = grpo.Config(model_path=tool_ckpt, data_path="x", image_dir=str(DEMO), min_pixels=4096, max_pixels=8192,
+                      crop_min_pixels=4096, crop_max_pixels=8192)
+    reg = tools.default_registry()
+    inputs = [grpo.prompt_inputs(s, cfg, tokenizer, reg) for s in json.loads((DEMO / "grpo.json").read_text())[:2]]
+    G, crops = 3, 0
+    for kw in (dict(do_sample=False), dict(do_sample=True, temperature=1.0)):
+        runs = []
+        for group, rep in ((1, G), (G, 1)):  # today's path: each prompt G times; shared: group=G
+            args = ([x[k] for x in inputs for _ in range(rep)] for k in range(3))
+            runs.append(tools.run_tool_loop(m, tokenizer, *args, reg, max_new_tokens=60, crop_min_pixels=4096,
+                                            crop_max_pixels=8192, group=group,
+                                            generator=torch.Generator().manual_seed(3), **kw))
+        for a, b in zip(*runs):
+            assert a.token_ids == b.token_ids and a.gen_mask == b.gen_mask and a.tool_calls == b.tool_calls
+            assert torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.grid_thws, b.grid_thws)
+        crops += sum(len(r.crops) for r in runs[1])
+        assert len(runs[1]) == 2 * G
+    assert crops > 0  # the rollouts really ran tool rounds after the shared prefill
+
+
+def test_heldout_eval_best_and_early_stopping(base, tmp_path, capsys):
+    """eval_data_path: an eval at step 0 and every eval_interval steps, the training metrics on the held-out prompts,
+    best/ kept by eval_metric; early stopping after `patience` evals without improvement."""
+    (tmp_path / "eval.json").write_text(json.dumps(json.loads((DEMO / "grpo.json").read_text())[-3:]))
+    out = tmp_path / "ev"
+    c = even_cfg(base, out, max_steps=4, eval_data_path=str(tmp_path / "eval.json"), eval_interval=2,
+                 eval_metric="reward_tests.grpo_rewards.even_ids", eval_num_generations=2)
+    grpo.main(grpo.Config(**c))
+    rec = metrics(out)
+    evals = [r for r in rec if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and [r["step"] for r in rec if "loss" in r] == [1, 2, 3, 4]
+    assert {"eval_accuracy", "eval_format_rate", "eval_tool_calls_per_rollout", "eval_valid_crop_rate",
+            "eval_mean_crop_iou", "eval_response_len", "eval_reward_tests.grpo_rewards.even_ids"} <= set(evals[0])
+    assert all(r["grad_norm"] > 0 for r in rec if "loss" in r)  # ZeRO-0 reports its gradient norm too
+    check_export(out / "best", base, "float32")
+    c = {**c, "output_dir": str(tmp_path / "es"), "eval_interval": 1, "early_stopping_patience": 2,
+         "early_stopping_min_delta": 10.0, "max_steps": 6}
+    grpo.main(grpo.Config(**c))
+    assert "early stopping at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(tmp_path / "es") if "loss" in r] == [1, 2]
+    assert (tmp_path / "es" / "final" / "model.safetensors").exists()
+
+
+def test_dynamic_sampling_refills_groups_without_signal(base, tmp_path, capsys):
+    """DAPO: zero-variance groups are replaced by fresh prompts' groups; when the prompts run out, the step trains on
+    what there is and the run says so."""
+    out = tmp_path / "dapo"
+    grpo.main(grpo.Config(**even_cfg(base, out, max_steps=3, dynamic_sampling=True, max_refill_rounds=4,
+                                     rewards="tests.grpo_rewards.half_flat:1", num_generations=4,
+                                     micro_batch_size=4)))
+    rec = metrics(out)
+    assert sum(r["refill_rounds"] for r in rec) > 0 and all(r["kept_frac"] == 1.0 for r in rec)
+    assert all(r["prompts_drawn"] == 2 * (1 + r["refill_rounds"]) for r in rec)
+    few = [{**p, "id": f"p{i}"} for i, p in zip((0, 2, 4, 1), json.loads((DEMO / "grpo.json").read_text()))]
+    (tmp_path / "few.json").write_text(json.dumps(few))  # 3 of 4 prompts without signal
+    c = even_cfg(base, tmp_path / "few", data_path=str(tmp_path / "few.json"), epochs=1, dynamic_sampling=True,
+                 rewards="tests.grpo_rewards.half_flat:1", num_generations=4, micro_batch_size=4)
+    grpo.main(grpo.Config(**c))
+    said = capsys.readouterr().out
+    assert "step 1: the prompts ran out while refilling: training on what there is" in said
+    assert "the prompts ran out after 2 draws (refills used them up): stopping at step 1" in said
+    rec = metrics(tmp_path / "few")
+    assert len(rec) == 1 and rec[0]["kept_frac"] < 1 and (tmp_path / "few" / "final" / "model.safetensors").exists()
+
+
+def test_in_line_with_sft_offload_module_lrs_and_zero_config_checks(base, tmp_path):
+    """ZeRO-3 with parameter and optimizer offload (one rank; the zero config opts out of DeepSpeed's CPU Adam, whose
+    build the test suite never compiles), per-module lrs, Adam betas; an optimizer block in a zero config is an
+    error, as in sft.py."""
+    z = json.loads((ROOT / "zero_configs" / "zero3_offload.json").read_text())
+    (tmp_path / "offload.json").write_text(json.dumps({**z, "zero_force_ds_cpu_optimizer": False}))
+    out = tmp_path / "off"
+    grpo.main(grpo.Config(**even_cfg(base, out, max_steps=2, zero_config=str(tmp_path / "offload.json"), bf16=False,
+                                     train_modules="llm:1e-2|vte:0", adam_betas=[0.9, 0.95])))
+    rec = metrics(out)
+    assert len(rec) == 2 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rec)
+    before, after = (load_file(f"{d}/model.safetensors") for d in (base, out / "final"))
+    assert torch.equal(before["vte.weight"], after["vte.weight"])  # lr 0
+    assert not torch.equal(before["llm.model.norm.weight"], after["llm.model.norm.weight"])
+    m = M.Ovis25.from_pretrained(base)
+    groups = grpo.param_groups(m, grpo.Config(train_modules="llm:1e-6|visual_tokenizer.vit.last_block:5e-6"))
+    assert {g["lr"] for g in groups} == {1e-6, 5e-6} and not m.vte.weight.requires_grad
+    (tmp_path / "bad.json").write_text(json.dumps({**z, "optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ValueError, match="remove 'optimizer'; grpo.py builds the optimizer"):
+        grpo.main(grpo.Config(**even_cfg(base, tmp_path / "bad", zero_config=str(tmp_path / "bad.json"))))
+    with pytest.raises(ValueError, match="eval_metric: 'acc'"):
+        grpo.main(grpo.Config(**even_cfg(base, tmp_path / "bad", eval_metric="acc")))
+
+
 def test_bad_samples_are_named(tmp_path):
     good = json.loads((DEMO / "grpo.json").read_text())[:2]
     for field, bad in (("bbox", {"bbox": [10, 10, 5, 20]}), ("image", {"image": "images/nope.png"}),
@@ -224,9 +318,9 @@ def test_bad_samples_are_named(tmp_path):
         p = tmp_path / f"{field}.json"
         p.write_text(json.dumps([good[0], {**good[1], **bad}]))
         with pytest.raises(data.SampleError, match=rf"{field}.json:1 id=grpo_001 field={field}"):
-            grpo.load_prompts([str(p)], str(DEMO), "pixel")
+            data.load_prompts([str(p)], str(DEMO), "pixel")
     with pytest.raises(data.SampleError, match="field=bbox"):
-        grpo.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "norm")  # pixel boxes read as normalised
+        data.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "norm")  # pixel boxes read as normalised
 
 
 def test_two_ranks_zero3_lora_tool_rollouts(tool_ckpt, tmp_path):
@@ -237,12 +331,16 @@ def test_two_ranks_zero3_lora_tool_rollouts(tool_ckpt, tmp_path):
          "output_dir": str(out), "zero_config": str(ROOT / "zero_configs" / "zero3.json"), "lora": True,
          "lora_r": 4, "lr": 1e-3, "beta": 0.05, "num_iterations": 2, "prompts_per_rank": 1, "num_generations": 4,
          "micro_batch_size": 2, "max_new_tokens": 60, "max_steps": 2, "min_pixels": 4096, "max_pixels": 8192,
-         "crop_min_pixels": 4096, "crop_max_pixels": 8192, "bf16": False, "gradient_checkpointing": True}
+         "crop_min_pixels": 4096, "crop_max_pixels": 8192, "bf16": False, "gradient_checkpointing": True,
+         "dynamic_sampling": True, "max_refill_rounds": 2, "eval_data_path": str(tmp_path / "eval.json"),
+         "eval_interval": 2}
+    (tmp_path / "eval.json").write_text(json.dumps(json.loads((DEMO / "grpo.json").read_text())[:3]))  # 2 + 1
     stdout = launch("torchrun", c, tmp_path, script="grpo.py")
     assert "reference adapters disabled" in stdout
-    rec = metrics(out)
-    assert len(rec) == 2 and all(math.isfinite(v) for x in rec for v in x.values())
-    assert sum(x["tool_calls_per_rollout"] for x in rec) > 0 and max(x["valid_crop_rate"] for x in rec) > 0
+    rec = [x for x in metrics(out) if "loss" in x]
+    assert len(rec) == 2 and all(math.isfinite(v) for x in rec for v in x.values() if v is not None)
+    assert sum(x["tool_calls_per_rollout"] for x in rec) > 0 and max(x["valid_crop_rate"] or 0 for x in rec) > 0
+    assert [x["step"] for x in metrics(out) if "eval_reward" in x] == [0, 2]  # 3 eval prompts over 2 ranks
     assert rec[-1]["kl"] > 0
     check_adapter(out / "final", json.loads((Path(tool_ckpt) / "config.json").read_text()))
     acfg = json.loads((out / "final" / "adapter_config.json").read_text())
@@ -267,7 +365,7 @@ def test_a_crop_too_thin_to_show_is_an_error_result(tool_ckpt, tokenizer):
 
     m = M.Ovis25.from_pretrained(tool_ckpt).eval()
     cfg = grpo.Config(image_dir=str(DEMO), min_pixels=4096, max_pixels=8192)
-    sample = grpo.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
+    sample = data.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
     inp, images, keys = grpo.prompt_inputs(sample, cfg, tokenizer, tools.default_registry())
     with torch.no_grad():
         r = tools.run_tool_loop(m, tokenizer, [inp], [images], [keys], tools.Registry([ThinCrop()]),
