@@ -5,6 +5,7 @@
     python bench.py infer   # a 3-Crop tool trajectory: KV continuation vs re-prefill per turn; generation tok/s
     python bench.py lora    # LoRA vs full SFT: trainable params, optimizer-state bytes, step time (+ exact 9B counts)
     python bench.py grpo    # GRPO rollouts: shared vs per-completion prompt; demo steps: rollout tok/s, time split
+    python bench.py gpu     # on a GPU: varlen vs SDPA vs eager, SFT MFU at 8k/16k rows, LoRA, generation, GRPO
 
 Figures are ratios measured on this machine (CPU by default, CUDA when available); absolute numbers depend on it.
 """
@@ -316,6 +317,236 @@ def bench_infer(turn_tokens: int = 32, n_calls: int = 3, side: int = 1792, crop:
     return t_re / t_kv
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# python bench.py gpu: one command for a GPU machine (python bench.py gpu --smoke: the same parts, tiny, on a CPU)
+
+PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12}  # dense bf16 FLOP/s, datasheets
+
+
+def ovis25_2b_config() -> dict:
+    """Ovis2.5-2B's shapes: the 9B's config.json (configs/ovis25_9b_config.json, the released file) with the LLM of
+    Qwen3-1.7B (spec 2.4: hidden 2048, 6144, 28 layers, 16 heads, 8 KV heads, head_dim 128, tied embeddings)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ovis25_9b_config.json")) as f:
+        cfg = json.load(f)
+    cfg["llm_config"].update(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                             num_key_value_heads=8, head_dim=128, max_window_layers=28, tie_word_embeddings=True)
+    return {**cfg, "hidden_size": 2048}
+
+
+def _set_attention(m, attn: str):
+    """Switch a built model's attention (same weights) between varlen, sdpa and eager."""
+    m.attn = attn
+    m.config.llm._attn_implementation = "ovis_varlen" if attn == "varlen" else attn
+    for mod in m.modules():
+        if hasattr(mod, "kernel") and hasattr(mod, "attn"):
+            mod.attn = attn
+
+
+def _rows(n_rows: int, row_tokens: int, seed: int, max_sample: int = 1024, side: int = 256):
+    """Packed rows of synthetic samples of <= max_sample tokens, each an image (side x side) and text: input ids,
+    labels, position ids restarting per sample, pixels and grids."""
+    g = torch.Generator().manual_seed(seed)
+    ids, pos, pvs, grids = [], [], [], []
+    pv1, g1 = M.preprocess_image(Image.new("RGB", (side, side), (90, 120, 200)), side * side, side * side)
+    n_img = M.num_visual_tokens(g1[0]) + 2
+    for _ in range(n_rows):
+        row, p = [], []
+        while len(row) < row_tokens:
+            n = min(int(torch.randint(n_img + 64, max_sample + 1, (1,), generator=g)), row_tokens - len(row))
+            if n < n_img + 8:
+                n = row_tokens - len(row)
+                sample = torch.randint(0, 150000, (n,), generator=g).tolist()
+            else:
+                sample = M.expand_placeholders([M.IMAGE_TOKEN_ID] + torch.randint(0, 150000, (n - n_img,),
+                                                                                  generator=g).tolist(), g1)
+                pvs.append(pv1)
+                grids.append(g1)
+            row, p = row + sample, p + list(range(len(sample)))
+        ids.append(row)
+        pos.append(p)
+    ids = torch.tensor(ids)
+    return {"input_ids": ids, "labels": torch.where(ids >= 0, ids, M.IGNORE_ID), "position_ids": torch.tensor(pos),
+            "pixel_values": torch.cat(pvs) if pvs else None, "grid_thws": torch.cat(grids) if grids else None}
+
+
+def _train_flops(cfg: dict, mb: dict) -> float:
+    """Model FLOPs of one forward + backward: 6 N per token (LLM matmuls + lm_head; ViT + head per patch) plus causal
+    attention 6 L^2 H d per layer for each sample (no recompute counted, as MFU conventions do)."""
+    llm, vit = cfg["llm_config"], cfg["vit_config"]
+    h, d, heads, kv = llm["hidden_size"], llm["head_dim"], llm["num_attention_heads"], llm["num_key_value_heads"]
+    per_layer = h * d * (2 * heads + 2 * kv) + 3 * h * llm["intermediate_size"]
+    n_llm = llm["num_hidden_layers"] * per_layer + h * llm["vocab_size"]
+    dv = vit["hidden_size"]
+    n_vit = vit["num_hidden_layers"] * (4 * dv * dv + 2 * dv * vit["intermediate_size"]) + \
+        4 * dv * (cfg["visual_vocab_size"] - 4)
+    pos = mb["position_ids"].reshape(-1)
+    starts = torch.nonzero(pos == 0).reshape(-1).tolist() + [len(pos)]
+    lens = [b - a for a, b in zip(starts, starts[1:])]
+    patches = int(mb["grid_thws"].prod(-1).sum()) if mb["grid_thws"] is not None else 0
+    return (6 * n_llm * len(pos) + 6 * llm["num_hidden_layers"] * heads * d * sum(n * n for n in lens)
+            + 6 * n_vit * patches)
+
+
+def bench_gpu(smoke: bool = False) -> dict:
+    """Parts (a)-(e) of the GPU validation, each timed on its own; a failing part is reported, not fatal. One JSON
+    line (also written to bench_gpu.json): (a) varlen vs SDPA vs eager logits on packed multimodal rows, packed ==
+    separate; (b) sft steps through a DeepSpeed ZeRO-2 engine at 8k / 16k-token rows: tokens/s, MFU, peak memory,
+    varlen vs SDPA; (c) a LoRA step; (d) generation tokens/s at batch 1 and 16 (KV cache); (e) one GRPO step."""
+    import deepspeed
+    from peft import get_peft_model
+
+    import lora  # a benchmark may use the stage scripts' helpers
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    cfg = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny", "config.json"))) \
+        if smoke else ovis25_2b_config()
+    rows = (256, 512) if smoke else (8192, 16384)
+    out = {"device": name, "model": "tiny (smoke)" if smoke else "Ovis2.5-2B shapes, random bf16 (ovis25_2b_config)",
+           "peak_bf16_flops": peak, "attention": M.attention_paths("", dev, torch.bfloat16)}
+
+    def part(key, fn):
+        t0 = time.perf_counter()
+        try:
+            out[key] = fn()
+        except Exception as e:  # noqa: BLE001 (reported, the next part still runs)
+            out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        out[key]["seconds"] = round(time.perf_counter() - t0, 1)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    data.setup_distributed(600)  # one process: the DeepSpeed engine of part (b) needs a process group
+    def first_len(pos: torch.Tensor) -> int:  # length of a packed row's first sample
+        restarts = torch.nonzero(pos[1:] == 0).reshape(-1)
+        return int(restarts[0]) + 1 if len(restarts) else len(pos)
+
+    torch.manual_seed(0)
+    with torch.device(dev):
+        m = M.Ovis25(M.OvisConfig.from_dict(cfg), "varlen")
+    m = m.to(torch.bfloat16)
+    cuda = lambda t: {k: v.to(dev) if torch.is_tensor(v) else v for k, v in t.items()}  # noqa: E731
+
+    def logits_agree():
+        mb = cuda(_rows(2, rows[0] // 2, 0, max_sample=512))
+        res = {}
+        with torch.no_grad():
+            for attn in ("varlen", "sdpa", "eager"):
+                _set_attention(m, attn)
+                res[attn] = m(mb["input_ids"], pixel_values=mb["pixel_values"], grid_thws=mb["grid_thws"],
+                              position_ids=mb["position_ids"]).logits.float()
+            _set_attention(m, "varlen")
+            n = first_len(mb["position_ids"][0])  # the first sample of row 0, alone
+            n_pix = int(M.num_visual_tokens(mb["grid_thws"][0]) * 4)
+            alone = m(mb["input_ids"][:1, :n], pixel_values=mb["pixel_values"][:n_pix],
+                      grid_thws=mb["grid_thws"][:1]).logits.float()[0]
+        d = {f"varlen_vs_{o}": {"max_abs_diff": (res["varlen"] - res[o]).abs().max().item(), "argmax_agree":
+             (res["varlen"].argmax(-1) == res[o].argmax(-1)).float().mean().item()} for o in ("sdpa", "eager")}
+        return {**d, "packed_vs_separate_max_abs_diff": (res["varlen"][0, :n] - alone).abs().max().item()}
+
+    def sft_steps():
+        res = {}
+        for attn in ("varlen", "sdpa"):
+            _set_attention(m, attn)
+            m.gradient_checkpointing_enable()
+            m.train()
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=dev == "cuda")
+            eng = deepspeed.initialize(model=m, optimizer=opt, config={
+                "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+                "bf16": {"enabled": dev == "cuda"}, "zero_optimization": {"stage": 2 if dev == "cuda" else 0}})[0]
+            for t in rows:
+                mb = cuda(_rows(1, t, t))
+                times = []
+                for _ in range(4):  # 1 warm-up + 3 timed
+                    t0 = time.perf_counter()
+                    loss = eng(**mb, loss_reduction="mean").loss
+                    eng.backward(loss)
+                    eng.step()
+                    torch.cuda.synchronize() if dev == "cuda" else None
+                    times.append(time.perf_counter() - t0)
+                dt = sorted(times[1:])[1]
+                r = {"tokens_per_s": t / dt, "step_s": dt, "loss": loss.item(),
+                     "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None}
+                r["mfu"] = _train_flops(cfg, mb) / dt / peak if peak else None
+                res[f"{attn}_{t}"] = r
+            del eng, opt
+        return {**res, **{f"varlen_over_sdpa_{t}": res[f"varlen_{t}"]["tokens_per_s"] / res[f"sdpa_{t}"]["tokens_per_s"]
+                          for t in rows}}
+
+    def lora_step():
+        _set_attention(m, "varlen")
+        pm = get_peft_model(m, lora.lora_config(lora.Config(lora_r=16), m.config))
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+        mb, times = cuda(_rows(1, rows[0], 1)), []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            pm(**mb).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            torch.cuda.synchronize() if dev == "cuda" else None
+            times.append(time.perf_counter() - t0)
+        pm.unload()
+        return {"tokens_per_s": rows[0] / min(times[1:]), "trainable": sum(p.numel() for p in opt.param_groups[0][
+            "params"]), "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None}
+
+    def generation():
+        m.eval()
+        res = {}
+        mb = cuda(_rows(1, 512, 2, max_sample=512))
+        first = first_len(mb["position_ids"][0])
+        n_pix = int(M.num_visual_tokens(mb["grid_thws"][0]) * 4)
+        for b in (1, 16):
+            ids = mb["input_ids"][:, :first].expand(b, -1)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                new = m.generate(ids, mb["pixel_values"][:n_pix].repeat(b, 1), mb["grid_thws"][:1].repeat(b, 1),
+                                 max_new_tokens=32 if smoke else 128, eos_token_ids=())
+                torch.cuda.synchronize() if dev == "cuda" else None
+            res[f"batch_{b}_tokens_per_s"] = new.numel() / (time.perf_counter() - t0)
+        return res
+
+    def grpo_step():
+        """8 completions of one image prompt through the tool loop (shared prefill), scored, one clipped update."""
+        import grpo
+
+        tok = data.load_tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny"))
+        img = Image.new("RGB", (448, 448), (30, 160, 90))
+        reg = tools.default_registry()
+        msgs = [{"role": "system", "content": reg.system_prompt()},
+                {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Color?"}]}]
+        inp = data.build_inputs(msgs, tok, enable_thinking=True)
+        m.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            rolls = tools.run_tool_loop(m, tok, [cuda(inp)], [[img]], [["img"]], reg, group=8, do_sample=True,
+                                        max_new_tokens=32 if smoke else 128)
+        t_roll = time.perf_counter() - t0
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.llm.parameters()], lr=1e-6)
+        mb = grpo.pack_rollouts(rolls, dev)
+        logp = grpo.token_logps(m, mb, 1.0)
+        adv = torch.randn(len(logp), device=dev)
+        cfg_ = grpo.Config(model_path="x", data_path="x")
+        loss, _ = grpo.policy_loss(logp, logp.detach(), None, adv, torch.full_like(adv, 1 / len(adv)), cfg_)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize() if dev == "cuda" else None
+        return {"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll, "completions": len(rolls),
+                "generated_tokens": sum(r.n_generated for r in rolls),
+                "tool_calls": sum(len(r.tool_calls) for r in rolls)}
+
+    for key, fn in (("a_logits", logits_agree), ("b_sft", sft_steps), ("c_lora", lora_step),
+                    ("d_generation", generation), ("e_grpo", grpo_step)):
+        part(key, fn)
+    line = json.dumps(out)
+    print(line)
+    with open("bench_gpu.json", "w") as f:
+        f.write(line + "\n")
+    return out
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "model"
     if what == "_loss_child":
@@ -333,8 +564,10 @@ if __name__ == "__main__":
         torch.set_num_threads(os.cpu_count() or 1)
         bench_rollout()
         bench_grpo()
+    elif what == "gpu":
+        bench_gpu(smoke="--smoke" in sys.argv)
     elif what == "infer":
         torch.set_num_threads(os.cpu_count() or 1)
         bench_infer(*map(int, sys.argv[2:]))
     else:
-        sys.exit(f"unknown benchmark {what!r}; choose from: model, sft, infer, lora, grpo")
+        sys.exit(f"unknown benchmark {what!r}; choose from: model, sft, infer, lora, grpo, gpu")

@@ -103,7 +103,7 @@ class Config:
     max_steps: int = 0  # optimizer steps on new rollouts; 0 = from epochs
     bf16: bool = True  # overrides the zero config's bf16.enabled
     gradient_checkpointing: bool = True  # recompute activations in backward (ViT and LLM)
-    attn_implementation: str = ""  # "" = flash_attention_2 if installed else sdpa
+    attn_implementation: Literal["", "varlen", "flash_attention_2", "sdpa", "flex_attention", "eager"] = ""  # README
     seed: int = 42  # prompt order, sampling, adapter init
     # --- eval, saving, logging
     eval_interval: int = 0  # steps between held-out evals (and one at step 0); 0 = no eval
@@ -454,12 +454,14 @@ def main(cfg: Config):
     log(f"grpo: {cfg.model_path or path}{' + ' + cfg.adapter if cfg.adapter else ''}, {n_train / 1e6:.2f}M trainable "
         f"({'LoRA' if cfg.lora else cfg.train_modules}), reference {reference} | {len(prompts)} prompts, "
         f"{len(eval_prompts)} eval prompts, {total} steps of {world} ranks x {cfg.prompts_per_rank} prompts x {G} "
-        f"completions, {gas} micro-batches")
+        f"completions, {gas} micro-batches | attention "
+        f"{ovis.attention_paths(cfg.attn_implementation, dtype=torch.bfloat16 if cfg.bf16 else None)}")
 
     def write(rec: dict):  # one log line and one metrics.jsonl record (strict JSON), on rank 0
         if rank == 0:
-            print(("eval | " if "eval_reward" in rec else f"step {rec['step']}/{total} | ") + " | ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
+            shown = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k != "step")
+            print(("eval | " if "eval_reward" in rec else "") + f"step {rec['step']}/{total} | " + " | ".join(shown),
+                  flush=True)
             with open(metrics_path, "a") as f:
                 f.write(data.metrics_line(rec))
             for k, v in rec.items():

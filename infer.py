@@ -41,14 +41,16 @@ class Session:
     sampling: dict = field(default_factory=dict)  # generate() keywords from generation_config.json
 
 
-def load(model_path: str | None, adapter: str | None = None, dtype=None, device=None) -> Session:
+def load(model_path: str | None, adapter: str | None = None, dtype=None, device=None,
+         attn_implementation: str = "") -> Session:
     """Checkpoint dir (official layout + tokenizer files) or Hub id ("AIDC-AI/Ovis2.5-2B") -> Session. `adapter`: a
     LoRA dir from lora.py, merged into the weights (model_path None = the base recorded in it). Defaults: cuda +
     bf16, else fp32."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     model_path = ovis.resolve_checkpoint(model_path or ovis.adapter_base(adapter))  # a dir or a Hub id
-    m = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device).eval()
+    m = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    m.eval()
     if adapter:
         m = ovis.load_adapter(m, adapter).merge_and_unload()
     gen, path = {}, os.path.join(model_path, "generation_config.json")
@@ -209,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--attn-implementation", default="", choices=ovis.ATTN_CHOICES, help="see README (Attention)")
     a = ap.parse_args(argv)
     if not (a.model or a.adapter):
         ap.error("give --model, --adapter or both")
     if bool(a.input) == bool(a.prompt) or bool(a.input) != bool(a.output):
         ap.error("give --prompt (one question) or --input and --output (a batch)")
-    session = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device)
+    session = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device, a.attn_implementation)
     torch.manual_seed(a.seed)
     kw = dict(enable_thinking=a.think, thinking_budget=a.thinking_budget, use_tools=a.tools or False,
               identify=a.identify, bbox_format=a.bbox_format, max_tool_calls=a.max_tool_calls,

@@ -57,8 +57,7 @@ class Config:
     lora_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r): keeps high ranks learning
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LLM linear layers adapted
     lora_vit: bool = False  # also adapt the vision encoder's q/k/v/out_proj and fc1/fc2
-    modules_to_save: str = ""  # trained in full: "|"-separated visual_tokenizer.head, visual_tokenizer.vit.last_block,
-    #                             vte; each may carry "name:lr"
+    modules_to_save: str = ""  # trained in full, "|"-separated visual_tokenizer.head|.vit.last_block|vte[:lr]
     # --- optimisation
     lr: float = 1e-4  # peak learning rate of the adapters and of modules without their own
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup
@@ -87,7 +86,7 @@ class Config:
     tools: str = "Crop|Identify"  # the tools the data calls: built-in names or module:Class (tools.load_tools)
     bf16: bool = True  # overrides the zero config's bf16.enabled
     gradient_checkpointing: bool = True  # recompute activations in backward (ViT and LLM)
-    attn_implementation: str = ""  # LLM attention: "" = flash_attention_2 if installed else sdpa; or eager
+    attn_implementation: Literal["", "varlen", "flash_attention_2", "sdpa", "flex_attention", "eager"] = ""  # README
     seed: int = 42  # model init, data order
     # --- eval, saving, logging
     log_interval: int = 1  # optimizer steps between log lines (metrics.jsonl gets every step)
@@ -322,7 +321,8 @@ def main(cfg: Config):
     n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log(f"model: {cfg.model_path} | trainable {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M params | LoRA r "
         f"{cfg.lora_r} alpha {cfg.lora_alpha} on {cfg.lora_targets}{' + ViT' if cfg.lora_vit else ''}"
-        f"{' | modules_to_save ' + cfg.modules_to_save if cfg.modules_to_save else ''}")
+        f"{' | modules_to_save ' + cfg.modules_to_save if cfg.modules_to_save else ''} | attention "
+        f"{ovis.attention_paths(cfg.attn_implementation, dtype=torch.bfloat16 if cfg.bf16 else None)}")
 
     betas = tuple(cfg.adam_betas or (0.9, 0.999))
     if ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu":

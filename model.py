@@ -14,6 +14,7 @@ budget, and `GenState` to continue a finished generation from its KV cache (the 
 
 import copy
 import fnmatch
+import importlib.util
 import json
 import math
 import os
@@ -28,11 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM  # imported up front: never inside zero.Init
-
-try:  # optional GPU kernel; never required
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants of the released models
@@ -183,6 +179,84 @@ def module_prefix(config: OvisConfig, name: str) -> str:
     if name == "visual_tokenizer.vit.last_block":
         return f"visual_tokenizer.vit.vision_model.encoder.layers.{config.vit.num_hidden_layers - 1}"
     return name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention dispatch, one place. attn_implementation: "" (auto) | varlen | flash_attention_2 | sdpa | flex_attention |
+# eager. Auto: flash-attn's kernels when the package is installed, else "varlen": on CUDA in bf16/fp16 the ViT's
+# segments and the LLM's packed rows run through torch's FlashAttention varlen kernel (cu_seqlens, no T x T mask),
+# anywhere else (CPU, fp32) and in generation with its KV cache the same SDPA as before.
+ATTN_CHOICES = ("", "varlen", "flash_attention_2", "sdpa", "flex_attention", "eager")
+
+
+def flash_attn_installed() -> bool:  # looked up, never imported here: the package is optional and heavy
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attention_paths(requested: str, device=None, dtype=torch.bfloat16, flash: bool | None = None) -> dict:
+    """What runs where (the decision table, logged by the stage scripts; device default: CUDA when present):
+    {"llm": training / scoring forward, "vit": the vision encoder, "generation": decoding with the KV cache}."""
+    if requested not in ATTN_CHOICES:
+        raise ValueError(f"attn_implementation: {requested!r}; choose from {', '.join(map(repr, ATTN_CHOICES))}")
+    flash = flash_attn_installed() if flash is None else flash
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fast = torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _torch_varlen()
+    if requested == "flash_attention_2" or (requested == "" and flash):
+        return {"llm": "flash_attention_2", "vit": "flash_attn varlen", "generation": "flash_attention_2"}
+    if requested in ("", "varlen"):
+        k = "torch varlen" if fast else "sdpa"
+        return {"llm": k, "vit": k, "generation": "sdpa"}
+    return {"llm": requested, "vit": "sdpa", "generation": requested}
+
+
+def varlen_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, T) position ids restarting at 0 for every sample (padding: a run of its own) -> cu_seqlens (n + 1,) int32
+    over the flattened B*T tokens and the longest segment: the varlen kernels' view of packed rows."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).reshape(-1)
+    starts = starts if len(starts) and starts[0] == 0 else F.pad(starts, (1, 0))
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _torch_varlen():
+    try:  # torch >= 2.9
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn
+    except ImportError:
+        return None
+
+
+def _varlen_kernel(tensor: torch.Tensor):
+    """The varlen kernel for this tensor: torch's (CUDA, bf16/fp16), else None (SDPA). Tests swap in the reference."""
+    return _torch_varlen() if tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _llm_varlen_attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kw):
+    """transformers' attention interface, "ovis_varlen": q (B, Hq, T, D), k / v (B, Hkv, S, D) -> (B, T, Hq, D).
+    Packed rows (no mask, no cache: S == T) on a varlen kernel; anything else (a padded batch, decoding) SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kernel = _varlen_kernel(q)
+    if kernel is None or attention_mask is not None or k.shape[2] != q.shape[2]:
+        return sdpa_attention_forward(module, q, k, v, attention_mask, scaling=scaling, dropout=dropout, **kw)
+    b, h, t, d = q.shape
+    pos = kw.get("position_ids")
+    cu, longest = varlen_seqlens(pos.expand(b, -1) if pos is not None else torch.arange(t, device=q.device)[None]
+                                 .expand(b, -1))
+    flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
+    out = kernel(flat(q), flat(k), flat(v), cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
+                 enable_gqa=k.shape[1] != h)
+    return out.view(b, t, h, d), None
+
+
+def _llm_varlen_mask(*, attention_mask=None, device=None, dtype=None, **kw):
+    """The mask creator of "ovis_varlen": none where the varlen kernel runs (packed rows on CUDA), else SDPA's."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and _varlen_kernel(torch.empty(0, device=device, dtype=dtype)) is not None:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, device=device, dtype=dtype, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,11 +420,21 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
+    attn = ""  # the model's attn_implementation (Ovis25 sets it): picks the varlen kernel below
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         d = cfg.hidden_size
         self.heads, self.head_dim = cfg.num_attention_heads, d // cfg.num_attention_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def kernel(self, x: torch.Tensor):
+        """flash-attn's varlen function (installed, CUDA, half precision), torch's varlen kernel, or None (SDPA)."""
+        half = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        if half and self.attn in ("", "flash_attention_2") and flash_attn_installed():
+            from flash_attn import flash_attn_varlen_func
+            return flash_attn_varlen_func
+        return _varlen_kernel(x) if self.attn in ("", "varlen") else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seg: dict) -> torch.Tensor:
         n = x.shape[0]
@@ -358,10 +442,10 @@ class VisionAttention(nn.Module):
         if cos is not None:  # 2-D rotary on q and k, computed in fp32 (N, 1, d)
             q = (q.float() * cos + _rotate_half(q.float()) * sin).to(v.dtype)
             k = (k.float() * cos + _rotate_half(k.float()) * sin).to(v.dtype)
-        if flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        kernel = self.kernel(x)
+        if kernel is not None:  # segments contiguous, one varlen call (flash-attn's or torch's)
             o = seg["order"]
-            out = flash_attn_varlen_func(q[o], k[o], v[o], seg["cu_seqlens"], seg["cu_seqlens"], seg["max_len"],
-                                         seg["max_len"])
+            out = kernel(q[o], k[o], v[o], seg["cu_seqlens"], seg["cu_seqlens"], seg["max_len"], seg["max_len"])
             out = out[torch.argsort(o)]
         else:  # SDPA, one batched call per segment length: (n_seg, heads, L, d)
             outs, perm = [], []
@@ -679,13 +763,20 @@ class Ovis25(nn.Module):
         super().__init__()
         self.config = config
         self.source_dir = None  # checkpoint dir we were loaded from: its tokenizer/processor files are saved along
-        if attn_implementation is None:
-            attn_implementation = "flash_attention_2" if flash_attn_varlen_func is not None else "sdpa"
-        config.llm._attn_implementation = attn_implementation
+        self.attn = attn_implementation or ""  # see attention_paths: "" = the best kernel the hardware allows
+        llm = attention_paths(self.attn, "cpu", torch.float32)["generation"]  # (validates the name)
+        if llm == "sdpa" and self.attn in ("", "varlen"):  # ours: varlen for packed rows on CUDA, else SDPA
+            from transformers import AttentionInterface, AttentionMaskInterface
+            AttentionInterface.register(llm := "ovis_varlen", _llm_varlen_attention)
+            AttentionMaskInterface.register(llm, _llm_varlen_mask)
+        config.llm._attn_implementation = llm
         self.visual_tokenizer = VisualTokenizer(config)
         self.vte = nn.Embedding(config.visual_vocab_size, config.hidden_size)
         self.llm = Qwen3ForCausalLM(config.llm)
         self._tie()
+        for m in self.visual_tokenizer.modules():
+            if isinstance(m, VisionAttention):
+                m.attn = self.attn
 
     def _tie(self):
         if self.config.llm.tie_word_embeddings:

@@ -78,7 +78,7 @@ class Config:
     tools: str = "Crop|Identify"  # the tools the data calls: built-in names or module:Class (tools.load_tools)
     bf16: bool = True  # overrides the zero config's bf16.enabled
     gradient_checkpointing: bool = True  # recompute activations in backward (ViT and LLM)
-    attn_implementation: str = ""  # LLM attention: "" = flash_attention_2 if installed else sdpa; or eager
+    attn_implementation: Literal["", "varlen", "flash_attention_2", "sdpa", "flex_attention", "eager"] = ""  # README
     seed: int = 42  # model init, data order
     # --- eval, saving, logging
     log_interval: int = 1  # optimizer steps between log lines (metrics.jsonl gets every step)
@@ -274,7 +274,8 @@ def main(cfg: Config):
         model.gradient_checkpointing_enable()
     groups = param_groups(model, cfg)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
-    log(f"model: {cfg.model_path} | trainable {n_train / 1e6:.1f}M params | train_modules {cfg.train_modules}")
+    log(f"model: {cfg.model_path} | trainable {n_train / 1e6:.1f}M params | train_modules {cfg.train_modules} | "
+        f"attention {ovis.attention_paths(cfg.attn_implementation, dtype=torch.bfloat16 if cfg.bf16 else None)}")
 
     betas = tuple(cfg.adam_betas or (0.9, 0.999))
     if ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu":

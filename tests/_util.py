@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from transformers import Qwen3Config
 
@@ -183,3 +184,20 @@ def check_adapter(adapter, base_config: dict):
             assert name.split(".lora_")[0] + ".weight" in names, k
         else:
             assert name in names, k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale=None, window_size=(-1, -1),
+                     enable_gqa: bool = False) -> torch.Tensor:
+    """torch's varlen_attn contract, per segment with SDPA: (T, H, D) packed q/k/v -> (T, H, D). The CPU reference
+    the CUDA kernel is tested against; window_size (-1, 0) is causal."""
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
+        ks, vs = (t[cu_k[i]:cu_k[i + 1]].transpose(0, 1) for t in (k, v))
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, scale=scale, is_causal=window_size == (-1, 0), enable_gqa=enable_gqa).transpose(0, 1))
+    return torch.cat(out)
