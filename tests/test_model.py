@@ -265,9 +265,10 @@ def test_chunked_loss_equals_plain_loss_and_grads():
     plain = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
     plain.backward()
     assert abs(out.loss.item() - plain.item()) <= 1e-5
-    for n, p in m.named_parameters():
-        if p.grad is not None and n in g_chunk:
-            assert torch.allclose(g_chunk[n], p.grad, atol=1e-6, rtol=1e-4), n
+    g_plain = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert set(g_plain) == set(g_chunk) and len(g_chunk) > 10  # the same parameters get a gradient, none skipped
+    for n, g in g_plain.items():
+        assert torch.allclose(g_chunk[n], g, atol=1e-6, rtol=1e-4), n
 
 
 def test_gradient_checkpointing_same_grads():
