@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -206,14 +207,18 @@ def _video(sample: dict, image_dir, b: Budgets, decode: bool, need) -> list:
         with av.open(str(path)) as c:  # the frame count without decoding: stream metadata, else one demux pass
             st = c.streams.video[0]
             n, size = st.frames or sum(1 for p in c.demux(st) if p.size), (st.width, st.height)
-        want = Counter(sample_frames(n, b.min_frames, b.max_frames))
-        if not decode:
-            return [size] * sum(want.values())
-        with av.open(str(path)) as c:
-            return [im for i, f in enumerate(c.decode(video=0)) if i in want for im in [f.to_image()] * want[i]]
+        want = Counter(sample_frames(n, b.min_frames, b.max_frames) if n > 0 else [])
+        frames = [size] * sum(want.values())
+        if decode:
+            with av.open(str(path)) as c:
+                frames = [im for i, f in enumerate(c.decode(video=0)) if i in want for im in [f.to_image()] * want[i]]
     except Exception as e:
         need(False, "video", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} video {path} "
                              f"({type(e).__name__}: {e})")
+    # a stream whose metadata overstates its frames (a truncated file) must not silently train on fewer frames
+    need(n > 0 and len(frames) == sum(want.values()), "video", f"{path}: {n} frames in its metadata, "
+         f"{len(frames)} of the {sum(want.values())} sampled frames decoded (truncated or empty video?)")
+    return frames
 
 
 def _render(sample: dict, registry: tools.Registry, need) -> tuple[list, list, list, Counter, int]:
@@ -667,6 +672,32 @@ def trim_metrics(path: str, step: int):
         os.replace(path + ".tmp", path)
 
 
+def rng_state() -> dict:
+    """Every random generator a resumed run continues from: Python, numpy, torch CPU and this rank's CUDA device."""
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    return {**s, "cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else s
+
+
+def set_rng_state(s: dict):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def best_score(output_dir: str, value: float | None = None, step: int = 0) -> float | None:
+    """output_dir/best.json: the eval score of the model in best/. With a value, record it (rank 0, after the export);
+    without, read it (None if absent). A resumed run starts from the better of this and its checkpoint's record, so
+    it never replaces best/ with a worse model (the checkpoint may predate the last export)."""
+    path = os.path.join(output_dir, "best.json")
+    if value is not None:
+        Path(path + ".tmp").write_text(json.dumps({"value": value, "step": step}) + "\n")
+        os.replace(path + ".tmp", path)
+        return value
+    return json.loads(Path(path).read_text())["value"] if os.path.exists(path) else None
+
+
 def _coerce(v, tp, key: str):
     if typing.get_origin(tp) is typing.Literal:  # checked against its values in check_choices
         return v
@@ -755,23 +786,34 @@ def check(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     run = json.loads(Path(a.config).read_text()) if a.config else {}
     run.update({k: v for k, v in vars(a).items() if v is not None and k not in ("config", "data", "tokenizer")})
-    files = a.data or [f for k in ("data_path", "eval_data_path") for f in str(run.get(k) or "").split(",") if f]
-    if not files:
+    img, ev_img = run.get("image_dir", "."), run.get("eval_image_dir") or run.get("image_dir", ".")
+    split = lambda k: [f for f in str(run.get(k) or "").split(",") if f]  # noqa: E731
+    groups = [(a.data, img)] if a.data else [(split("data_path"), img), (split("eval_data_path"), ev_img)]
+    if not any(fs for fs, _ in groups):
         ap.error("give --data or a --config with data_path")
-    tok = a.tokenizer or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
-                          str(Path(__file__).parent / "assets" / "tiny"))
-    ds = SFTDataset(files, load_tokenizer(tok), run.get("image_dir", "."), log=lambda *_: None, decode=True,
-                    budgets=Budgets.of(types.SimpleNamespace(**run)), registry=tools.load_tools(
-                        run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel")))
-    for e in sorted(ds.errors, key=lambda e: (str(e.file), e.index if isinstance(e.index, int) else -1)):
+    if "rewards" in run or "num_generations" in run:  # a GRPO config: prompts (image + question), not conversations
+        try:
+            n = sum(len(load_prompts(fs, d, run.get("bbox_format", "pixel"))) for fs, d in groups if fs)
+        except (SampleError, RunError) as e:
+            print(f"BAD {e}")
+            return 1
+        print(f"prompts {n}: ok")
+        return 0
+    tok = load_tokenizer(a.tokenizer or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
+                                         str(Path(__file__).parent / "assets" / "tiny")))
+    registry = tools.load_tools(run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel"))
+    sets = [SFTDataset(fs, tok, d, log=lambda *_: None, decode=True, registry=registry,
+                       budgets=Budgets.of(types.SimpleNamespace(**run))) for fs, d in groups if fs]
+    errors = [e for ds in sets for e in ds.errors]
+    for e in sorted(errors, key=lambda e: (str(e.file), e.index if isinstance(e.index, int) else -1)):
         print(f"BAD {e}")
-    q = sorted(ds.lengths) or [0]
+    q = sorted(n for ds in sets for n in ds.lengths) or [0]
     pct = {p: q[min(len(q) - 1, p * len(q) // 100)] for p in (50, 90, 99)}
-    print(f"samples {len(ds) + len(ds.errors)}: ok {len(ds)}, bad {len(ds.errors)}, over-long "
-          f"{ds.skipped['over-long']} | {', '.join(f'{k} {v}' for k, v in ds.stats.items())}")
+    stats = sum((ds.stats for ds in sets), Counter())
+    print(f"samples {sum(map(len, sets)) + len(errors)}: ok {sum(map(len, sets))}, bad {len(errors)}, over-long "
+          f"{sum(ds.skipped['over-long'] for ds in sets)} | {', '.join(f'{k} {v}' for k, v in stats.items())}")
     print(f"tokens per sample: p50 {pct[50]} p90 {pct[90]} p99 {pct[99]} max {q[-1]}")
-    return 1 if ds.errors else 0
-
+    return 1 if errors else 0
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["check"]:

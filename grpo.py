@@ -244,8 +244,7 @@ def export(engine, model, cfg: Config, out_dir: str, rank: int):
 def save_resumable(engine, cfg: Config, step: int, state: dict, rank: int):
     ckpt = os.path.join(cfg.output_dir, "checkpoints")
     tag = f"step{step:07d}"
-    state = {**state, "step": step, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                            "torch": torch.get_rng_state()}}
+    state = {**state, "step": step, "rng": data.rng_state()}
     engine.save_checkpoint(ckpt, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=cfg.lora)
     dist.barrier()
     if rank == 0:  # `latest` flips atomically only once every rank has written its shard
@@ -438,11 +437,11 @@ def main(cfg: Config):
             if client is None:
                 raise FileNotFoundError(f"could not load checkpoint {ckpt}/{tag}")
             step = client["step"]
-            state = {k: client[k] for k in state}
-            random.setstate(client["rng"]["python"])
-            np.random.set_state(client["rng"]["numpy"])
-            torch.set_rng_state(client["rng"]["torch"])
-            guard.last_good = os.path.join(ckpt, tag)
+            state = {**state, "cursor": step, **{k: client[k] for k in state if k in client}}  # older: no cursor
+            data.set_rng_state(client["rng"])
+            best = data.best_score(cfg.output_dir)  # best/ may be newer than this checkpoint: never overwrite it worse
+            state["best_eval"] = state["best_eval"] if best is None else max(state["best_eval"], best)
+            guard.last_good, guard.seen_skips = os.path.join(ckpt, tag), engine.skipped_steps
             if rank == 0:
                 data.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
             log(f"resumed from {ckpt}/{tag} at step {step}")
@@ -474,9 +473,10 @@ def main(cfg: Config):
         mine, n = eval_prompts[rank::world], cfg.eval_num_generations
         rec = {"step": step, **rollout_metrics(score(roller(mine, n, greedy=n == 1), mine, reward_fns, n), "eval_")}
         value = rec[f"eval_{cfg.eval_metric}"] if rec[f"eval_{cfg.eval_metric}"] is not None else float("-inf")
-        if value > state["best_eval"] + cfg.early_stopping_min_delta or state["best_eval"] == float("-inf"):
+        if value > state["best_eval"] + cfg.early_stopping_min_delta:
             state.update(best_eval=value, bad_evals=0)
             export(engine, model, cfg, os.path.join(cfg.output_dir, "best"), rank)
+            rank == 0 and data.best_score(cfg.output_dir, value, step)
         else:
             state["bad_evals"] += 1
         write(rec)
@@ -562,7 +562,7 @@ def main(cfg: Config):
         dist.all_reduce(st_sum)
         dist.all_reduce(more)
         n_tok = max(st_sum[2].item(), 1)
-        rec = {"step": step, "epoch": state["cursor"] // steps_per_epoch, **rollout_metrics(groups),
+        rec = {"step": step, "epoch": (state["cursor"] - 1) // steps_per_epoch, **rollout_metrics(groups),
                "kept_frac": more[0].item() / (more[2].item() * G), "group_reward_std": more[1].item() / more[2].item(),
                "refill_rounds": rounds, "prompts_drawn": int(more[3]), "kl": st_sum[1].item() / n_tok,
                "clip_frac": st_sum[0].item() / n_tok, "loss": st_sum[3].item() / cfg.num_iterations,

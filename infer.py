@@ -239,7 +239,7 @@ def run_batch(session: Session, a, kw: dict) -> int:
     from tqdm import tqdm
 
     scorers, bad_lines = tools.parse_scorers(a.score, "--score") if a.score else (), []
-    reqs = [{**r, "id": r.get("id", i)} for i, r in enumerate(data.load_samples(a.input, bad_lines))]
+    reqs = [{**r, "id": r.get("id", r["_index"])} for r in data.load_samples(a.input, bad_lines)]  # id: line
     seen = done_ids(a.output, a.retry_errors)
     todo, n_failed = [r for r in reqs if r["id"] not in seen], 0
     bad = [{"id": f"{a.input}:{e.index}", "error": str(e)} for e in bad_lines if f"{a.input}:{e.index}" not in seen]

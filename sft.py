@@ -180,8 +180,7 @@ def export(engine, model: ovis.Ovis25, out_dir: str, rank: int):
 def save_resumable(engine, cfg: Config, step: int, state: dict, rank: int):
     ckpt = os.path.join(cfg.output_dir, "checkpoints")
     tag = f"step{step:07d}"
-    state = {**state, "step": step, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                            "torch": torch.get_rng_state()}}
+    state = {**state, "step": step, "rng": data.rng_state()}
     engine.save_checkpoint(ckpt, tag=tag, client_state=state, save_latest=False)
     dist.barrier()
     if rank == 0:  # `latest` flips atomically only once every rank has written its shard
@@ -303,10 +302,10 @@ def main(cfg: Config):
                 raise FileNotFoundError(f"could not load checkpoint {ckpt}/{tag}")
             step = client["step"]
             state = {k: client[k] for k in state}
-            random.setstate(client["rng"]["python"])
-            np.random.set_state(client["rng"]["numpy"])
-            torch.set_rng_state(client["rng"]["torch"])
-            guard.last_good = os.path.join(ckpt, tag)
+            data.set_rng_state(client["rng"])
+            best = data.best_score(cfg.output_dir)  # best/ may be newer than this checkpoint: never overwrite it worse
+            state["best_eval"] = state["best_eval"] if best is None else min(state["best_eval"], best)
+            guard.last_good, guard.seen_skips = os.path.join(ckpt, tag), engine.skipped_steps
             if rank == 0:
                 data.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
             log(f"resumed from {ckpt}/{tag} at step {step}")
@@ -361,6 +360,7 @@ def main(cfg: Config):
                 if rec["eval_loss"] < state["best_eval"] - cfg.early_stopping_min_delta:
                     state.update(best_eval=rec["eval_loss"], bad_evals=0)
                     export(engine, model, os.path.join(cfg.output_dir, "best"), rank)
+                    rank == 0 and data.best_score(cfg.output_dir, rec["eval_loss"], step)
                 else:
                     state["bad_evals"] += 1
                     stop = 0 < cfg.early_stopping_patience <= state["bad_evals"]

@@ -430,8 +430,9 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
                 o.finish = "eos" if toks and toks[-1] in eos else "length"
                 continue
             call = parse_tool_call(said) if "<tool_call>" in said else ToolCall(error="</tool_call> without a start")
-            res = (registry.execute(call, images[i], keys[i]) if len(o.tool_calls) < max_tool_calls else
-                   ToolResult(name=call.name, text=NO_MORE_TOOLS, error=True))
+            over = len(o.tool_calls) >= max_tool_calls and (call.error or registry.get(call.name) is not None)
+            res = ToolResult(name=call.name, text=NO_MORE_TOOLS, error=True) if over else \
+                registry.execute(call, images[i], keys[i])  # (an unknown tool says so, even past the budget)
             try:  # a crop too thin for the pixel budget is an error the model reads, not a crash
                 p, g = tool_result_pixels(res, *crop_px, vit.patch_size, vit.hidden_stride)
             except ValueError:

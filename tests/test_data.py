@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -311,6 +312,35 @@ def test_check_cli_ok():
                         str(IMG)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "bad 0" in r.stdout and "calls Crop 3" in r.stdout and "old-format crops given their image 1" in r.stdout
+
+
+def test_check_config_uses_eval_image_dir_and_validates_grpo_prompts(tmp_path, capsys):
+    """--config: eval files are read under eval_image_dir (else image_dir); a GRPO config's files are prompts (image +
+    question), checked as grpo.py loads them, not as conversations."""
+    demo = Path(__file__).parent.parent / "data" / "demo"
+    (tmp_path / "ev").mkdir()
+    shutil.copy(demo / "sample_small.png", tmp_path / "ev" / "only_eval.png")  # exists only under eval_image_dir
+    sft_eval = [{**json.loads((demo / "sft.json").read_text())[0], "image": "only_eval.png", "id": "e0"}]
+    grpo_eval = [{**json.loads((demo / "grpo.json").read_text())[0], "image": "only_eval.png", "id": "g0"}]
+    (tmp_path / "sft_eval.json").write_text(json.dumps(sft_eval))
+    (tmp_path / "grpo_eval.json").write_text(json.dumps(grpo_eval))
+    run = {"image_dir": str(demo), "eval_image_dir": str(tmp_path / "ev"), "max_length": 2048}
+    cases = [({**run, "data_path": str(demo / "sft.json"), "eval_data_path": str(tmp_path / "sft_eval.json")},
+              f"ok {len(json.loads((demo / 'sft.json').read_text())) + 1}, bad 0"),
+             ({**run, "data_path": str(demo / "grpo.json"), "eval_data_path": str(tmp_path / "grpo_eval.json"),
+               "rewards": "accuracy:1"}, f"prompts {len(json.loads((demo / 'grpo.json').read_text())) + 1}: ok")]
+    for cfg, ok in cases:
+        for eval_dir, rc in ((str(tmp_path / "ev"), 0), (None, 1)):  # without eval_image_dir: only_eval.png is missing
+            (tmp_path / "run.json").write_text(json.dumps({**cfg, "eval_image_dir": eval_dir}))
+            assert data.check(["--config", str(tmp_path / "run.json")]) == rc
+            out = capsys.readouterr().out
+            assert (ok in out) if rc == 0 else ("field=image" in out and ("id=e0" in out or "id=g0" in out)), out
+    cfg = {**cases[1][0], "eval_data_path": None}
+    bad = {**grpo_eval[0], "image": "images/syn_000.png", "bbox": [9, 9, 1, 1]}
+    (tmp_path / "bad.json").write_text(json.dumps([bad]))
+    (tmp_path / "run.json").write_text(json.dumps({**cfg, "data_path": str(tmp_path / "bad.json")}))
+    assert data.check(["--config", str(tmp_path / "run.json")]) == 1
+    assert "bad.json:0 id=g0 field=bbox" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------

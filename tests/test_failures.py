@@ -160,14 +160,14 @@ def test_infer_batch_answers_around_bad_requests(base, tmp_path, capsys):
              json.dumps({"id": "missing", "image": str(tmp_path / "later.png"), "prompt": "And this?"}),
              '{"id": "torn", "prompt": ',
              json.dumps({"id": "bad_messages", "messages": "hello"}),
-             json.dumps({"id": "ok2", "prompt": "Say hi."})]
+             json.dumps({"prompt": "Say hi."})]  # no id: its line number, 4 (not its place among good lines)
     q, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     q.write_text("\n".join(lines) + "\n")
     args = ["--model", base, "--input", str(q), "--output", str(out), "--greedy", "--max-new-tokens", "4",
             "--min-pixels", "4096", "--max-pixels", "8192", "--device", "cpu"]
     assert infer.main(args) == 1  # finished, but says something went wrong
     recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert "answer" in recs["ok1"] and "answer" in recs["ok2"] and recs["ok1"]["n_generated"] == 4
+    assert "answer" in recs["ok1"] and "answer" in recs[4] and recs["ok1"]["n_generated"] == 4
     assert re.fullmatch(rf"{q}:1 id=missing field=image: missing image {tmp_path}/later\.png \(FileNotFoundError\)",
                         recs["missing"]["error"])
     assert "field=messages: must be a list" in recs["bad_messages"]["error"]
@@ -176,7 +176,7 @@ def test_infer_batch_answers_around_bad_requests(base, tmp_path, capsys):
     shutil.copy(img, tmp_path / "later.png")  # fix one cause, ask the errors again: only those run
     assert infer.main(args + ["--retry-errors"]) == 1
     recs = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["id"] for r in recs if "error" not in r] == ["ok1", "ok2", "missing"]
+    assert [r["id"] for r in recs if "error" not in r] == ["ok1", 4, "missing"]
     assert sorted(r["id"] for r in recs if "error" in r) == sorted([f"{q}:2", "bad_messages"])
     assert "1 answered, 2 errors, 2 already in" in capsys.readouterr().out
     assert infer.main(args) == 1 and "0 answered, 0 errors, 4 already in" in capsys.readouterr().out  # 2 left

@@ -129,6 +129,10 @@ def test_batch_equals_one_by_one(trained, tokenizer):
                (one.token_ids, one.gen_mask, one.tool_calls, one.text, one.finish)
         assert torch.equal(b.pixel_values, one.pixel_values)
     assert batch[0].tool_calls[2]["result"] == tools.NO_MORE_TOOLS  # max_tool_calls=2: the third is refused
+    # past the budget a call to a tool the loop does not know still says so (the format reward counts on it)
+    (r,) = _run(m, tokenizer, [prompts[0]], registry=tools.load_tools("Crop"), max_tool_calls=1, max_new_tokens=120)
+    assert [c["name"] for c in r.tool_calls[:2]] == ["Crop", "Identify"] and r.tool_calls[0]["ok"]
+    assert r.tool_calls[1]["result"].startswith("Error: unknown tool 'Identify'"), r.tool_calls[1]
 
 
 def test_token_budget_and_thinking_budget_span_rounds(trained, tokenizer):

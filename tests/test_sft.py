@@ -125,6 +125,26 @@ def test_eval_early_stopping_keeps_best(base, small_data, tmp_path, capsys):
     check_export(out / "final", base, "float32")
 
 
+def test_resume_never_replaces_best_with_a_worse_model(base, small_data, tmp_path, capsys):
+    """best.json records best/'s eval loss. A run resumed from a checkpoint older than the last best export (crash
+    after exporting best/, before the next save) compares against best.json, not its checkpoint's stale record."""
+    out = tmp_path / "b"
+    c = cfg_for(base, small_data, out, eval_data_path=small_data, eval_interval=1, save_interval=1, keep_last=5,
+                max_steps=2, max_tokens=400)
+    run_inprocess(c)
+    evals = [r["eval_loss"] for r in metrics(out)]
+    assert evals[1] < evals[0]  # learning: step 2 exported best/
+    assert json.loads((out / "best.json").read_text()) == {"value": evals[1], "step": 2}
+    # a best/ (from a pretend later export) better than anything the resumed steps reach; resume from step 1
+    (out / "best.json").write_text(json.dumps({"value": evals[1] - 1.0, "step": 3}))
+    (out / "checkpoints" / "latest").write_text("step0000001")
+    before = (out / "best" / "model.safetensors").read_bytes()
+    run_inprocess({**c, "resume": "auto"})
+    assert metrics(out)[1]["eval_loss"] < evals[0]  # step 2 beat the checkpoint's best_eval again ...
+    assert (out / "best" / "model.safetensors").read_bytes() == before  # ... and still did not replace best/
+    assert json.loads((out / "best.json").read_text())["value"] == evals[1] - 1.0
+
+
 def test_two_ranks_zero2_equal_one_rank_grad_accum(base, small_data, tmp_path):
     """2 ranks x GA 1 (torchrun) == 1 rank x GA 2: the same rows per step, loss normalised by the global target
     token count; losses per step and final weights agree."""

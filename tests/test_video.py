@@ -88,6 +88,30 @@ def test_video_file_reads_like_its_frames(tokenizer, tmp_path, monkeypatch):
         data.encode_sample(video_sample(video="v.mkv"), tokenizer, tmp_path, **VIDEO_BUDGET)
 
 
+def test_truncated_video_file_is_a_named_error(tokenizer, tmp_path):
+    """An mp4 whose header promises 6 frames but whose data holds fewer (a cut download) must not train on fewer
+    frames than its grid says: decoding finds it, and it is a SampleError naming the field."""
+    av = pytest.importorskip("av") if not __import__("os").environ.get("CI") else __import__("av")
+    rng = np.random.default_rng(0)
+    with av.open(str(tmp_path / "v.mp4"), "w", options={"movflags": "faststart"}) as c:  # frame count up front
+        st = c.add_stream("mpeg4", rate=3)
+        st.width = st.height = 64
+        st.pix_fmt = "yuv420p"
+        for _ in range(6):
+            img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+            for p in st.encode(av.VideoFrame.from_image(img)):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+    whole = (tmp_path / "v.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(whole[:len(whole) * 6 // 10])
+    budget = {**VIDEO_BUDGET, "max_frames": 6}
+    assert data.encode_sample(video_sample(video="v.mp4"), tokenizer, tmp_path, **budget)["grid_thws"][0, 0] == 6
+    with pytest.raises(data.SampleError, match=r"id=v field=video: .*cut\.mp4: 6 frames in its metadata, \d of the "
+                                               r"6 sampled frames decoded"):
+        data.encode_sample(video_sample(video="cut.mp4"), tokenizer, tmp_path, **budget)
+
+
 def test_truncation_drops_the_whole_video(tokenizer):
     s = video_sample(video_frames=FRAMES)
     full = data.encode_sample(s, tokenizer, GOLD / "images", **VIDEO_BUDGET)["input_ids"].tolist()
