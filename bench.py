@@ -20,6 +20,7 @@ import time
 import torch
 from PIL import Image
 
+import common
 import data
 import model as M
 import tools
@@ -417,7 +418,7 @@ def bench_gpu(smoke: bool = False) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    data.setup_distributed(600)  # one process: the DeepSpeed engine of part (b) needs a process group
+    common.setup_distributed(600)  # one process: the DeepSpeed engine of part (b) needs a process group
     def first_len(pos: torch.Tensor) -> int:  # length of a packed row's first sample
         restarts = torch.nonzero(pos[1:] == 0).reshape(-1)
         return int(restarts[0]) + 1 if len(restarts) else len(pos)

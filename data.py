@@ -1,28 +1,23 @@
-"""From a file on disk to token ids, labels and pixels: the one path SFT, LoRA, GRPO and inference share.
+"""From a file on disk to token ids, labels and pixels: the one data path of SFT, LoRA, GRPO and inference.
 
 Data (spec seed-behaviour 1): a JSON list, JSONL or `{"conversations": [samples]}` of
-    {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"] | absent,
+    {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"] | absent (or "video": file | "video_frames": [paths]),
      "conversations": [{"from": "system" | "human" | "gpt" (also user/assistant/ignored_gpt), "value": "..."}]}
 Paths are relative to `image_dir`; `<image>` in system/human turns places the k-th image (without any, the images
-open the first human turn). Other keys pass through.
-Training rendering = the official Qwen3ConversationFormatter (spec 9.4, 11.1), token for token:
-* each turn is `<|im_start|>{role}\n{value}<|im_end|>\n`, tokenized on its own, chunk-wise around placeholders;
-* a gpt turn without a `<think>...</think>` block gets `<think>\n\n</think>\n\n` after its role prefix;
-* labels: gpt turns only, after the role prefix (and inserted think) through `<|im_end|>`; the last `\n` is dropped.
-Tool turns (spec 14) in a gpt value: the `<tool_call>...</tool_call>` text is learned, its result never.
-* `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>`: the crop of the first image sits at `<image>`; a Crop
-  without `<image>` (the seed's old format) gets one (`auto_crops`): inference always answers a Crop with an image.
-* any other call must be followed directly by `<tool_response>result</tool_response>`, else the sample is rejected.
-A tool result's ids and pixels come from `tools.tool_result_ids` / `tool_result_pixels`, shared with inference.
-Prompts = the chat template (spec 9.2-9.3): `build_inputs`, `prompt_messages`; video works only there.
+open the first human turn). Training rendering = the official Qwen3ConversationFormatter (spec 9.4, 11.1), token for
+token: each turn `<|im_start|>{role}\n{value}<|im_end|>\n`, tokenized on its own around the placeholders; a gpt turn
+without `<think>...</think>` gets the empty think block. What is learned: `_tokens_and_labels`.
+Tool turns (spec 14) in a gpt value: `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>` holds the crop of the
+first image (a Crop without its `<image>`, the seed's old format, gets one); any other tool's call must be followed by
+its recorded `<tool_response>result</tool_response>`. Results render as `tools.tool_result_ids` / `_pixels` say.
+Prompts (GRPO, inference) come from the checkpoint's own chat template: `build_inputs`, `prompt_messages`.
 Over-long samples are never cut inside an image: `overlong` "drop" (SampleError) or "truncate" (official).
-Also: `SFTDataset` (bad samples skipped, counted), `pack`, `plan_epoch`, `collate`, run helpers, `python data.py check`.
+Also: `SFTDataset` (bad samples skipped, counted), packing, collation, and `python data.py check`.
 """
 
 import bisect
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -33,10 +28,10 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+import common
 import model
 import tools
 from model import IGNORE_ID, IMAGE_TOKEN_ID, PAD_ID, VIDEO_TOKEN_ID, VISUAL_ATOM_ID
@@ -374,44 +369,24 @@ def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int
     return ids, labels, pixels[:keep], grids[:keep]
 
 
-# --- Inference / rollout prompts: the chat template of tokenizer_config.json (spec 9.2), written out in Python ---
-
-
-def render_chat(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False):
-    """Messages -> (prompt text with <image>/<video> placeholders, [("image", x) | ("video", frames)] in order).
-    Visuals come from content items (joined by "\\n"), not text; assistant history: only the text after </think>."""
-    strip = lambda s: s.replace("<image>", "").replace("<video>", "")
-    out, visuals = [], []
-    for m in messages:
-        role, content, parts = m["role"], m["content"], []
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"invalid role {role!r}: use system, user or assistant")
-        for it in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-            if it.get("type") == "text" and "text" in it:
-                parts.append(it["text"] if role == "assistant" else strip(it["text"]))
-            elif it.get("type") in ("image", "video") and role != "assistant":
-                parts.append(f"<{it['type']}>")
-                visuals.append((it["type"], it.get(it["type"])))
-            else:
-                raise ValueError("assistant content must be text only" if role == "assistant" else
-                                 f"invalid content item {it!r}: use text, image or video")
-        body = strip("".join(parts)).split("</think>")[-1].lstrip("\n") if role == "assistant" else "\n".join(parts)
-        out.append(f"<|im_start|>{role}\n{body}<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n" + (EMPTY_THINK if enable_thinking is False else ""))
-    return "".join(out), visuals
+# --- Inference / rollout prompts: the checkpoint's own chat template (spec 9.2), as the official preprocess_inputs ---
 
 
 def build_inputs(messages: list[dict], tokenizer, enable_thinking: bool = False, add_generation_prompt: bool = True,
                  min_pixels: int = 448 * 448, max_pixels: int = 1792 * 1792, patch_size: int = 16,
                  hidden_stride: int = 2) -> dict:
-    """The official `preprocess_inputs`: {input_ids (1, L) with expanded placeholders, pixel_values (N, 3*ps*ps) |
-    None, grid_thws (n, 3) | None, prompt}. Image items hold a PIL image or a path; video items a list of them."""
-    text, visuals = render_chat(messages, add_generation_prompt, enable_thinking)
-    video = "<video>" in text  # as the official code: a prompt with a video has no image placeholders
-    if video and (len(visuals) != 1 or visuals[0][0] != "video"):
-        raise ValueError("a video cannot be combined with images or other videos")
-    ids = tokenize_with_placeholders(text, tokenizer, ("<video>",) if video else ("<image>",))
+    """Chat messages -> {input_ids (1, L) with expanded placeholders, pixel_values (N, 3*ps*ps) | None, grid_thws
+    (n, 3) | None, prompt}. The tokenizer's chat template writes `<image>` / `<video>` per content item (never from
+    text) and keeps only the answer of assistant history; image items hold a PIL image or a path, video items a list."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=enable_thinking)
+    visuals = [(it["type"], it[it["type"]]) for m in messages if not isinstance(m["content"], str)
+               for it in m["content"] if it.get("type") in ("image", "video")]
+    ph = "<video>" if any(kind == "video" for kind, _ in visuals) else "<image>"
+    if text.count(ph) != len(visuals):  # as the official code: one video alone, or images, in user/system turns
+        raise ValueError(f"{len(visuals)} image/video items but {text.count(ph)} {ph} in the prompt: a video cannot "
+                         "be combined with other visuals, and assistant turns hold text only")
+    ids = tokenize_with_placeholders(text, tokenizer, (ph,))
     geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
     image = lambda x: x if isinstance(x, Image.Image) else _open(Path(x), True)
     pv = [model.preprocess_video([image(f) for f in x], min_pixels, max_pixels, **geo) if kind == "video" else
@@ -470,7 +445,7 @@ def load_prompts(paths: list[str], image_dir: str, bbox_format: str) -> list[dic
                 raise err("answer", "must be a string, a number or a list of them")
             out.append({**s, "_image_dir": image_dir})
     if not out:
-        raise RunError(f"no prompts in {paths}")
+        raise common.RunError(f"no prompts in {paths}")
     return out
 
 
@@ -507,7 +482,7 @@ class SFTDataset(torch.utils.data.Dataset):
         log(f"data: {len(self.samples)} samples, {sum(self.lengths)} tokens, {dict(self.stats)}; skipped "
             f"{len(self.errors)} {dict(self.skipped)}")
         if required and not self.samples:  # `required`: the run config key, named in the error
-            raise RunError(f"{required}: no usable sample in {','.join(map(str, paths))} (skipped "
+            raise common.RunError(f"{required}: no usable sample in {','.join(map(str, paths))} (skipped "
                            f"{dict(self.skipped)}; python data.py check --data ... lists each bad sample and why)")
 
     def __len__(self) -> int:
@@ -595,150 +570,7 @@ def collate_row(samples: list[dict | None]) -> dict:  # a module-level function:
     return collate([samples])
 
 
-# --- Run helpers every stage script shares, and `python data.py check --data x.json --image_dir DIR` ---
-
-
-class RunError(RuntimeError):
-    """A run that must stop and say so (it diverged, or there is nothing to train on): exit non-zero, no final/."""
-
-
-def check_choices(cfg):
-    """Each Config's __post_init__: a field typed Literal[...] must hold one of its values (typos are errors)."""
-    for k, tp in typing.get_type_hints(type(cfg)).items():
-        if typing.get_origin(tp) is typing.Literal and getattr(cfg, k) not in typing.get_args(tp):
-            raise ValueError(f"config key {k!r}: {getattr(cfg, k)!r} is not one of {list(typing.get_args(tp))}")
-
-
-class RunGuard:
-    """Stops a run that went wrong before its weights are evaluated, saved or exported: a non-finite loss or gradient
-    norm (with fp16 loss scaling an overflow is a skipped step instead, max_skips in a row), or more than
-    max_empty_frac of the steps without any target token on any rank (samples failing at load, say)."""
-
-    def __init__(self, max_skips: int, max_empty_frac: float, loss_scaled: bool, output_dir: str):
-        self.max_skips, self.max_empty_frac, self.loss_scaled = max_skips, max_empty_frac, loss_scaled
-        self.out = output_dir
-        self.skips = self.seen_skips = self.empty = self.failed = 0
-        self.last_good = "none saved yet"  # the newest resumable checkpoint
-
-    def check(self, step: int, rec: dict, skipped_steps: int) -> str:
-        """The step's record (loss, grad_norm, targets, load_failures) -> why the run must stop, or ""."""
-        self.skips, self.seen_skips = self.skips + 1 if skipped_steps > self.seen_skips else 0, skipped_steps
-        self.empty, self.failed = self.empty + (rec["targets"] == 0), self.failed + rec.get("load_failures", 0)
-        if not math.isfinite(rec["loss"]) or not (self.loss_scaled or math.isfinite(rec["grad_norm"])):
-            return self.stop(step, f"loss {rec['loss']}, gradient norm {rec['grad_norm']}: the run diverged")
-        if self.skips > self.max_skips:
-            return self.stop(step, f"{self.skips} steps in a row skipped for fp16 overflow (max_skipped_steps "
-                                   f"{self.max_skips}): the run diverged")
-        if self.empty > max(1, self.max_empty_frac * step):
-            return self.stop(step, f"{self.empty} of {step} steps had no target token on any rank ({self.failed} "
-                                   "samples failed to load; run python data.py check)")
-        return ""
-
-    def summary(self) -> str:  # for the closing log line
-        return f" ({self.empty} steps without targets, {self.failed} samples failed to load)" if self.empty or \
-            self.failed else ""
-
-    def stop(self, step: int, why: str) -> str:
-        best = f"; best model so far: {self.out}/best" if os.path.isdir(os.path.join(self.out, "best")) else ""
-        return (f"step {step}: {why}. Stopped without writing final/. Last good checkpoint: {self.last_good}{best} "
-                "(fix the cause, then resume)")
-
-
-def loggers(cfg, rank: int) -> tuple:
-    """(tensorboard writer, wandb run) when the config's `tensorboard` / `wandb_project` ask for them, rank 0 only."""
-    tb = wb = None
-    if rank == 0 and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-    if rank == 0 and cfg.wandb_project:
-        import wandb
-        wb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
-    return tb, wb
-
-
-def metrics_line(rec: dict) -> str:
-    """One metrics.jsonl line in strict JSON: a NaN or infinite value is written as null and named in `nonfinite`."""
-    bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
-    out = {k: None if k in bad else v for k, v in rec.items()}
-    return json.dumps({**out, "nonfinite": bad} if bad else out, allow_nan=False) + "\n"
-
-
-def trim_metrics(path: str, step: int):
-    """On resume from `step`: drop the records of later steps (the resumed run writes them again) and a torn line."""
-    if os.path.exists(path):
-        keep = [x for x in Path(path).read_text().splitlines(keepends=True)
-                if x.endswith("\n") and isinstance(r := _json(x), dict) and r.get("step", 0) <= step]
-        Path(path + ".tmp").write_text("".join(keep))
-        os.replace(path + ".tmp", path)
-
-
-def rng_state() -> dict:
-    """Every random generator a resumed run continues from: Python, numpy, torch CPU and this rank's CUDA device."""
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    return {**s, "cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else s
-
-
-def set_rng_state(s: dict):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def best_score(output_dir: str, value: float | None = None, step: int = 0) -> float | None:
-    """output_dir/best.json: the eval score of the model in best/. With a value, record it (rank 0, after the export);
-    without, read it (None if absent). A resumed run starts from the better of this and its checkpoint's record, so
-    it never replaces best/ with a worse model (the checkpoint may predate the last export)."""
-    path = os.path.join(output_dir, "best.json")
-    if value is not None:
-        Path(path + ".tmp").write_text(json.dumps({"value": value, "step": step}) + "\n")
-        os.replace(path + ".tmp", path)
-        return value
-    return json.loads(Path(path).read_text())["value"] if os.path.exists(path) else None
-
-
-def _coerce(v, tp, key: str):
-    if typing.get_origin(tp) is typing.Literal:  # checked against its values in check_choices
-        return v
-    opts = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    if type(None) in opts and (v is None or (isinstance(v, str) and v.lower() in ("none", "null"))):
-        return None
-    if isinstance(v, str) and str not in opts:  # CLI text -> JSON value (true, 3, 1e-5, [1, 2])
-        try:
-            v = json.loads(v.lower() if v.lower() in ("true", "false") else v)
-        except ValueError:
-            pass
-    for t in opts:
-        base = typing.get_origin(t) or t
-        if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-        if isinstance(base, type) and isinstance(v, base) and not (isinstance(v, bool) and base is not bool):
-            return v
-    raise ValueError(f"config key {key!r}: {v!r} is not a {tp}")
-
-
-def load_config(cls, argv: list[str] | None = None):
-    """cls() defaults <- `--config x.json` <- `--key=value` / `--key value`, parsed by the field's type. Unknown keys
-    are errors; JSON keys starting with "_" are comments; deepspeed's --local_rank is ignored (LOCAL_RANK is in env)."""
-    argv, cli = list(sys.argv[1:] if argv is None else argv), []
-    while argv:
-        arg = argv.pop(0)
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; use --key=value")
-        k, eq, v = arg[2:].partition("=")
-        if not (eq or argv):
-            raise ValueError(f"--{k} needs a value")
-        cli.append((k.replace("-", "_"), v if eq else argv.pop(0)))
-    configs = [json.loads(Path(v).read_text()) for k, v in cli if k == "config"]
-    items = [(k, v) for c in configs for k, v in c.items() if not k.startswith("_")]
-    items += [(k, v) for k, v in cli if k not in ("config", "local_rank")]
-    names = [f.name for f in fields(cls)]
-    for k, _ in items:
-        if k not in names:
-            raise ValueError(f"unknown config key {k!r}; valid keys: {', '.join(names)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], k) for k, v in items})
+# --- `python data.py check`: a run's data, as that run would read it ---
 
 
 def load_tokenizer(path: str):
@@ -747,75 +579,55 @@ def load_tokenizer(path: str):
     return Qwen2TokenizerFast.from_pretrained(path)
 
 
-def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
-    """deepspeed.init_distributed, also for a plain `python x.py` (one process). Returns (rank, world, local_rank)."""
-    import socket
-    from datetime import timedelta
-
-    import deepspeed
-    import deepspeed.comm.torch  # noqa: F401
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(k, v)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    else:  # the CPU shm op serves only inference all-reduce but costs a 30 s compile on first init
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=timeout_s))
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-
-
-def check(argv: list[str] | None = None) -> int:
-    """Validate data files, decoding every image: one line per bad sample, then totals. With --config (a stage's run
-    config) its data, image dir, budgets and tools are used, so what is reported bad is what that run would drop.
-    Returns the exit code (1 if any sample is bad)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python data.py check")
-    ap.add_argument("--config", help="a run config (configs/x.json): data_path, image_dir, budgets, tools")
-    ap.add_argument("--data", nargs="+", help="data files (default with --config: its data_path, eval_data_path)")
-    ap.add_argument("--image_dir")
-    ap.add_argument("--tokenizer", help="a checkpoint dir (default: the run's model_path if local, else the bundled "
-                                        "Ovis2.5 tokenizer, which every Ovis2.5 shares)")
-    ap.add_argument("--max_length", type=int)
-    ap.add_argument("--bbox_format", choices=tools.BBOX_FORMATS)
-    ap.add_argument("--tools", help="the run's tools: names or module:Class (default Crop|Identify)")
-    a = ap.parse_args(argv)
-    run = json.loads(Path(a.config).read_text()) if a.config else {}
-    run.update({k: v for k, v in vars(a).items() if v is not None and k not in ("config", "data", "tokenizer")})
+def check(argv: list[str]) -> int:
+    """`python data.py check (--config run.json | --data a.json,b.json) [--image_dir DIR] [--tokenizer DIR]
+    [--key=value]`: decode every image, print one line per bad sample, then totals; 1 if any sample is bad. With a run
+    config its data (eval files under eval_image_dir), budgets and tools are used, --key=value overriding them, so what
+    is reported bad is what that run would drop; a GRPO config's files are checked as the prompts grpo.py loads."""
+    cli = dict(common.cli_pairs(argv))
+    run = json.loads(Path(cli.pop("config")).read_text()) if "config" in cli else {}
+    files, tok = cli.pop("data", None), cli.pop("tokenizer", None)
+    hints, known = typing.get_type_hints(Budgets), ("image_dir", "eval_image_dir", "bbox_format", "tools")
+    for k, v in cli.items():
+        if k not in hints and k not in known:
+            raise ValueError(f"unknown option --{k}; options: --config --data --tokenizer --{' --'.join(known)} "
+                             f"and the budgets --{' --'.join(hints)}")
+        run[k] = common.coerce(v, hints[k], k) if k in hints else v
     img, ev_img = run.get("image_dir", "."), run.get("eval_image_dir") or run.get("image_dir", ".")
-    split = lambda k: [f for f in str(run.get(k) or "").split(",") if f]  # noqa: E731
-    groups = [(a.data, img)] if a.data else [(split("data_path"), img), (split("eval_data_path"), ev_img)]
-    if not any(fs for fs, _ in groups):
-        ap.error("give --data or a --config with data_path")
+    split = lambda s: [f for f in str(s or "").split(",") if f]
+    groups = [(split(files), img)] if files else [(split(run.get("data_path")), img),
+                                                  (split(run.get("eval_data_path")), ev_img)]
+    groups = [(fs, d) for fs, d in groups if fs]
+    if not groups:
+        raise ValueError("give --data or a --config with data_path")
     if "rewards" in run or "num_generations" in run:  # a GRPO config: prompts (image + question), not conversations
         try:
-            n = sum(len(load_prompts(fs, d, run.get("bbox_format", "pixel"))) for fs, d in groups if fs)
-        except (SampleError, RunError) as e:
+            print(f"prompts {sum(len(load_prompts(fs, d, run.get('bbox_format', 'pixel'))) for fs, d in groups)}: ok")
+            return 0
+        except (SampleError, common.RunError) as e:
             print(f"BAD {e}")
             return 1
-        print(f"prompts {n}: ok")
-        return 0
-    tok = load_tokenizer(a.tokenizer or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
-                                         str(Path(__file__).parent / "assets" / "tiny")))
+    tok = load_tokenizer(tok or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
+                                 str(Path(__file__).parent / "assets" / "tiny")))  # every Ovis2.5 shares it
     registry = tools.load_tools(run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel"))
     sets = [SFTDataset(fs, tok, d, log=lambda *_: None, decode=True, registry=registry,
-                       budgets=Budgets.of(types.SimpleNamespace(**run))) for fs, d in groups if fs]
+                       budgets=Budgets.of(types.SimpleNamespace(**run))) for fs, d in groups]
     errors = [e for ds in sets for e in ds.errors]
     for e in sorted(errors, key=lambda e: (str(e.file), e.index if isinstance(e.index, int) else -1)):
         print(f"BAD {e}")
-    q = sorted(n for ds in sets for n in ds.lengths) or [0]
+    q, n_ok = sorted(n for ds in sets for n in ds.lengths) or [0], sum(map(len, sets))
     pct = {p: q[min(len(q) - 1, p * len(q) // 100)] for p in (50, 90, 99)}
     stats = sum((ds.stats for ds in sets), Counter())
-    print(f"samples {sum(map(len, sets)) + len(errors)}: ok {sum(map(len, sets))}, bad {len(errors)}, over-long "
+    print(f"samples {n_ok + len(errors)}: ok {n_ok}, bad {len(errors)}, over-long "
           f"{sum(ds.skipped['over-long'] for ds in sets)} | {', '.join(f'{k} {v}' for k, v in stats.items())}")
     print(f"tokens per sample: p50 {pct[50]} p90 {pct[90]} p99 {pct[99]} max {q[-1]}")
     return 1 if errors else 0
 
+
 if __name__ == "__main__":
     if sys.argv[1:2] != ["check"]:
-        sys.exit("usage: python data.py check (--config run.json | --data x.json) [--image_dir DIR] ...")
-    sys.exit(check(sys.argv[2:]))
+        sys.exit("usage: python data.py check (--config run.json | --data x.json) [--image_dir DIR] [--key=value]")
+    try:
+        sys.exit(check(sys.argv[2:]))
+    except ValueError as e:
+        sys.exit(f"data.py check: error: {e}")

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
+import common
 import data
 import model as ovis
 import tools
@@ -120,7 +121,7 @@ class Config:
     max_skipped_steps: int = 3  # fp16: more overflow-skipped steps in a row stop the run
 
     def __post_init__(self):
-        data.check_choices(self)  # Literal fields: a typo is an error
+        common.check_choices(self)  # Literal fields: a typo is an error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def export(engine, model, cfg: Config, out_dir: str, rank: int):
 def save_resumable(engine, cfg: Config, step: int, state: dict, rank: int):
     ckpt = os.path.join(cfg.output_dir, "checkpoints")
     tag = f"step{step:07d}"
-    state = {**state, "step": step, "rng": data.rng_state()}
+    state = {**state, "step": step, "rng": common.rng_state()}
     engine.save_checkpoint(ckpt, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=cfg.lora)
     dist.barrier()
     if rank == 0:  # `latest` flips atomically only once every rank has written its shard
@@ -340,7 +341,7 @@ def rollout_metrics(groups: list, prefix: str = "") -> dict:
 
 def main(cfg: Config):
     owns_group = not dist.is_initialized()  # tests run several mains in one process group
-    rank, world, _ = data.setup_distributed(cfg.dist_timeout_s)
+    rank, world, _ = common.setup_distributed(cfg.dist_timeout_s)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -381,7 +382,7 @@ def main(cfg: Config):
     steps_per_epoch = len(prompts) // (cfg.prompts_per_rank * world)
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0 or total <= 0:
-        raise data.RunError(f"nothing to train on: {len(prompts)} prompts for {world} ranks x {cfg.prompts_per_rank} "
+        raise common.RunError(f"nothing to train on: {len(prompts)} prompts for {world} ranks x {cfg.prompts_per_rank} "
                             f"prompts a step, epochs={cfg.epochs}, max_steps={cfg.max_steps}")
     draws = 0 if cfg.max_steps > 0 else total  # prompt draws the epochs hold (refills use them up too); 0 = endless
 
@@ -425,7 +426,7 @@ def main(cfg: Config):
     # resume: engine state, step, prompt cursor, early-stopping state, RNG
     state = {"best_eval": float("-inf"), "bad_evals": 0, "cursor": 0}  # cursor: prompt draws so far
     step, metrics_path = 0, os.path.join(cfg.output_dir, "metrics.jsonl")
-    guard = data.RunGuard(cfg.max_skipped_steps, 0.0, engine.fp16_enabled(), cfg.output_dir)
+    guard = common.RunGuard(cfg.max_skipped_steps, 0.0, engine.fp16_enabled(), cfg.output_dir)
     if cfg.resume:
         ckpt = os.path.join(cfg.output_dir, "checkpoints") if cfg.resume == "auto" else os.path.dirname(
             cfg.resume.rstrip("/"))
@@ -438,17 +439,17 @@ def main(cfg: Config):
                 raise FileNotFoundError(f"could not load checkpoint {ckpt}/{tag}")
             step = client["step"]
             state = {**state, "cursor": step, **{k: client[k] for k in state if k in client}}  # older: no cursor
-            data.set_rng_state(client["rng"])
-            best = data.best_score(cfg.output_dir)  # best/ may be newer than this checkpoint: never overwrite it worse
+            common.set_rng_state(client["rng"])
+            best = common.best_score(cfg.output_dir)  # best/ may be newer than this checkpoint: never make it worse
             state["best_eval"] = state["best_eval"] if best is None else max(state["best_eval"], best)
             guard.last_good, guard.seen_skips = os.path.join(ckpt, tag), engine.skipped_steps
             if rank == 0:
-                data.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
+                common.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
             log(f"resumed from {ckpt}/{tag} at step {step}")
         else:
             log("resume=auto: no checkpoint yet, starting fresh")
 
-    tb, wb = data.loggers(cfg, rank)  # tensorboard / wandb writers when the config asks for them (rank 0)
+    tb, wb = common.loggers(cfg, rank)  # tensorboard / wandb writers when the config asks for them (rank 0)
     reference = "none" if cfg.beta == 0 else "adapters disabled" if cfg.lora else "frozen copy"
     log(f"grpo: {cfg.model_path or path}{' + ' + cfg.adapter if cfg.adapter else ''}, {n_train / 1e6:.2f}M trainable "
         f"({'LoRA' if cfg.lora else cfg.train_modules}), reference {reference} | {len(prompts)} prompts, "
@@ -462,7 +463,7 @@ def main(cfg: Config):
             print(("eval | " if "eval_reward" in rec else "") + f"step {rec['step']}/{total} | " + " | ".join(shown),
                   flush=True)
             with open(metrics_path, "a") as f:
-                f.write(data.metrics_line(rec))
+                f.write(common.metrics_line(rec))
             for k, v in rec.items():
                 tb and isinstance(v, (int, float)) and np.isfinite(v) and tb.add_scalar(f"grpo/{k}", v, rec["step"])
             wb and wb.log(rec, step=rec["step"])
@@ -476,7 +477,7 @@ def main(cfg: Config):
         if value > state["best_eval"] + cfg.early_stopping_min_delta:
             state.update(best_eval=value, bad_evals=0)
             export(engine, model, cfg, os.path.join(cfg.output_dir, "best"), rank)
-            rank == 0 and data.best_score(cfg.output_dir, value, step)
+            rank == 0 and common.best_score(cfg.output_dir, value, step)
         else:
             state["bad_evals"] += 1
         write(rec)
@@ -509,7 +510,7 @@ def main(cfg: Config):
                 for i, g in zip(flat, fresh):
                     groups[i] = g
         except FloatingPointError as e:  # the last update left non-finite weights
-            raise data.RunError(guard.stop(step + 1, f"{e}: the run diverged")) from e
+            raise common.RunError(guard.stop(step + 1, f"{e}: the run diverged")) from e
         if ran_out:
             log(f"step {step + 1}: the prompts ran out while refilling: training on what there is")
         t_roll = time.time() - t0
@@ -573,7 +574,7 @@ def main(cfg: Config):
         failure = guard.check(step, rec, engine.skipped_steps)  # "" = healthy; else never eval, save or export
         write(rec)
         if failure:
-            raise data.RunError(failure)
+            raise common.RunError(failure)
         if eval_prompts and cfg.eval_interval and step % cfg.eval_interval == 0:
             stop = evaluate()
         if step % cfg.save_interval == 0 or step == total or stop:
@@ -592,6 +593,6 @@ def main(cfg: Config):
 
 if __name__ == "__main__":
     try:
-        main(data.load_config(Config))
-    except data.RunError as e:  # diverged, or nothing to train on: say so, exit non-zero, no final/
+        main(common.load_config(Config))
+    except common.RunError as e:  # diverged, or nothing to train on: say so, exit non-zero, no final/
         sys.exit(f"grpo.py: error: {e}")

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 
+import common
 import data
 import model as ovis
 import tools
@@ -105,7 +106,7 @@ class Config:
     max_empty_step_frac: float = 0.1  # more steps than this share without any target token (all ranks) stop it
 
     def __post_init__(self):
-        data.check_choices(self)  # Literal fields: a typo such as overlong="truncat" is an error
+        common.check_choices(self)  # Literal fields: a typo such as overlong="truncat" is an error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def export(engine, model, out_dir: str, rank: int):
 def save_resumable(engine, cfg: Config, step: int, state: dict, rank: int):
     ckpt = os.path.join(cfg.output_dir, "checkpoints")
     tag = f"step{step:07d}"
-    state = {**state, "step": step, "rng": data.rng_state()}
+    state = {**state, "step": step, "rng": common.rng_state()}
     engine.save_checkpoint(ckpt, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=True)
     dist.barrier()
     if rank == 0:  # `latest` flips atomically only once every rank has written its shard
@@ -268,7 +269,7 @@ def memory_gb() -> float:  # peak: GPU memory allocated, else the process's resi
 
 def main(cfg: Config):
     owns_group = not dist.is_initialized()  # tests run several mains in one process group
-    rank, world, _ = data.setup_distributed(cfg.dist_timeout_s)
+    rank, world, _ = common.setup_distributed(cfg.dist_timeout_s)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -303,7 +304,7 @@ def main(cfg: Config):
     steps_per_epoch = len(data.plan_epoch(train_ds.lengths, cfg.max_tokens, world, gas, cfg.seed, 0))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     if total_steps <= 0:
-        raise data.RunError(f"0 training steps (epochs={cfg.epochs}, max_steps={cfg.max_steps}): nothing would train")
+        raise common.RunError(f"0 training steps (epochs={cfg.epochs}, max_steps={cfg.max_steps}): nothing would train")
     eval_every = cfg.eval_interval or steps_per_epoch
     save_every = cfg.save_interval or steps_per_epoch
 
@@ -335,7 +336,7 @@ def main(cfg: Config):
     # resume: engine state, step, early-stopping state, RNG
     state = {"best_eval": float("inf"), "bad_evals": 0}
     step, metrics_path = 0, os.path.join(cfg.output_dir, "metrics.jsonl")
-    guard = data.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir)
+    guard = common.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir)
     if cfg.resume:
         ckpt = os.path.join(cfg.output_dir, "checkpoints") if cfg.resume == "auto" else os.path.dirname(
             cfg.resume.rstrip("/"))
@@ -349,17 +350,17 @@ def main(cfg: Config):
                 raise FileNotFoundError(f"could not load checkpoint {ckpt}/{tag}")
             step = client["step"]
             state = {k: client[k] for k in state}
-            data.set_rng_state(client["rng"])
-            best = data.best_score(cfg.output_dir)  # best/ may be newer than this checkpoint: never overwrite it worse
+            common.set_rng_state(client["rng"])
+            best = common.best_score(cfg.output_dir)  # best/ may be newer than this checkpoint: never make it worse
             state["best_eval"] = state["best_eval"] if best is None else min(state["best_eval"], best)
             guard.last_good, guard.seen_skips = os.path.join(ckpt, tag), engine.skipped_steps
             if rank == 0:
-                data.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
+                common.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
             log(f"resumed from {ckpt}/{tag} at step {step}")
         else:
             log("resume=auto: no checkpoint yet, starting fresh")
 
-    tb, wb = data.loggers(cfg, rank)  # tensorboard / wandb writers when the config asks for them (rank 0)
+    tb, wb = common.loggers(cfg, rank)  # tensorboard / wandb writers when the config asks for them (rank 0)
     log(f"training: {len(train_ds)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, {world} ranks x "
         f"{gas} micro-batches of <= {cfg.max_tokens} tokens")
 
@@ -407,7 +408,7 @@ def main(cfg: Config):
                 if rec["eval_loss"] < state["best_eval"] - cfg.early_stopping_min_delta:
                     state.update(best_eval=rec["eval_loss"], bad_evals=0)
                     export(engine, model, os.path.join(cfg.output_dir, "best"), rank)
-                    rank == 0 and data.best_score(cfg.output_dir, rec["eval_loss"], step)
+                    rank == 0 and common.best_score(cfg.output_dir, rec["eval_loss"], step)
                 else:
                     state["bad_evals"] += 1
                     stop = 0 < cfg.early_stopping_patience <= state["bad_evals"]
@@ -420,12 +421,12 @@ def main(cfg: Config):
                           + (f" | {rec['load_failures']} samples failed to load" if rec["load_failures"] else ""),
                           flush=True)
                 with open(metrics_path, "a") as f:
-                    f.write(data.metrics_line(rec))  # strict JSON: NaN / inf become null, named in "nonfinite"
+                    f.write(common.metrics_line(rec))  # strict JSON: NaN / inf become null, named in "nonfinite"
                 for k, v in rec.items():
                     tb and math.isfinite(v) and tb.add_scalar(f"train/{k}", v, step)
                 wb and wb.log(rec, step=step)
             if failure:
-                raise data.RunError(failure)
+                raise common.RunError(failure)
             if step % save_every == 0 or step == total_steps or stop:
                 guard.last_good = save_resumable(engine, cfg, step, state, rank)
             if step >= total_steps or stop:
@@ -445,6 +446,6 @@ def main(cfg: Config):
 
 if __name__ == "__main__":
     try:
-        main(data.load_config(Config))
-    except data.RunError as e:  # diverged, or nothing to train on: say so, exit non-zero, no final/
+        main(common.load_config(Config))
+    except common.RunError as e:  # diverged, or nothing to train on: say so, exit non-zero, no final/
         sys.exit(f"lora.py: error: {e}")

@@ -99,12 +99,9 @@ class OvisConfig:
         v = dict(d.get("vit_config") or {})
         fb = v.get("fullatt_block_indexes")
         if isinstance(fb, str):  # the official form: "7|15|23"
-            fb = [int(x) for x in fb.split("|") if x.strip() != ""]
-        elif fb is not None:
-            fb = [int(x) for x in fb]
-        v["fullatt_block_indexes"] = fb
-        known = ViTConfig.__dataclass_fields__
-        vit = ViTConfig(**{k: val for k, val in v.items() if k in known})
+            fb = [x for x in fb.split("|") if x.strip() != ""]
+        v["fullatt_block_indexes"] = None if fb is None else [int(x) for x in fb]
+        vit = ViTConfig(**{k: val for k, val in v.items() if k in ViTConfig.__dataclass_fields__})
         if vit.temporal_patch_size != 1:
             raise ValueError("temporal_patch_size != 1 cannot work with the Conv2d patch embedding (spec 13.6)")
         llm_d = copy.deepcopy({k: val for k, val in (d.get("llm_config") or {}).items() if k != "architectures"})
@@ -121,16 +118,13 @@ class OvisConfig:
                    raw=d)
 
     def to_dict(self, dtype: torch.dtype | None = None) -> dict:
-        """config.json of an export: the source's JSON, every key and value in the source's spelling, so that any
-        reader (official remote code on transformers 4.51, vLLM, transformers 5.x) sees what it saw in the source.
-        Changed only where the export truly differs: `torch_dtype` = the written weights' dtype, and
-        `llm_config.rope_theta` where the source spelled the RoPE base only as 5.x's `rope_parameters`. Parts the
-        source lacks (a config built in code) are written as the released checkpoints spell them."""
+        """config.json of an export: the source's JSON as read, so every reader (official remote code, vLLM, 5.x)
+        sees what it saw in the source, except `torch_dtype` (the written weights') and a missing llm rope_theta.
+        Parts the source lacks (a config built in code) are written as the released checkpoints spell them."""
         d = copy.deepcopy(self.raw)
         if not d.get("llm_config"):
             llm = self.llm.to_dict()
-            rope = dict(getattr(self.llm, "rope_parameters", None) or {})
-            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            scaling = {k: v for k, v in (getattr(self.llm, "rope_parameters", None) or {}).items() if k != "rope_theta"}
             llm.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", rope_theta=rope_theta(self.llm),
                        rope_scaling=None if scaling.get("rope_type", "default") == "default" else scaling,
                        tie_word_embeddings=bool(self.llm.tie_word_embeddings))
@@ -150,8 +144,7 @@ class OvisConfig:
                        ("conversation_formatter_class", "Qwen3ConversationFormatter")):
             d.setdefault(k, val)
         if dtype is not None:  # the source's spelling of the key (transformers 5.x writes "dtype")
-            d["dtype" if "dtype" in d and "torch_dtype" not in d else "torch_dtype"] = str(dtype).removeprefix(
-                "torch.")
+            d["dtype" if "dtype" in d and "torch_dtype" not in d else "torch_dtype"] = str(dtype).removeprefix("torch.")
         return d
 
 
@@ -172,8 +165,7 @@ def parse_modules(spec: str, default_lr: float, allowed=TRAIN_MODULES, key: str 
 
 
 def module_prefix(config: OvisConfig, name: str) -> str:
-    """A train_modules name -> the parameter-name prefix it covers ("" = everything). As in the official trainer,
-    visual_tokenizer.vit.last_block is the ViT's last encoder layer."""
+    """A train_modules name -> its parameter-name prefix ("" = all); last_block: the ViT's last layer (official)."""
     if name == "all":
         return ""
     if name == "visual_tokenizer.vit.last_block":
@@ -182,10 +174,9 @@ def module_prefix(config: OvisConfig, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention dispatch, one place. attn_implementation: "" (auto) | varlen | flash_attention_2 | sdpa | flex_attention |
-# eager. Auto: flash-attn's kernels when the package is installed, else "varlen": on CUDA in bf16/fp16 the ViT's
-# segments and the LLM's packed rows run through torch's FlashAttention varlen kernel (cu_seqlens, no T x T mask),
-# anywhere else (CPU, fp32) and in generation with its KV cache the same SDPA as before.
+# Attention dispatch, one place. attn_implementation: one of ATTN_CHOICES, "" = auto: flash-attn's kernels when the
+# package is installed, else "varlen": on CUDA in bf16/fp16 the ViT's segments and the LLM's packed rows run through
+# torch's FlashAttention varlen kernel (cu_seqlens, no T x T mask), elsewhere and in generation (KV cache) SDPA.
 ATTN_CHOICES = ("", "varlen", "flash_attention_2", "sdpa", "flex_attention", "eager")
 
 
@@ -242,8 +233,8 @@ def _llm_varlen_attention(module, q, k, v, attention_mask, scaling=None, dropout
         return sdpa_attention_forward(module, q, k, v, attention_mask, scaling=scaling, dropout=dropout, **kw)
     b, h, t, d = q.shape
     pos = kw.get("position_ids")
-    cu, longest = varlen_seqlens(pos.expand(b, -1) if pos is not None else torch.arange(t, device=q.device)[None]
-                                 .expand(b, -1))
+    pos = torch.arange(t, device=q.device)[None] if pos is None else pos
+    cu, longest = varlen_seqlens(pos.expand(b, -1))
     flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
     out = kernel(flat(q), flat(k), flat(v), cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
                  enable_gqa=k.shape[1] != h)
@@ -264,9 +255,8 @@ def _llm_varlen_mask(*, attention_mask=None, device=None, dtype=None, **kw):
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The official resize rule: both sides multiples of `factor`, area within [min_pixels, max_pixels].
-    Python's round() is banker's rounding, as in the official code. Raises ValueError where the official code
-    would return a 0-pixel side or divide by zero."""
+    """The official resize rule: both sides multiples of `factor`, area within [min_pixels, max_pixels] (round() is
+    banker's rounding, as there). ValueError where the official code would give a 0-pixel side or divide by zero."""
     if height <= 0 or width <= 0:
         raise ValueError(f"image has an empty side: {height}x{width}")
     if max_pixels <= 0:
@@ -276,11 +266,10 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
             width, height = round(factor / height * width), factor
         else:
             height, width = round(factor / width * height), factor
-    elif max(height, width) / min(height, width) > 200:
-        if height > width:
-            height = 200 * width
-        else:
-            width = 200 * height
+    elif height / width > 200:  # aspect ratio clamped to 200
+        height = 200 * width
+    elif width / height > 200:
+        width = 200 * height
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
@@ -295,8 +284,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 def _to_array(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """PIL image -> (3, H, W) float32 in [-1, 1], as SiglipImageProcessor does (uint8 bilinear resize in Pillow,
-    float64 rescale by 1/255, float32 normalise with mean = std = 0.5)."""
+    """PIL image -> (3, H, W) float32 in [-1, 1], step for step as SiglipImageProcessor (mean = std = 0.5)."""
     if image.mode != "RGB":
         image = image.convert("RGB")  # RGBA: alpha dropped (no compositing), as the official code
     if image.size != (width, height):
@@ -322,10 +310,8 @@ def _patchify(frames: np.ndarray, patch_size: int, hidden_stride: int, temporal_
 
 def preprocess_image(image: Image.Image, min_pixels: int = 448 * 448, max_pixels: int = 1792 * 1792,
                      patch_size: int = 16, hidden_stride: int = 2, temporal_patch_size: int = 1):
-    """One PIL image -> (pixel_values (N, 3*ps*ps) float32, grid_thws (1, 3) int64)."""
-    factor = patch_size * hidden_stride
-    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
-    return _patchify(_to_array(image, h, w)[None], patch_size, hidden_stride, temporal_patch_size)
+    """One PIL image -> (pixel_values (N, 3*ps*ps) float32, grid_thws (1, 3) int64): a one-frame video."""
+    return preprocess_video([image], min_pixels, max_pixels, patch_size, hidden_stride, temporal_patch_size)
 
 
 def preprocess_video(frames: list, min_pixels: int = 448 * 448, max_pixels: int = 896 * 896,
@@ -333,10 +319,8 @@ def preprocess_video(frames: list, min_pixels: int = 448 * 448, max_pixels: int 
     """A list of PIL frames -> one grid [T, h, w]; every frame is resized to the first frame's target size."""
     if not frames:
         raise ValueError("a video needs at least one frame")
-    factor = patch_size * hidden_stride
-    h, w = smart_resize(frames[0].height, frames[0].width, factor, min_pixels, max_pixels)
-    arr = np.stack([_to_array(f, h, w) for f in frames])
-    return _patchify(arr, patch_size, hidden_stride, temporal_patch_size)
+    h, w = smart_resize(frames[0].height, frames[0].width, patch_size * hidden_stride, min_pixels, max_pixels)
+    return _patchify(np.stack([_to_array(f, h, w) for f in frames]), patch_size, hidden_stride, temporal_patch_size)
 
 
 def num_visual_tokens(grid_thw, hidden_stride: int = 2, temporal_patch_size: int = 1) -> int:
@@ -376,19 +360,15 @@ def _block_order(x: torch.Tensor, hs: int) -> torch.Tensor:
 
 
 def _segments(seg_ids: torch.Tensor) -> dict:
-    """Attention segments from one id per token. Returns the token order that makes segments contiguous
-    (+ cu_seqlens, for flash-attn varlen) and, for SDPA, index matrices (n_segments, L) grouped by length so that
-    all segments of equal length run in one batched call without any (N, N) mask."""
+    """Attention segments from one id per token: the token order that makes them contiguous (+ cu_seqlens, for the
+    varlen kernels) and, for SDPA, (n_segments, L) index matrices: one batched call per length, no (N, N) mask."""
     _, dense = torch.unique(seg_ids, return_inverse=True)
     order = torch.argsort(dense, stable=True)
     counts = torch.bincount(dense)
-    starts = torch.cumsum(counts, 0) - counts
-    groups = []
-    for length in torch.unique(counts).tolist():
-        sel = starts[counts == length]
-        groups.append(order[sel[:, None] + torch.arange(length, device=seg_ids.device)])  # (n, L)
-    cu = F.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
-    return {"order": order, "cu_seqlens": cu, "max_len": int(counts.max()), "groups": groups}
+    cu = F.pad(torch.cumsum(counts, 0), (1, 0))  # each segment's start in `order`, then the total
+    groups = [order[cu[:-1][counts == n][:, None] + torch.arange(n, device=seg_ids.device)]  # (segments of length n, n)
+              for n in torch.unique(counts).tolist()]
+    return {"order": order, "cu_seqlens": cu.to(torch.int32), "max_len": int(counts.max()), "groups": groups}
 
 
 def _rotate_half(x):
@@ -440,21 +420,18 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = (p(x).view(n, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
         if cos is not None:  # 2-D rotary on q and k, computed in fp32 (N, 1, d)
-            q = (q.float() * cos + _rotate_half(q.float()) * sin).to(v.dtype)
-            k = (k.float() * cos + _rotate_half(k.float()) * sin).to(v.dtype)
+            q, k = ((t.float() * cos + _rotate_half(t.float()) * sin).to(v.dtype) for t in (q, k))
         kernel = self.kernel(x)
         if kernel is not None:  # segments contiguous, one varlen call (flash-attn's or torch's)
             o = seg["order"]
             out = kernel(q[o], k[o], v[o], seg["cu_seqlens"], seg["cu_seqlens"], seg["max_len"], seg["max_len"])
             out = out[torch.argsort(o)]
         else:  # SDPA, one batched call per segment length: (n_seg, heads, L, d)
-            outs, perm = [], []
+            outs = []
             for idx in seg["groups"]:
                 qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))
-                outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(-1, self.heads,
-                                                                                              self.head_dim))
-                perm.append(idx.reshape(-1))
-            out = torch.cat(outs)[torch.argsort(torch.cat(perm))]
+                outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).flatten(0, 1))
+            out = torch.cat(outs)[torch.argsort(torch.cat([idx.reshape(-1) for idx in seg["groups"]]))]
         return self.out_proj(out.reshape(n, -1))
 
 
@@ -481,18 +458,13 @@ class VisionLayer(nn.Module):  # pre-LN
         return x + self.mlp(self.layer_norm2(x))
 
 
-class VisionEncoder(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
-
-
 class VisionModel(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg)
-        self.encoder = VisionEncoder(cfg)
+        self.encoder = nn.Module()  # a bare container, so that the keys read encoder.layers.{l}
+        self.encoder.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # in the checkpoint, unused
         self.gradient_checkpointing = False
 
@@ -502,34 +474,29 @@ class VisionModel(nn.Module):
         inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
         out = []
         for t, h, w in grid_thws.tolist():
-            rows = torch.arange(h, device=device)[:, None].expand(h, w)
-            cols = torch.arange(w, device=device)[None, :].expand(h, w)
+            rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
             rc = _block_order(torch.stack([rows, cols], -1), self.cfg.hidden_stride).float()  # (h*w, 2)
-            out.append(torch.cat([rc[:, :1] * inv_freq, rc[:, 1:] * inv_freq], -1).repeat(t, 1))
+            out.append((rc[:, :, None] * inv_freq).flatten(1).repeat(t, 1))  # [row * inv_freq, col * inv_freq]
         return torch.cat(out)
 
     def segment_ids(self, grid_thws: torch.Tensor, windowed: bool, device) -> torch.Tensor:
-        """One id per patch: its frame (full attention) or its window within the frame (windowed attention).
-        Windows tile the merged grid from the top-left in m x m cells, m = window_size // hidden_stride // ps."""
+        """One id per patch: its window within its frame. Windows tile the merged grid from the top-left in m x m
+        cells, m = window_size // hidden_stride // ps; full attention (not windowed): one window the whole frame."""
         hs = self.cfg.hidden_stride
-        m = max(1, self.cfg.window_size // hs // self.cfg.patch_size)
         ids, offset = [], 0
         for t, h, w in grid_thws.tolist():
-            if windowed:
-                r = torch.arange(h // hs, device=device)[:, None] // m
-                c = torch.arange(w // hs, device=device)[None, :] // m
-                win = (r * (-(-(w // hs) // m)) + c).reshape(-1).repeat_interleave(hs * hs)  # (h*w,) block order
-                n_win = int(win.max()) + 1
-            else:
-                win, n_win = torch.zeros(h * w, dtype=torch.long, device=device), 1
+            m = max(1, self.cfg.window_size // hs // self.cfg.patch_size) if windowed else max(h, w)
+            r = torch.arange(h // hs, device=device)[:, None] // m
+            c = torch.arange(w // hs, device=device)[None, :] // m
+            win = (r * (-(-(w // hs) // m)) + c).reshape(-1).repeat_interleave(hs * hs)  # (h*w,) block order
+            n_win = int(win.max()) + 1
             for _ in range(t):  # frames never attend to each other
                 ids.append(win + offset)
                 offset += n_win
         return torch.cat(ids)
 
     def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
-        """All images/frames of a batch as one packed sequence: (N, 3*ps*ps) -> last layer output (N, D),
-        before post_layernorm (which Ovis does not use)."""
+        """All images/frames as one packed sequence: (N, 3*ps*ps) -> (N, D), the last layer before post_layernorm."""
         x = self.embeddings(pixel_values, grid_thws)
         cos = sin = None
         if self.cfg.use_rope:
@@ -547,12 +514,6 @@ class VisionModel(nn.Module):
         return x
 
 
-class Siglip2Navit(nn.Module):  # only here so the keys read visual_tokenizer.vit.vision_model.*
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.vision_model = VisionModel(cfg)
-
-
 class VisualTokenizer(nn.Module):
     """ViT -> 2x2 merge -> head (Linear without bias, LayerNorm eps 1e-5) -> softmax over V-4 visual words."""
 
@@ -560,11 +521,11 @@ class VisualTokenizer(nn.Module):
         super().__init__()
         v = cfg.vit
         self.hidden_stride = v.hidden_stride
-        self.vit = Siglip2Navit(v)
-        self.head = nn.Sequential(
-            nn.Linear(v.hidden_size * v.hidden_stride ** 2, cfg.visual_vocab_size - len(INDICATOR_IDS), bias=False),
-            nn.LayerNorm(cfg.visual_vocab_size - len(INDICATOR_IDS)),  # eps 1e-5, unlike the ViT's 1e-6
-        )
+        self.vit = nn.Module()  # a bare container (Siglip2Navit), so that the keys read vit.vision_model.*
+        self.vit.vision_model = VisionModel(v)
+        words = cfg.visual_vocab_size - len(INDICATOR_IDS)  # the vte rows images can produce
+        self.head = nn.Sequential(nn.Linear(v.hidden_size * v.hidden_stride ** 2, words, bias=False),
+                                  nn.LayerNorm(words))  # eps 1e-5, unlike the ViT's 1e-6
 
     def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
         x = self.vit.vision_model(pixel_values, grid_thws)  # (N, D)
@@ -590,10 +551,8 @@ def split_hub_id(name: str) -> tuple[str, str | None]:
 
 
 def resolve_checkpoint(name: str) -> str:
-    """A checkpoint dir, or a Hugging Face Hub id ("AIDC-AI/Ovis2.5-9B", "org/name@revision") fetched into the
-    normal HF cache (safetensors, json, txt, jinja, py only) -> a local dir. A local dir is used as is. Under
-    torch.distributed every rank calls it: local rank 0 of each node downloads first, the others then find the
-    files in the cache after a barrier."""
+    """A checkpoint dir (as is) or a Hub id ("AIDC-AI/Ovis2.5-9B", "org/name@rev") fetched into the HF cache (HUB_FILES)
+    -> a local dir. Every rank calls it: local rank 0 downloads first, the others find the files after a barrier."""
     if os.path.isdir(name):
         return name
     if not HUB_ID.match(name):
@@ -614,10 +573,9 @@ def resolve_checkpoint(name: str) -> str:
         torch.distributed.barrier()  # reached on failure too: the other ranks must never hang
     if err is not None:
         offline = os.environ.get("HF_HUB_OFFLINE") or "unset"
-        if isinstance(err, (RepositoryNotFoundError, RevisionNotFoundError)):
-            why = "the Hugging Face Hub has no such model or revision (or it is gated: run `hf auth login`)"
-        else:
-            why = "it is not in the Hugging Face cache and the Hub cannot be reached"
+        why = ("the Hugging Face Hub has no such model or revision (or it is gated: run `hf auth login`)"
+               if isinstance(err, (RepositoryNotFoundError, RevisionNotFoundError))
+               else "it is not in the Hugging Face cache and the Hub cannot be reached")
         get = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
         raise FileNotFoundError(f"model {name!r} is not a local directory, and {why} (HF_HUB_OFFLINE={offline}). "
                                 f"Download it where there is network (`{get}` fills the same cache) or pass a "
@@ -626,29 +584,24 @@ def resolve_checkpoint(name: str) -> str:
 
 
 def patch_geometry(path: str) -> dict:
-    """patch_size and hidden_stride of a checkpoint's ViT (its config.json), for the data path: training data is cut
-    into patches the way that checkpoint sees them."""
+    """patch_size and hidden_stride of a checkpoint's ViT: the data path cuts images as that checkpoint sees them."""
     with open(os.path.join(path, "config.json")) as f:
         v = json.load(f).get("vit_config") or {}
     return {"patch_size": v.get("patch_size", 16), "hidden_stride": v.get("hidden_stride", 2)}
-
-
-def checkpoint_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return ["model.safetensors"]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
-                            "checkpoints are supported)")
 
 
 def iter_checkpoint(path: str):
     """Yields (key, tensor) of an official checkpoint one tensor at a time (memory-mapped, never all at once)."""
     from safetensors import safe_open
 
-    for fn in checkpoint_files(path):
+    index, files = os.path.join(path, "model.safetensors.index.json"), ["model.safetensors"]
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif not os.path.exists(os.path.join(path, files[0])):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                                "checkpoints are supported)")
+    for fn in files:
         with safe_open(os.path.join(path, fn), framework="pt", device="cpu") as f:
             for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield k, f.get_tensor(k)
@@ -673,8 +626,7 @@ def load_weights(model: nn.Module, path: str, copy=None) -> set:
 
 
 def adapter_base(adapter_dir: str) -> str:
-    """The base recorded in a peft adapter dir (lora.py writes the Hub id + revision, or the base's absolute path),
-    as resolve_checkpoint takes it: "org/name@revision", "org/name" or a dir."""
+    """The base an adapter dir records, as resolve_checkpoint takes it: "org/name@rev", "org/name" or a dir."""
     path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, not a peft LoRA adapter (lora.py writes one "
@@ -688,9 +640,8 @@ def adapter_base(adapter_dir: str) -> str:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str):
-    """A peft LoRA dir written by lora.py (adapter_config.json + adapter_model.safetensors, keys
-    `base_model.model.<official name>`, modules_to_save as full tensors) -> a PeftModel around `model`. Every tensor
-    is checked against the base first, so an adapter of another model fails naming the tensor and both shapes."""
+    """A peft LoRA dir written by lora.py -> a PeftModel around `model`. Every tensor is checked against the base
+    first, so an adapter of another model fails naming the tensor and both shapes."""
     from peft import PeftModel
     from safetensors import safe_open
 
@@ -731,8 +682,7 @@ class OvisOutput:
 
 @dataclass
 class GenState:
-    """What `generate(..., return_state=True)` leaves behind so the next call continues from the KV cache: the
-    cache holds every token so far except `pending` (each row's last sampled token, fed first next time)."""
+    """What `generate(..., return_state=True)` leaves for the next call: its cache holds every token but `pending`."""
     cache: object  # transformers DynamicCache
     mask: torch.Tensor  # (B, S) 1 where the cached position is a real token, 0 for padding
     pending: torch.Tensor  # (B,) last sampled token, not yet in the cache
@@ -744,9 +694,8 @@ class GenState:
 
 
 def _held(w: torch.Tensor) -> torch.Tensor:
-    """A frozen ZeRO-3 weight used outside its module's forward, or across checkpointed chunks, is freed before the
-    backward that needs it (no gradient hook fetches it back): use a gathered copy instead. A collective: call it
-    the same number of times on every rank. Any other weight is returned as is."""
+    """A gathered copy of a frozen ZeRO-3 weight used outside its module's forward or across checkpointed chunks (no
+    gradient hook would fetch it back for the backward); any other weight as is. A collective: same calls per rank."""
     if hasattr(w, "ds_id") and not w.requires_grad and torch.is_grad_enabled():
         import deepspeed
 
@@ -787,8 +736,7 @@ class Ovis25(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values=None, grid_thws=None) -> torch.Tensor:
         """(B, T) ids with placeholders -> (B, T, H) LLM input embeddings. Visual atoms (-300) are filled in
         row-major order over (batch, sequence) with the visual embeddings of all images, in order."""
-        emb_layer = self.llm.get_input_embeddings()
-        x = emb_layer(input_ids.clamp(min=0))  # (B, T, H); placeholder rows are overwritten below
+        x = self.llm.get_input_embeddings()(input_ids.clamp(min=0))  # (B, T, H); placeholder rows overwritten below
         is_atom = input_ids == VISUAL_ATOM_ID
         n_atoms = int(is_atom.sum())
         if pixel_values is not None:
@@ -802,8 +750,7 @@ class Ovis25(nn.Module):
         elif self.training or (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             # Keep the ViT, head and vte in every rank's graph even without images: ZeRO-3 gathers parameters
             # module by module and hangs if one rank skips the ViT. Zero-weighted, so the loss is unchanged.
-            ps = self.config.vit.patch_size
-            dummy = torch.zeros(4, 3 * ps * ps, device=x.device)
+            dummy = torch.zeros(4, 3 * self.config.vit.patch_size ** 2, device=x.device)  # one 2x2 block
             tok = self.visual_tokenizer(dummy, torch.tensor([[1, 2, 2]], device=x.device))
             x = x + 0.0 * (tok @ _held(self.vte.weight)).sum().to(x.dtype)
         is_ind = input_ids <= INDICATOR_IDS[0]
@@ -816,16 +763,14 @@ class Ovis25(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, grid_thws=None, labels=None,
                 position_ids=None, loss_reduction: str = "mean", temperature: float = 1.0) -> OvisOutput:
-        """Packed rows: pass `position_ids` that restart at 0 for each sample and no attention_mask; attention
-        then never crosses samples (transformers derives the segments from position_ids). Labels are unshifted
-        (HF convention). With labels, `.logits` is None and the loss is a chunked cross-entropy of the logits /
-        temperature; loss_reduction "none" gives it per target token (minus the log-probs, GRPO)."""
+        """Packed rows: `position_ids` restarting at 0 for each sample and no attention_mask (attention never crosses
+        samples). Labels unshifted (HF); with labels, `.logits` is None and the loss is a chunked cross-entropy of the
+        logits / temperature, per target token with loss_reduction "none" (minus the log-probs, GRPO)."""
         x = self.embed(input_ids, pixel_values, grid_thws)
+        kw = dict(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if labels is None:
-            out = self.llm(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-            return OvisOutput(logits=out.logits)
-        h = self.llm.model(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False).last_hidden_state  # (B, T, H)
+            return OvisOutput(logits=self.llm(**kw).logits)
+        h = self.llm.model(**kw).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:].clone()  # position t predicts token t+1
         if position_ids is not None:  # the last token of one packed sample must not predict the next sample
             targets[position_ids[:, 1:] == 0] = IGNORE_ID
@@ -837,17 +782,11 @@ class Ovis25(nn.Module):
         return OvisOutput(loss=loss / max(n, 1) if loss_reduction == "mean" else loss, n_targets=n)
 
     def chunked_ce(self, h: torch.Tensor, targets: torch.Tensor, per_token: bool = False):
-        """Sum of token cross-entropies of (n, H) hidden states against (n,) targets (per_token: the (n,) losses,
-        i.e. minus the log-probs GRPO needs), and the target count; `loss_chunk_size` rows at a time. Each chunk's
-        fp32 logits (chunk, vocab) are recomputed in backward (checkpoint) instead of kept, so peak memory is one
-        chunk instead of (n, vocab) in fp32 plus its gradient. lm_head is called as a
-        module so ZeRO-3 hooks gather its weight, except a frozen ZeRO-3 weight (LoRA, frozen LLM): no gradient hook
-        keeps that one gathered until the chunk's backward, so one gathered copy serves all chunks of this call."""
-        head = self.llm.lm_head
-        w = _held(head.weight)
-        if w is not head.weight:
-            def head(x):
-                return F.linear(x, w)
+        """Cross-entropy of (n, H) hidden states against (n,) targets: the sum (per_token: the (n,) losses, minus the
+        log-probs GRPO needs) and n. Each `loss_chunk_size` chunk's fp32 logits are recomputed in backward, never all
+        kept. lm_head runs as a module (ZeRO-3 hooks gather it), a frozen ZeRO-3 weight as one gathered copy (_held)."""
+        w = _held(self.llm.lm_head.weight)
+        head = self.llm.lm_head if w is self.llm.lm_head.weight else (lambda x: F.linear(x, w))
 
         def ce(hc, tc):
             return F.cross_entropy(head(hc).float(), tc, reduction="none" if per_token else "sum")
@@ -861,7 +800,6 @@ class Ovis25(nn.Module):
 
     def gradient_checkpointing_enable(self):
         self.visual_tokenizer.vit.vision_model.gradient_checkpointing = True
-        self.llm.model.gradient_checkpointing = True
         self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- generation -----------------------------------------------------------------------------------------------
@@ -872,25 +810,21 @@ class Ovis25(nn.Module):
                  repetition_penalty: float = 1.0, eos_token_ids=EOS_IDS, stop_token_ids=(),
                  thinking_budget: int | None = None, state: GenState | None = None, return_state: bool = False,
                  generator: torch.Generator | None = None, repeat: int = 1):
-        """Batched decoding with a KV cache. `input_ids` (B, L) are left-padded with PAD_ID; returns only the new
-        tokens (B, n) with PAD_ID after a row finished (an eos or stop id ends a row and is returned).
-
-        thinking_budget: when a row has generated that many tokens without `</think>`, the official early-stop
-        text (THINK_EARLY_STOP_IDS, ending in `</think>\\n\\n`) is forced and decoding goes on (spec 10.2), per row.
-        A fresh call whose max_new_tokens leaves too little room shrinks the budget instead of failing; with
-        `state`, the count and any half-forced text carry over from the previous calls. Use with thinking on.
-        state: continue a previous call (return_state=True): `input_ids` are then the new tokens (text + image
-        placeholders, left-padded) appended after everything generated so far; nothing before is re-encoded.
-        repeat: each input row continues as `repeat` rows (GRPO's group): its images and prefix are encoded once and
-        the KV cache copied, so the output has B * repeat rows, row-major (the rows of input 0 first)."""
+        """Batched decoding with a KV cache: left-padded (B, L) `input_ids` -> the new tokens (B, n), PAD_ID after a
+        row finished (its eos or stop id included).
+        thinking_budget: a row that generated that many tokens without `</think>` gets THINK_EARLY_STOP_IDS forced,
+        then goes on (spec 10.2); a fresh call shrinks it to fit max_new_tokens; counts carry over with `state`.
+        state: continue a previous call (return_state=True); `input_ids` are then only the new tokens (text + image
+        placeholders, left-padded) after everything so far; nothing before is re-encoded.
+        repeat: each input row continues as `repeat` rows (GRPO's group), its prefix encoded once and the KV cache
+        copied: B * repeat output rows, row-major (the rows of input 0 first)."""
         dev = input_ids.device
         ids = input_ids
         if state is None:
-            st = GenState(cache=DynamicCache(config=self.llm.config), mask=ids.new_zeros(ids.shape[0], 0),
-                          pending=None, pending_real=None, seen=None,
-                          n_generated=ids.new_zeros(ids.shape[0]),
-                          think_closed=torch.zeros(ids.shape[0], dtype=torch.bool, device=dev),
-                          force_pos=torch.full((ids.shape[0],), -1, device=dev))
+            n = ids.shape[0]
+            st = GenState(cache=DynamicCache(config=self.llm.config), mask=ids.new_zeros(n, 0), pending=None,
+                          pending_real=None, seen=None, n_generated=ids.new_zeros(n),
+                          think_closed=ids.new_zeros(n, dtype=torch.bool), force_pos=ids.new_full((n,), -1))
             real = ids != PAD_ID
         else:
             st = state
@@ -911,24 +845,19 @@ class Ovis25(nn.Module):
                 setattr(st, k, None if v is None else v.repeat_interleave(repeat, 0))
             logits = logits.repeat_interleave(repeat, 0)
         b = logits.shape[0]
-        eos = torch.tensor(list(eos_token_ids), device=dev)
-        stop = torch.tensor(list(stop_token_ids) or [-1], device=dev)
+        ends = torch.tensor([*eos_token_ids, *stop_token_ids], device=dev)
         forced = torch.tensor(THINK_EARLY_STOP_IDS, device=dev)
-        budget = None
-        if thinking_budget is not None:  # per row, counted across calls; forcing resumes in the next call if cut
-            budget = torch.full_like(st.n_generated, thinking_budget)
-            if state is None:  # one-shot call: shrink so the forced text and an answer still fit (no ValueError)
-                budget = budget.clamp(max=max_new_tokens - len(THINK_EARLY_STOP_IDS) - 1).clamp(min=0)
+        budget = thinking_budget  # counted per row across calls; forcing resumes in the next call if cut
+        if budget is not None and state is None:  # one-shot call: shrink so the forced text and an answer still fit
+            budget = max(0, min(budget, max_new_tokens - len(THINK_EARLY_STOP_IDS) - 1))
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
         new = []
         for step in range(max_new_tokens):
             if step:
                 logits = self._last_logits(x, st)  # (B, vocab)
-            tok = self._next_token(logits, st.seen, do_sample, temperature, top_p, top_k, repetition_penalty,
-                                   generator)
+            tok = self._next_token(logits, st.seen, do_sample, temperature, top_p, top_k, repetition_penalty, generator)
             if budget is not None:  # per-row thinking budget: start forcing, then emit the forced text
-                fp = st.force_pos
-                fp = torch.where((st.n_generated >= budget) & ~st.think_closed & (fp < 0), 0, fp)
+                fp = torch.where((st.n_generated >= budget) & ~st.think_closed & (st.force_pos < 0), 0, st.force_pos)
                 forcing = (fp >= 0) & ~finished
                 tok = torch.where(forcing, forced[fp.clamp(min=0, max=len(forced) - 1)], tok)
                 fp = torch.where(forcing, fp + 1, fp)
@@ -940,7 +869,7 @@ class Ovis25(nn.Module):
             if st.seen is not None:
                 st.seen[torch.arange(b, device=dev), tok] |= was_running
             new.append(tok)
-            finished = finished | torch.isin(tok, eos) | torch.isin(tok, stop)
+            finished = finished | torch.isin(tok, ends)
             st.pending, st.pending_real = tok, was_running
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
@@ -1001,23 +930,17 @@ class Ovis25(nn.Module):
         missing = set(dict(model.named_parameters()).keys()) - loaded
         if missing:
             raise ValueError(f"{path}: missing tensors {sorted(missing)[:5]} ({len(missing)} in all)")
-        model._init_buffers(device)
+        rot = model.llm.model.rotary_emb  # rebuilt: to_empty left its non-persistent inv_freq buffer uninitialised
+        model.llm.model.rotary_emb = type(rot)(config=cfg.llm).to(device)
         model.source_dir = os.path.abspath(path)
         return model
 
-    def _init_buffers(self, device):
-        """Recompute the non-persistent buffers (rotary inv_freq) that to_empty left uninitialised."""
-        rot = self.llm.model.rotary_emb
-        self.llm.model.rotary_emb = type(rot)(config=self.config.llm).to(device)
-
     def save_pretrained(self, out_dir: str, state_dict: dict | None = None, dtype=None,
                         max_shard_bytes: int = 5 * 1024 ** 3, source_dir: str | None = None):
-        """Official layout: config.json (the source's JSON, see OvisConfig.to_dict), model.safetensors (or
-        model-0000i-of-0000n.safetensors + index) with the official key names, lm_head omitted when tied (as the
-        official save), plus tokenizer / processor / generation / chat-template and remote-code files copied byte
-        for byte from `source_dir` (default: the dir we were loaded from). Written to a temp
-        dir and renamed, so a crash never leaves a half-written checkpoint. Pass `state_dict` when the live
-        parameters are partitioned (ZeRO-3: engine._zero3_consolidated_16bit_state_dict())."""
+        """Official layout: config.json (OvisConfig.to_dict), model.safetensors or shards + index (lm_head omitted when
+        tied, as the official save) and the AUX_FILES of `source_dir` (default: where we were loaded from). Written to
+        a temp dir, then renamed: a crash never leaves half a checkpoint. ZeRO-3 (partitioned parameters): pass
+        `state_dict` = engine._zero3_consolidated_16bit_state_dict()."""
         from safetensors.torch import save_file
 
         sd = state_dict if state_dict is not None else self.state_dict()
@@ -1036,14 +959,12 @@ class Ovis25(nn.Module):
                 cur, size = {}, 0
             cur[k], size = v, size + nbytes
         shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        if len(shards) > 1:
             total = sum(v.numel() * v.element_size() for v in sd.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

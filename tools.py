@@ -1,15 +1,14 @@
 """The tools the model may call while it thinks: Crop (returns an image) and Identify (returns text).
 
-Call convention (spec 14, the seed's data format): the model writes `<tool_call>Crop [x1, y1, x2, y2]</tool_call>`
-inside its own (assistant) turn; the Qwen3 JSON form `<tool_call>{"name": "Crop", "arguments": {"bbox": [...]}}
-</tool_call>` is accepted too. The system answers right after `</tool_call>`: an image result becomes the visual
-tokens of one image, a text result becomes `<tool_response>...</tool_response>`. How a result turns into token ids
-and pixels is defined once, here (`tool_result_ids`, `tool_result_pixels`), for training and inference alike.
+Call convention (spec 14, the seed's format): in its own turn the model writes `<tool_call>Crop [x1, y1, x2, y2]
+</tool_call>` (or the Qwen3 JSON form); the result follows as one image's visual tokens or as a text in
+`<tool_response>...</tool_response>`, rendered once here (`tool_result_ids`, `tool_result_pixels`) for training and
+inference alike.
 
-Rules every tool follows: every failure is a result the model reads (`ToolResult(text="Error: ...", error=True)`),
-never an exception; a tool only touches the images of the current conversation (passed in by the caller), never a
-path from model text; coordinates refer to the ORIGINAL first image of the conversation, in the registry's
-`bbox_format`: `pixel` (seed data, default), `norm` ([0, 1], Ovis grounding style) or `norm1000` ([0, 1000]).
+Rules every tool follows: a failure is a result the model reads (`ToolResult(text="Error: ...", error=True)`), never
+an exception; a tool touches only the conversation's images (passed in), never a path from model text; coordinates
+refer to the ORIGINAL first image, in the registry's `bbox_format`: `pixel` (default, seed data), `norm` ([0, 1], Ovis
+grounding) or `norm1000` ([0, 1000]).
 """
 
 import importlib
@@ -30,14 +29,16 @@ CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # complete cal
 _NAME_RE = re.compile(r"\s*([A-Za-z_][\w.-]*)\s*(.*)", re.DOTALL)
 _NUM_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 BBOX_FORMATS = ("pixel", "norm", "norm1000")
+_FMT_DOC = {"pixel": "pixels of the original image, x1,y1 = top-left, x2,y2 = bottom-right",  # for tool descriptions
+            "norm": "fractions of the image width/height in [0, 1], x1,y1 = top-left, x2,y2 = bottom-right",
+            "norm1000": "integers 0-1000 relative to the image width/height, x1,y1 = top-left, x2,y2 = bottom-right"}
 MIN_CROP_SIDE = 32  # = patch 16 x merge stride 2, the resize factor: smaller crops carry < 1 visual token a side
 CROP_MIN_PIXELS, CROP_MAX_PIXELS = 448 * 448, 896 * 896  # tool crops: small crops are upscaled to min_pixels
 
 
 @dataclass
 class ToolCall:
-    """A parsed call. `args` is a list of numbers (bracket form) or the JSON `arguments` value; `error` is set when
-    the text could not be parsed (the registry then answers with that error)."""
+    """A parsed call: `args` = the numbers (bracket form) or JSON `arguments`; `error`: why the text did not parse."""
     name: str = ""
     args: object = None
     raw: str = ""
@@ -58,14 +59,12 @@ class ToolResult:
 
 
 def safe_text(s: str) -> str:
-    """Tool text goes between <tool_response> markers: angle brackets would let it forge special tokens
-    (`</tool_response>`, `<|im_end|>`), so they become look-alike guillemets."""
+    """`<`, `>` become look-alike guillemets: tool text in a <tool_response> must not forge `<|im_end|>` or such."""
     return str(s).replace("<", "\u2039").replace(">", "\u203a")
 
 
 def tool_result_ids(result: ToolResult, tokenizer) -> list[int]:
-    """What follows `</tool_call>`: one `<image>` placeholder for an image (its grid: tool_result_pixels), else
-    `<tool_response>text</tool_response>`. Never learned."""
+    """The ids after `</tool_call>`, never learned: one `<image>` placeholder (its grid: tool_result_pixels) or text."""
     if result.kind == "image":
         return [ovis.IMAGE_TOKEN_ID]
     text = f"<tool_response>{safe_text(result.text)}</tool_response>"
@@ -89,13 +88,10 @@ def _err(name: str, why: str) -> ToolResult:
 
 
 def parse_tool_call(text: str) -> ToolCall:
-    """Parse `Name [a, b, c, d]` / `Name [a b c d]` / `{"name": ..., "arguments": ...}`, with or without the
-    surrounding <tool_call> tags (the last call in `text` is used). Any string in, a ToolCall out."""
+    """Any text -> a ToolCall: `Name [a, b, c, d]` (commas, brackets optional) or JSON; the last call in it counts."""
     try:
-        text = str(text)
-        if "<tool_call>" in text:
-            text = text.rsplit("<tool_call>", 1)[1]
-        body = (raw := text.split("</tool_call>", 1)[0]).strip()
+        raw = str(text).rsplit("<tool_call>", 1)[-1].split("</tool_call>", 1)[0]
+        body = raw.strip()
         if body.startswith("{"):
             try:
                 obj = json.loads(body)
@@ -154,20 +150,18 @@ def crop_box(box, size: tuple[int, int], bbox_format: str = "pixel",
     around its centre to at least `min_side` a side (never beyond the image). Raises ValueError on a zero-area box."""
     W, H = size
     x1, y1, x2, y2 = to_pixels(box, size, bbox_format)
-    x1, x2 = min(max(x1, 0.0), W), min(max(x2, 0.0), W)
-    y1, y2 = min(max(y1, 0.0), H), min(max(y2, 0.0), H)
-    if x2 - x1 <= 0 or y2 - y1 <= 0:
-        raise ValueError(f"box {[round(v, 2) for v in bbox_args(box)]} has zero area inside the {W}x{H} image")
-    x1, y1, x2, y2 = math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
-
-    def grow(a: int, b: int, limit: int) -> tuple[int, int]:
+    spans = []
+    for a, b, limit in ((x1, x2, W), (y1, y2, H)):
+        a, b = min(max(a, 0.0), limit), min(max(b, 0.0), limit)
+        if b - a <= 0:
+            raise ValueError(f"box {[round(v, 2) for v in bbox_args(box)]} has zero area inside the {W}x{H} image")
+        a, b = math.floor(a), math.ceil(b)
         side = min(min_side, limit)
-        if b - a >= side:
-            return a, b
-        a = min(max(round((a + b) / 2 - side / 2), 0), limit - side)  # centred, shifted back inside the image
-        return a, a + side
-
-    (x1, x2), (y1, y2) = grow(x1, x2, W), grow(y1, y2, H)
+        if b - a < side:  # grown around its centre, shifted back inside the image
+            a = min(max(round((a + b) / 2 - side / 2), 0), limit - side)
+            b = a + side
+        spans.append((a, b))
+    (x1, x2), (y1, y2) = spans
     return x1, y1, x2, y2
 
 
@@ -176,20 +170,16 @@ def crop_box(box, size: tuple[int, int], bbox_format: str = "pixel",
 
 
 class Tool:
-    """A tool the model may call. `name`; `description`: its line of the default system prompt; `returns`: "text" (the
-    result is a <tool_response>) or "image" (its visual tokens follow the call); `run(args, images, keys)` -> a
-    ToolResult, where images are the conversation's originals in order and keys their names in the data. In training
-    data a text tool's call is followed by its recorded <tool_response> (never run at load) and an image tool's call
-    is run at load, like Crop. `output_size` lets the length pass size an image result without decoding pixels."""
+    """A tool the model may call: `run(args, images, keys)` gets the conversation's original images and their names."""
     name = ""
-    returns = "text"
-    description = ""
+    returns = "text"  # "text": a <tool_response> (in training data: the recorded one), "image": run at load like Crop
+    description = ""  # its line of the default system prompt
 
     def run(self, args, images: list, keys: list) -> ToolResult:
         raise NotImplementedError
 
     def output_size(self, args, size: tuple[int, int]) -> tuple[int, int] | None:
-        """(W, H) of the image this call returns, given the first image's (W, H); None: run it on the pixels."""
+        """(W, H) of the result given the first image's (W, H), so the length pass need not decode; None: run it."""
         return None
 
 
@@ -205,17 +195,15 @@ class Crop(Tool):
         return ("Crop [x1, y1, x2, y2]: zoom into a region of the image; the cropped region is shown to you right "
                 f"after the call. Coordinates: {_FMT_DOC[self.bbox_format]}.")
 
-    def box(self, args, size: tuple[int, int]) -> tuple[int, int, int, int]:
-        return crop_box(args, size, self.bbox_format, self.min_side)
-
     def output_size(self, args, size: tuple[int, int]) -> tuple[int, int]:
-        x1, y1, x2, y2 = self.box(args, size)
+        x1, y1, x2, y2 = crop_box(args, size, self.bbox_format, self.min_side)
         return x2 - x1, y2 - y1
 
     def run(self, args, images: list, keys: list) -> ToolResult:
         if not images:
             return _err(self.name, "there is no image to crop in this conversation")
-        return ToolResult(name=self.name, image=images[0].crop(self.box(args, images[0].size)))
+        box = crop_box(args, images[0].size, self.bbox_format, self.min_side)
+        return ToolResult(name=self.name, image=images[0].crop(box))
 
 
 def iou(a, b) -> float:
@@ -226,20 +214,18 @@ def iou(a, b) -> float:
 
 @dataclass
 class Identify(Tool):
-    """`backend` answers a name: either a JSON map file / dict `{image_key: [{"bbox": [...], "name": ...}]}` (boxes
-    in the same bbox_format as the call; best IoU wins, no overlap -> "unknown") or a callable
-    `(image, pixel_box, image_key) -> str` (e.g. a face recogniser)."""
+    """`backend` answers a name: a JSON map file or dict `{image_key: [{"bbox": [...], "name": ...}]}` (boxes in the
+    call's bbox_format; best IoU wins, none -> "unknown") or a callable `(image, pixel_box, image_key) -> str`."""
     backend: object = None
     bbox_format: str = "pixel"
     name = "Identify"
     table: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
+        self.table = self.backend if isinstance(self.backend, dict) else {}
         if isinstance(self.backend, str):
             with open(self.backend) as f:
                 self.table = json.load(f)
-        elif isinstance(self.backend, dict):
-            self.table = self.backend
 
     @property
     def description(self) -> str:
@@ -260,18 +246,11 @@ class Identify(Tool):
         return ToolResult(name=self.name, text=safe_text(best[1] if best[0] > 0 else "unknown"))
 
 
-_FMT_DOC = {"pixel": "pixels of the original image, x1,y1 = top-left, x2,y2 = bottom-right",
-            "norm": "fractions of the image width/height in [0, 1], x1,y1 = top-left, x2,y2 = bottom-right",
-            "norm1000": "integers 0-1000 relative to the image width/height, x1,y1 = top-left, x2,y2 = bottom-right"}
-
-
 class Registry:
     """Name -> tool. `execute` turns any call (parsed or not) into a ToolResult and never raises."""
 
     def __init__(self, tools: list[Tool] = ()):
-        self.tools: dict[str, Tool] = {}
-        for t in tools:
-            self.register(t)
+        self.tools: dict[str, Tool] = {t.name.lower(): t for t in tools}
 
     def register(self, tool: Tool) -> None:
         self.tools[tool.name.lower()] = tool
@@ -280,17 +259,15 @@ class Registry:
         return self.tools.get(str(name).lower())
 
     def system_prompt(self) -> str:
-        lines = ["You can use tools while you think. Call a tool by writing <tool_call>Name [x1, y1, x2, y2]"
-                 "</tool_call>; its result appears right after the call. Available tools:"]
-        lines += [f"- {t.description}" for t in self.tools.values()]
-        lines.append("After using the tools, give your final answer.")
-        return "\n".join(lines)
+        return "\n".join(["You can use tools while you think. Call a tool by writing <tool_call>Name [x1, y1, x2, y2]"
+                          "</tool_call>; its result appears right after the call. Available tools:",
+                          *(f"- {t.description}" for t in self.tools.values()),
+                          "After using the tools, give your final answer."])
 
     def execute(self, call: "ToolCall | str", images: list = (), keys: list = ()) -> ToolResult:
         """Run a call on the conversation's images. Bad calls, unknown tools and tool crashes become error results."""
         try:
-            if not isinstance(call, ToolCall):
-                call = parse_tool_call(call)
+            call = call if isinstance(call, ToolCall) else parse_tool_call(call)
             if call.error:
                 return _err(call.name or "?", call.error)
             tool = self.get(call.name)
@@ -305,9 +282,8 @@ class Registry:
 
 
 def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify=None) -> Registry:
-    """"Crop|Identify|mypkg.ocr:OCR|tests.my_tools:Flip{"axis": 1}" -> a Registry. Built-ins by name, any other tool
-    as module:Class (a Tool subclass; the module is imported); a JSON object right after a name holds its keyword
-    arguments. Tools that take bbox_format get it; Identify's backend defaults to `identify` (map file, dict, fn)."""
+    """"Crop|Identify|mypkg.ocr:OCR|tests.my_tools:Flip{"axis": 1}" -> a Registry: built-ins by name, others as
+    module:Class (a Tool subclass), + JSON kwargs; `bbox_format` and `identify` (Identify's backend) go where taken."""
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
     reg, pos = Registry(), 0
@@ -347,22 +323,19 @@ NO_MORE_TOOLS = "Error: no more tool calls are available; give your final answer
 
 @dataclass
 class Rollout:
-    """One row. `token_ids` = prompt + all after it (visual ids expanded); `gen_mask[i]` = 1 iff token i was sampled
-    by the model (0: prompt, tool results, forced thinking-budget text); `pixel_values`/`grid_thws`: every image of
-    token_ids in order (prompt's, then crops), so one forward re-scores it. `text`: the output after the prompt, tool
-    results included (a crop reads `<image>`); `tool_calls`: {name, args, ok, result}; `finish`: "eos" | "length"."""
-    text: str = ""
+    """One row: the prompt and all the model and the tools added after it."""
+    text: str = ""  # the output after the prompt, tool results included (a crop reads `<image>`)
     thinking: str = ""
     answer: str = ""
-    tool_calls: list = field(default_factory=list)
+    tool_calls: list = field(default_factory=list)  # {name, args, ok, result} per call
     crops: list = field(default_factory=list)
-    token_ids: list = field(default_factory=list)
-    gen_mask: list = field(default_factory=list)
+    token_ids: list = field(default_factory=list)  # prompt + all after it, visual ids expanded
+    gen_mask: list = field(default_factory=list)  # 1 iff sampled (0: prompt, tool results, forced thinking-budget text)
     prompt_len: int = 0
-    pixel_values: object = None
-    grid_thws: object = None
+    pixel_values: object = None  # with grid_thws: every image of token_ids in order (prompt's, then crops), so one
+    grid_thws: object = None  # forward re-scores the row
     n_generated: int = 0
-    finish: str = ""
+    finish: str = ""  # "eos" | "length"
     model_text: str = ""  # only the sampled tokens: a <tool_response> here was written by the model itself
     thinking_on: bool = False  # the prompt opened a thinking turn
     image_size: tuple | None = None  # (W, H) of the first image: what tool boxes refer to
@@ -382,15 +355,12 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
                   registry: "Registry | None" = None, max_tool_calls: int = 8, max_new_tokens: int = 1024,
                   thinking_budget: int | None = None, kv_cache: bool = True, crop_min_pixels: int | None = None,
                   crop_max_pixels: int | None = None, group: int = 1, **sampling) -> list[Rollout]:
-    """Generate for a batch of prompts (data.build_inputs dicts), running tool calls as they come. A round decodes
-    all running rows (left-padded) until each stopped on `</tool_call>` or an eos; each call is then run by
-    `registry` on its row's `images` (`keys`: their names, for Identify maps) and the result appended as
-    tool_result_ids / tool_result_pixels render it. Bad or unknown calls and every call past `max_tool_calls`
-    (NO_MORE_TOOLS) become error responses. Waiting rows continue from the KV cache (kv_cache=False: re-prefill all
-    each round, the reference); finished rows leave the batch. `max_new_tokens`, `thinking_budget` (thinking on
-    only) count model tokens per row over all rounds. registry=None: no tools. `sampling`: Ovis25.generate's.
-    group: each prompt gives `group` rollouts (GRPO), row-major; its images and prefix are encoded once (one ViT pass,
-    one prefill) and the KV cache copied: the same tokens as passing each prompt `group` times."""
+    """Generate for a batch of prompts (data.build_inputs dicts), running tool calls as they come: each round decodes
+    the running rows (left-padded) until `</tool_call>` or an eos, `registry` (None: no tools) runs each call on its
+    row's `images` (`keys`: their names) and the result is appended as training renders it; bad calls and calls past
+    `max_tool_calls` get error responses. `max_new_tokens` and `thinking_budget` count a row's model tokens over all
+    rounds. `group`: rollouts per prompt (GRPO), row-major, as if each prompt came `group` times. `sampling`: Ovis25
+    .generate's."""
     if thinking_budget is not None and not kv_cache:
         raise ValueError("thinking_budget needs kv_cache=True (it counts tokens over all rounds)")
     vit, dev, forced = model.config.vit, next(model.parameters()).device, len(ovis.THINK_EARLY_STOP_IDS)
@@ -409,14 +379,14 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
         n = max(left)  # generate shrinks a thinking budget to fit its own max_new_tokens: give a thinker room
         if budget is not None and st is not None and bool((~st.think_closed & (st.n_generated <= budget)).any()):
             n = max(n, budget + forced + 1)
-        if not kv_cache:
+        if not kv_cache:  # the reference: re-prefill all running rows each round
             chunk, new_pix, st = [outs[i].token_ids for i in active], [x for i in active for x in pix[i]], None
         n_pad = max(map(len, chunk))
         ids = torch.tensor([[ovis.PAD_ID] * (n_pad - len(c)) + c for c in chunk], device=dev)
         pv, g = (torch.cat([x[k] for x in new_pix]).to(dev) if new_pix else None for k in (0, 1))
         new, st = model.generate(ids, pv, g, max_new_tokens=n, eos_token_ids=eos, stop_token_ids=stop,
                                  thinking_budget=budget, state=st, return_state=True, repeat=repeat, **sampling)
-        repeat = 1  # the group shares only the prompt
+        repeat = 1  # a group shares only the prompt: one ViT pass and prefill, then copies of its KV cache
         keep, chunk, new_pix = [], [], []
         for j, i in enumerate(active):
             o, toks = outs[i], new[j].tolist()
@@ -481,8 +451,7 @@ def _number(s) -> float | None:
 
 
 def score_accuracy(r: Rollout, sample: dict) -> float:
-    """1 if the answer (<answer> content, else the text after </think>) matches sample["answer"] (or one of a list):
-    numerically when the gold is a number, else after lower-casing, dropping punctuation and articles."""
+    """1 if r.answer matches sample["answer"] (or one of a list): by value for a number, else as _norm'd text."""
     gold, pred = sample.get("answer"), r.answer
     for g in (gold if isinstance(gold, list) else [gold]) if gold is not None and pred else []:
         if re.fullmatch(r"\s*-?[\d,]+(\.\d+)?\s*", str(g)):  # a number: compare values ("3.0", "3 squares")
@@ -494,23 +463,21 @@ def score_accuracy(r: Rollout, sample: dict) -> float:
 
 
 def score_format(r: Rollout, sample: dict) -> float:
-    """1 if: no tool output written by the model; thinking: one <think>...</think> holding every tool call, then
-    <answer>...</answer> to the end (no thinking: the answer block closes the text); every call parses, and a Crop
-    or Identify call has a well-formed box (another tool: it was known to the loop)."""
+    """1 if the trajectory is well-formed (the rules below), else 0."""
     t, said = r.text.strip(), r.model_text
-    if "<tool_response>" in said or "</tool_response>" in said:
+    if "<tool_response>" in said or "</tool_response>" in said:  # the model wrote tool output itself
         return 0.0
-    if r.thinking_on:
+    if r.thinking_on:  # one <think>...</think> holding every tool call, then <answer>...</answer> to the end
         m = re.fullmatch(r"<think>(.*?)</think>\s*<answer>(.+?)</answer>", t, re.DOTALL)
         if not m or "<think>" in m.group(1) or "<tool_call>" in t[m.end(1):]:
             return 0.0
-    elif not re.search(r"<answer>.+?</answer>$", t, re.DOTALL):
+    elif not re.search(r"<answer>.+?</answer>$", t, re.DOTALL):  # no thinking: the answer block closes the text
         return 0.0
     calls = re.findall(r"<tool_call>.*?</tool_call>", said, re.DOTALL)
     if len(calls) != said.count("<tool_call>") or len(calls) != said.count("</tool_call>"):
         return 0.0
-    known = {c["name"].lower() for c in r.tool_calls if "unknown tool" not in str(c.get("result"))}
-    try:  # whether a box hits the image is iou's business
+    known = {c["name"].lower() for c in r.tool_calls if "unknown tool" not in str(c.get("result"))}  # by the loop
+    try:  # every call parses, a Crop/Identify box is well-formed (whether it hits the image is iou's business)
         return float(all(not p.error and (bbox_args(p.args) if p.name.lower() in ("crop", "identify") else
                                           p.name.lower() in known) for p in map(parse_tool_call, calls)))
     except ValueError:
@@ -583,13 +550,10 @@ def parse_scorers(spec: str, key: str = "rewards") -> list[tuple[str, float, Cal
     out = []
     for part in filter(None, (p.strip() for p in spec.split("|"))):
         name, _, w = part.partition(":")
-        if "." in name:
-            mod, _, attr = name.rpartition(".")
-            fn = getattr(importlib.import_module(mod), attr)
-        elif name in SCORERS:
-            fn = SCORERS[name]
-        else:
+        if "." not in name and name not in SCORERS:
             raise ValueError(f"{key}: unknown scorer {name!r}; built-in: {', '.join(SCORERS)}, or a dotted path")
+        mod, _, attr = name.rpartition(".")
+        fn = getattr(importlib.import_module(mod), attr) if "." in name else SCORERS[name]
         out.append((name, float(w) if w else 1.0, fn))
     if not out:
         raise ValueError(f"{key} is empty")
@@ -608,8 +572,7 @@ def trajectory_stats(r: Rollout, sample: dict) -> Counter:
 
 
 def summarize(totals: Counter) -> dict:
-    """Summed trajectory_stats -> accuracy, format rate, tool calls per question, valid-crop rate, mean crop IoU
-    against the gold boxes, mean generated tokens, finish reasons and calls per tool (None: nothing to measure)."""
+    """Summed trajectory_stats -> the rates and means below (None: nothing to measure), finishes, calls per tool."""
     n = max(totals["questions"], 1)
     return {"questions": totals["questions"], "accuracy": totals["accuracy"] / n, "format_rate": totals["format"] / n,
             "tool_calls_per_question": totals["tool_calls"] / n,

@@ -9,6 +9,7 @@ import deepspeed
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import data  # noqa: E402
 import lora  # noqa: E402
 import merge_lora  # noqa: E402
@@ -21,8 +22,8 @@ def official(name: str) -> str:
 
 
 def main():
-    cfg = data.load_config(lora.Config)
-    data.setup_distributed(cfg.dist_timeout_s)  # ours, so lora.main leaves it alive for the checks below
+    cfg = common.load_config(lora.Config)
+    common.setup_distributed(cfg.dist_timeout_s)  # ours, so lora.main leaves it alive for the checks below
     peft_model = lora.main(cfg)
     rank = torch.distributed.get_rank()
     path = M.resolve_checkpoint(cfg.model_path)  # a Hub id: the cache, after lora.main fetched it

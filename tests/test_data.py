@@ -1,13 +1,11 @@
-"""data.py: official ids/labels (golden set A), tool-turn rendering and masking, packing, the checker, load_config."""
+"""data.py: official ids/labels (golden set A), tool-turn rendering and masking, packing, the checker."""
 
 import json
 import math
-import os
 import random
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -344,33 +342,7 @@ def test_check_config_uses_eval_image_dir_and_validates_grpo_prompts(tmp_path, c
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# load_config
-
-
-@dataclass
-class Cfg:
-    lr: float = 1e-5
-    steps: int = 10
-    name: str = "run"
-    flag: bool = False
-    out: str | None = "out"
-    ratio: float | None = 0.5
-    mods: list = field(default_factory=list)
-
-
-def test_load_config(tmp_path):
-    assert data.load_config(Cfg, []) == Cfg()
-    p = tmp_path / "c.json"
-    p.write_text(json.dumps({"lr": 2e-5, "steps": 20, "name": "a", "_comment": "ignored"}))
-    cfg = data.load_config(Cfg, ["--steps=30", "--config", str(p), "--flag=true", "--local_rank=3", "--out", "none",
-                                 "--name=7", "--ratio=1", "--mods=[1, 2]"])
-    assert cfg == Cfg(lr=2e-5, steps=30, name="7", flag=True, out=None, ratio=1.0, mods=[1, 2])
-    for bad in (["--nope=1"], ["--steps=abc"], ["--flag=maybe"], ["--steps=1.5"], ["stray"], ["--lr"]):
-        with pytest.raises(ValueError):
-            data.load_config(Cfg, bad)
-    p.write_text(json.dumps({"nope": 1}))
-    with pytest.raises(ValueError, match="unknown config key 'nope'"):
-        data.load_config(Cfg, ["--config", str(p)])
+# loading
 
 
 def test_load_samples_formats(tmp_path):
@@ -386,12 +358,3 @@ def test_load_samples_formats(tmp_path):
     assert [s["_index"] for s in got] == [0, 3] and "not an object" in errors[1].why
     with pytest.raises(data.SampleError):
         data.load_samples(tmp_path / "mixed.jsonl")
-
-
-def test_setup_distributed_single_process():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    code = "import data, torch.distributed as d; print(data.setup_distributed(60), d.is_initialized())"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
-                       cwd=Path(__file__).parent.parent)
-    assert r.returncode == 0 and "(0, 1, 0) True" in r.stdout, r.stderr[-2000:]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen3Config
 
-import data
+import common
 import merge_lora
 import model as M
 import sft
@@ -29,7 +29,7 @@ TF4 = Path(os.environ.get("OVIS_TF4_DIR", ROOT / ".venv" / "readers" / "tf451"))
 
 @pytest.fixture(scope="module", autouse=True)
 def world_one():
-    data.setup_distributed(120)
+    common.setup_distributed(120)
     yield
 
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+import common
 import data
 import grpo
 import infer
@@ -20,7 +21,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 @pytest.fixture(scope="module", autouse=True)
 def world_one():
-    data.setup_distributed(120)
+    common.setup_distributed(120)
     yield
 
 
@@ -50,7 +51,7 @@ def test_divergence_bf16_sft_lora_and_grpo(base, small_data, tmp_path):
         c = cfg_for(base, small_data, tmp_path / mod.__name__, lr=lr, warmup_ratio=0.0, schedule="constant",
                     max_steps=6, bf16=True, lora_r=4, save_interval=100)
         c = {k: v for k, v in c.items() if k in mod.Config.__dataclass_fields__}
-        with pytest.raises(data.RunError, match=r"step 2: loss nan.*Last good checkpoint: none saved yet \(fix"):
+        with pytest.raises(common.RunError, match=r"step 2: loss nan.*Last good checkpoint: none saved yet \(fix"):
             mod.main(mod.Config(**c))
         assert not (tmp_path / mod.__name__ / "final").exists()
     g = {"model_path": base, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO),
@@ -59,7 +60,7 @@ def test_divergence_bf16_sft_lora_and_grpo(base, small_data, tmp_path):
          "max_pixels": 8192, "bf16": False, "gradient_checkpointing": False, "lr": 1e20, "enable_thinking": False,
          "rewards": "tests.grpo_rewards.even_ids:1", "max_steps": 6, "save_interval": 1}
     # GRPO: the update of step 1 leaves non-finite weights; the rollout of step 2 finds out and stops
-    with pytest.raises(data.RunError, match=r"step 2: generate: the model's next-token logits are not finite "
+    with pytest.raises(common.RunError, match=r"step 2: generate: the model's next-token logits are not finite "
                                             r"\(diverged weights\?\): the run diverged\. Stopped without writing "
                                             r"final/\. Last good checkpoint: .*step0000001 \(fix"):
         grpo.main(grpo.Config(**g))
@@ -76,9 +77,9 @@ def test_nothing_to_train_on_fails_before_any_model(base, small_data, tmp_path):
         (dict(epochs=0), r"0 training steps \(epochs=0, max_steps=0\)"),
     ):
         c = {**cfg_for(base, small_data, tmp_path / "out"), **kw}
-        with pytest.raises(data.RunError, match=msg):
+        with pytest.raises(common.RunError, match=msg):
             sft.main(sft.Config(**c))
-        with pytest.raises(data.RunError, match=msg):
+        with pytest.raises(common.RunError, match=msg):
             lora.main(lora.Config(**c))
         assert not (tmp_path / "out" / "final").exists()
 
@@ -93,7 +94,7 @@ def test_samples_failing_at_load_stop_the_run(base, tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(samples))
     c = cfg_for(base, str(tmp_path / "d.json"), tmp_path / "out", image_dir=str(tmp_path), max_tokens=200,
                 max_steps=5)
-    with pytest.raises(data.RunError, match=r"step 2: 2 of 2 steps had no target token on any rank \(\d+ samples "
+    with pytest.raises(common.RunError, match=r"step 2: 2 of 2 steps had no target token on any rank \(\d+ samples "
                                             r"failed to load; run python data\.py check\)"):
         sft.main(sft.Config(**c))
     assert not (tmp_path / "out" / "final").exists()
@@ -122,35 +123,35 @@ def test_dead_samples_are_dropped_and_counted(tokenizer):
 
 def test_enumerated_settings_are_validated():
     with pytest.raises(ValueError, match=r"config key 'overlong': 'truncat' is not one of \['drop', 'truncate'\]"):
-        data.load_config(sft.Config, ["--overlong=truncat"])
+        common.load_config(sft.Config, ["--overlong=truncat"])
     with pytest.raises(ValueError, match="config key 'overlong'"):
         lora.Config(overlong="truncat")
     with pytest.raises(ValueError, match="config key 'schedule': 'cosin'"):
         sft.Config(schedule="cosin")
     with pytest.raises(ValueError, match="config key 'bbox_format': 'normalized'"):
-        data.load_config(grpo.Config, ["--bbox_format", "normalized"])
+        common.load_config(grpo.Config, ["--bbox_format", "normalized"])
     with pytest.raises(ValueError, match="config key 'loss_type': 'ppo'"):
         grpo.Config(loss_type="ppo")
-    assert data.load_config(sft.Config, ["--overlong=truncate"]).overlong == "truncate"
+    assert common.load_config(sft.Config, ["--overlong=truncate"]).overlong == "truncate"
 
 
 def test_run_guard_rules(tmp_path):
     ok = {"loss": 1.0, "grad_norm": 2.0, "targets": 10}
-    g = data.RunGuard(max_skips=2, max_empty_frac=0.5, loss_scaled=True, output_dir=str(tmp_path))
+    g = common.RunGuard(max_skips=2, max_empty_frac=0.5, loss_scaled=True, output_dir=str(tmp_path))
     # fp16: an overflow (inf gradient norm, the step skipped) is allowed max_skips times in a row
     assert g.check(1, {**ok, "grad_norm": float("inf")}, 1) == "" and g.check(2, ok, 1) == ""  # reset by a good step
     assert g.check(3, {**ok, "grad_norm": float("inf")}, 2) == "" == g.check(4, ok, 3)
     assert "3 steps in a row skipped for fp16 overflow (max_skipped_steps 2)" in g.check(5, ok, 4)
-    g = data.RunGuard(max_skips=2, max_empty_frac=0.5, loss_scaled=False, output_dir=str(tmp_path))
+    g = common.RunGuard(max_skips=2, max_empty_frac=0.5, loss_scaled=False, output_dir=str(tmp_path))
     assert g.check(1, {**ok, "grad_norm": float("inf")}, 0).startswith("step 1: loss 1.0, gradient norm inf: the run")
     g.last_good = "ck/step1"
     (tmp_path / "best").mkdir()
     assert g.check(2, {**ok, "loss": float("nan")}, 0).endswith(
         f"Last good checkpoint: ck/step1; best model so far: {tmp_path}/best (fix the cause, then resume)")
-    g = data.RunGuard(max_skips=2, max_empty_frac=0.5, loss_scaled=False, output_dir=str(tmp_path))
+    g = common.RunGuard(max_skips=2, max_empty_frac=0.5, loss_scaled=False, output_dir=str(tmp_path))
     assert [g.check(s, {**ok, "targets": t}, 0) == "" for s, t in ((1, 0), (2, 5), (3, 5), (4, 0))] == [True] * 4
     assert "3 of 5 steps had no target token" in g.check(5, {**ok, "targets": 0}, 0)
-    assert data.metrics_line({"step": 1, "loss": float("nan"), "x": float("-inf"), "y": 2.0}) == \
+    assert common.metrics_line({"step": 1, "loss": float("nan"), "x": float("-inf"), "y": 2.0}) == \
         '{"step": 1, "loss": null, "x": null, "y": 2.0, "nonfinite": ["loss", "x"]}\n'
 
 

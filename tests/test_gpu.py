@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import common
 import data
 import model as M
 import sft
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module", autouse=True)
 def world_one():
-    data.setup_distributed(120)
+    common.setup_distributed(120)
     yield
 CFG = json.loads((ROOT / "assets" / "tiny" / "config.json").read_text())
 PX = dict(single_image_min_pixels=4096, single_image_max_pixels=20480, crop_min_pixels=4096, crop_max_pixels=8192)

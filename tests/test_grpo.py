@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import common
 import data
 import grpo
 import model as M
@@ -25,7 +26,7 @@ SAMPLE = {"id": "s", "answer": "green", "bbox": [274, 99, 286, 111]}
 
 @pytest.fixture(scope="module", autouse=True)
 def world_one():
-    data.setup_distributed(120)
+    common.setup_distributed(120)
     yield
 
 
@@ -349,7 +350,7 @@ def test_two_ranks_zero3_lora_tool_rollouts(tool_ckpt, tmp_path):
 
 def test_shipped_grpo_configs_parse():
     for f in sorted((ROOT / "configs").glob("*grpo*.json")):
-        c = data.load_config(grpo.Config, ["--config", str(f)])
+        c = common.load_config(grpo.Config, ["--config", str(f)])
         assert (ROOT / c.zero_config).exists(), f
         assert [n for n, _, _ in tools.parse_scorers(c.rewards)] == [p.split(":")[0] for p in c.rewards.split("|")], f
 

@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+import common
 import data
 import infer
 import lora
@@ -25,7 +26,7 @@ MTS = "visual_tokenizer.head|vte:5e-3"  # modules trained in full beside the ada
 
 @pytest.fixture(scope="module", autouse=True)
 def world_one():
-    data.setup_distributed(120)
+    common.setup_distributed(120)
     yield
 
 
@@ -229,7 +230,7 @@ def test_resume_eval_and_best(base, small_data, tmp_path):
 
 def test_shipped_lora_configs_parse():
     for f in sorted((ROOT / "configs").glob("*lora*.json")):
-        c = data.load_config(lora.Config, ["--config", str(f)])
+        c = common.load_config(lora.Config, ["--config", str(f)])
         assert (ROOT / c.zero_config).exists(), f
         assert lora.lora_config(c, M.OvisConfig.from_dict(M.json.load(open(ROOT / "assets/tiny/config.json")))).r \
             == c.lora_r, f

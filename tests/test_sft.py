@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import common
 import data
 import model as M
 import sft
@@ -21,7 +22,7 @@ from _util import DEMO, ROOT, cfg_for, check_export, launch, metrics
 @pytest.fixture(scope="module", autouse=True)
 def world_one():
     """One process group for all in-process runs (DeepSpeed caches groups; re-creating them breaks it)."""
-    data.setup_distributed(120)
+    common.setup_distributed(120)
     yield
 
 
@@ -34,14 +35,14 @@ def run_inprocess(cfg: dict):
 
 def test_config_errors_are_clear(base, small_data, tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'lrr'"):
-        data.load_config(sft.Config, ["--lrr=1e-5"])
+        common.load_config(sft.Config, ["--lrr=1e-5"])
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"lr": 1e-4, "max_tokns": 10}))
     with pytest.raises(ValueError, match="max_tokns"):
-        data.load_config(sft.Config, ["--config", str(cfg_file)])
+        common.load_config(sft.Config, ["--config", str(cfg_file)])
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"lr": 1e-4, "max_tokens": 10, "_comment": "ignored"}))
-    c = data.load_config(sft.Config, ["--config", str(good), "--lr=3e-5", "--local_rank=0", "--bf16", "false"])
+    c = common.load_config(sft.Config, ["--config", str(good), "--lr=3e-5", "--local_rank=0", "--bf16", "false"])
     assert c.max_tokens == 10
     assert c.lr == 3e-5 and c.bf16 is False  # CLI overrides JSON overrides defaults; launcher arg accepted
     m = M.Ovis25.from_pretrained(base)
@@ -229,7 +230,7 @@ def test_overfit_one_tool_sample_greedy_reproduces_it(base, tmp_path):
 
 def test_shipped_configs_parse():
     for f in sorted((ROOT / "configs").glob("*sft*.json")):
-        c = data.load_config(sft.Config, ["--config", str(f)])
+        c = common.load_config(sft.Config, ["--config", str(f)])
         assert (ROOT / c.zero_config).exists() and M.parse_modules(c.train_modules, c.lr) != [], f
     for f in sorted((ROOT / "zero_configs").glob("*.json")):
         assert '"auto"' not in f.read_text(), f  # concrete values only; the script owns optimizer and schedule

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import data
 import grpo
 import infer
@@ -24,7 +25,7 @@ PX = dict(single_image_min_pixels=4096, single_image_max_pixels=20480, crop_min_
 
 @pytest.fixture(scope="module", autouse=True)
 def world_one():
-    data.setup_distributed(120)
+    common.setup_distributed(120)
     yield
 
 
