@@ -212,7 +212,7 @@ def bench_rollout(group: int = 8, side: int = 1792, new_tokens: int = 64) -> flo
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     m = M.Ovis25.from_config(BENCH_CONFIG, device=dev).eval()
-    tok = data.load_tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny"))
+    tok = M.load_tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny"))
     g = torch.Generator().manual_seed(0)
     img = Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy())
     pv, grid = M.preprocess_image(img, 448 * 448, 1792 * 1792)
@@ -511,12 +511,12 @@ def bench_gpu(smoke: bool = False) -> dict:
         """8 completions of one image prompt through the tool loop (shared prefill), scored, one clipped update."""
         import grpo
 
-        tok = data.load_tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny"))
+        tok = M.load_tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny"))
         img = Image.new("RGB", (448, 448), (30, 160, 90))
         reg = tools.default_registry()
         msgs = [{"role": "system", "content": reg.system_prompt()},
                 {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Color?"}]}]
-        inp = data.build_inputs(msgs, tok, enable_thinking=True)
+        inp = M.build_inputs(msgs, tok, enable_thinking=True)
         m.eval()
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -10,7 +10,7 @@ without `<think>...</think>` gets the empty think block. What is learned: `_toke
 Tool turns (spec 14) in a gpt value: `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>` holds the crop of the
 first image (a Crop without its `<image>`, the seed's old format, gets one); any other tool's call must be followed by
 its recorded `<tool_response>result</tool_response>`. Results render as `tools.tool_result_ids` / `_pixels` say.
-Prompts (GRPO, inference) come from the checkpoint's own chat template: `build_inputs`, `prompt_messages`.
+Prompts (GRPO, inference): `prompt_messages`, then `model.build_inputs` (the checkpoint's own chat template).
 Over-long samples are never cut inside an image: `overlong` "drop" (SampleError) or "truncate" (official).
 Also: `SFTDataset` (bad samples skipped, counted), packing, collation, and `python data.py check`.
 """
@@ -39,18 +39,25 @@ from model import IGNORE_ID, IMAGE_TOKEN_ID, PAD_ID, VIDEO_TOKEN_ID, VISUAL_ATOM
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "ignored_gpt": "ignored"}
 EMPTY_THINK = "<think>\n\n</think>\n\n"
-PLACEHOLDERS = {"<image>": IMAGE_TOKEN_ID, "<video>": VIDEO_TOKEN_ID}
 FORBIDDEN = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # would break the turn structure or the pad mask
 
 
 class SampleError(ValueError):
-    """A bad sample: where it is and why. str() is the one-line report `file:index id=... field=...: why`; `reason`
-    is the bucket it is counted in when skipped (default: the field's name)."""
+    """A bad sample: str() is the one-line report `file:index id=... field=...: why`; `reason`: its skip bucket."""
 
     def __init__(self, file, index, id, field: str, why: str, reason: str = ""):
         self.file, self.index, self.id, self.field, self.why = file, index, id, field, why
         self.reason = reason or ("over-long" if field == "length" else field.split("[")[0])
         super().__init__(f"{file}:{index} id={id} field={field}: {why}")
+
+
+def _need(sample: dict):
+    """`need(ok, field, why, reason="")` for one sample: raises the sample's SampleError unless ok."""
+    def need(ok, field: str, why: str, reason: str = ""):
+        if not ok:
+            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sample.get("id", sample.get(
+                "_index")), field, why, reason)
+    return need
 
 
 def load_samples(path, errors: list | None = None) -> list[dict]:
@@ -81,24 +88,6 @@ def _json(line: str):
         return json.loads(line)
     except json.JSONDecodeError as e:
         return e
-
-
-def tokenize_with_placeholders(texts, tokenizer, placeholders=("<image>", "<video>")):
-    """Split each text on the placeholders, tokenize the chunks (no special tokens, one batched call) and join them
-    with the placeholder ids (-200 / -201). Chunk-wise tokenization is part of the contract (9.3)."""
-    single = isinstance(texts, str)
-    pat = re.compile("(" + "|".join(re.escape(p) for p in placeholders) + ")")
-    pieces = [pat.split(t) for t in ([texts] if single else texts)]  # even: text chunk, odd: placeholder
-    chunks = [c for ps in pieces for c in ps[0::2]]
-    enc = iter(tokenizer(chunks, add_special_tokens=False)["input_ids"] if chunks else [])
-    out = [[i for j, p in enumerate(ps) for i in (next(enc) if j % 2 == 0 else [PLACEHOLDERS[p]])] for ps in pieces]
-    return out[0] if single else out
-
-
-def _grid(size, min_pixels, max_pixels, patch_size, hidden_stride) -> torch.Tensor:
-    """grid_thw of an image of size (W, H) without decoding it (same rule as model.preprocess_image)."""
-    h, w = model.smart_resize(size[1], size[0], patch_size * hidden_stride, min_pixels, max_pixels)
-    return torch.tensor([[1, h // patch_size, w // patch_size]])
 
 
 def _open(path: Path, decode: bool):
@@ -217,9 +206,8 @@ def _video(sample: dict, image_dir, b: Budgets, decode: bool, need) -> list:
 
 
 def _render(sample: dict, registry: tools.Registry, need) -> tuple[list, list, list, Counter, int]:
-    """Step 1: validate the sample and render its turns as the official formatter does: [(role, role prefix,
-    value)], the original images' paths, the image-tool calls in the order of their results, the tool-call counts,
-    and how many old-format Crops were given their `<image>`."""
+    """Step 1: validate and render the turns as the official formatter: [(role, role prefix, value)], image paths,
+    image-tool calls in the order of their results, tool-call counts, how many old-format Crops got their `<image>`."""
     conv, video = sample.get("conversations"), "video" in sample or "video_frames" in sample
     paths = [sample["image"]] if isinstance(sample.get("image"), str) else sample.get("image") or []
     need(isinstance(conv, list) and conv, "conversations", "missing or empty list of turns")
@@ -257,14 +245,13 @@ def _render(sample: dict, registry: tools.Registry, need) -> tuple[list, list, l
 
 
 def _tokens_and_labels(turns: list, tokenizer, placeholder: str) -> tuple[list, list, list]:
-    """Step 2: token ids turn by turn (chunk-wise around the placeholders, the official formatter's way) and the
-    label mask. THE RULE of what is learned: a gpt turn's tokens after its role prefix (and after the empty think
-    block inserted for it) through its <|im_end|>. Never learned: system, human and ignored_gpt turns, role
-    prefixes, the inserted empty think, the "\\n" after <|im_end|>, visual placeholders, and tool results (a
-    <tool_response>...</tool_response> span, an image tool's image): what the model did not write itself.
-    Also returns, per placeholder in order, whether a gpt turn holds it (an image tool's result)."""
-    per_turn = tokenize_with_placeholders([p + v + "<|im_end|>\n" for _, p, v in turns] + [p for _, p, _ in turns],
-                                          tokenizer, (placeholder,))
+    """Step 2: ids turn by turn (chunk-wise around the placeholders, as the official formatter) and labels, and per
+    placeholder whether a gpt turn holds it (an image tool's result). THE RULE of what is learned: a gpt turn's tokens
+    after its role prefix (and inserted empty think) through its <|im_end|>. Never: system, human and ignored_gpt
+    turns, the "\\n" after <|im_end|>, placeholders, tool results (<tool_response> spans, images): what the model
+    did not write itself."""
+    texts = [p + v + "<|im_end|>\n" for _, p, v in turns] + [p for _, p, _ in turns]  # whole turns, then prefixes
+    per_turn = model.tokenize_with_placeholders(texts, tokenizer, (placeholder,))
     tr_open, tr_close = tokenizer.convert_tokens_to_ids(["<tool_response>", "</tool_response>"])
     ids, labels, by_tool = [], [], []
     for (role, _, _), t_ids, p_ids in zip(turns, per_turn, per_turn[len(turns):]):
@@ -282,9 +269,8 @@ def _tokens_and_labels(turns: list, tokenizer, placeholder: str) -> tuple[list, 
 
 
 def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets, geo: dict, decode: bool, need):
-    """Step 3: (pixels, grid) of each placeholder in order: an original image, the video (one grid [T, h, w]), or
-    an image tool's result (made by the very call the inference loop would run). decode=False: grids only, from
-    image headers (a tool that cannot size its result from its arguments runs on the pixels)."""
+    """Step 3: (pixels, grid) of each placeholder: an original image, the video (one grid [T, h, w]) or an image tool's
+    result (the very call inference would run). decode=False: grids from image headers (or the tool's output_size)."""
     video = "video" in sample or "video_frames" in sample
     lo, hi = b.originals(len(paths), video)
     imgs = []
@@ -299,10 +285,10 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
         try:
             if x == "video":
                 frames = _video(sample, image_dir, b, decode, need)
-                pv, g = model.preprocess_video(frames, lo, hi, **geo) if decode else (None, _grid(
+                pv, g = model.preprocess_video(frames, lo, hi, **geo) if decode else (None, model.image_grid(
                     frames[0], lo, hi, **geo) * torch.tensor([[len(frames), 1, 1]]))
             elif isinstance(x, int):  # an original image
-                pv, g = model.preprocess_image(imgs[x], lo, hi, **geo) if decode else (None, _grid(
+                pv, g = model.preprocess_image(imgs[x], lo, hi, **geo) if decode else (None, model.image_grid(
                     imgs[x], lo, hi, **geo))
             else:  # an image tool's result
                 size = None if decode else registry.get(x.name).output_size(x.args, imgs[0])
@@ -312,7 +298,7 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
                     if res.kind != "image":
                         raise ValueError(res.text)
                 pv, g = tools.tool_result_pixels(res, b.crop_min_pixels, b.crop_max_pixels, **geo) if decode else (
-                    None, _grid(size or res.image.size, b.crop_min_pixels, b.crop_max_pixels, **geo))
+                    None, model.image_grid(size or res.image.size, b.crop_min_pixels, b.crop_max_pixels, **geo))
         except ValueError as e:
             need(False, fld, f"cannot preprocess: {e}" if fld in ("image", "video") else f"{x.raw.strip()!r}: {e}")
         out.append((pv, g))
@@ -322,16 +308,10 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
 def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | None = None, *,
                   registry: tools.Registry | None = None, bbox_format: str = "pixel", patch_size: int = 16,
                   hidden_stride: int = 2, with_pixels: bool = True, **overrides) -> dict:
-    """One training sample -> {input_ids (L,), labels (L,), pixel_values (N, 3*ps*ps) | None, grid_thws (n, 3) |
-    None, id, n_images, tool_calls, auto_crops}, or a SampleError naming file, sample and field. `budgets`: a
-    Budgets (keyword `overrides` replace fields of it); with_pixels=False reads only image headers (the length pass:
-    the same ids and grids, no pixels). Four steps: render the turns, tokens and labels, visuals, expand + truncate."""
-    b, sid = dataclasses.replace(budgets or Budgets(), **overrides), sample.get("id", sample.get("_index"))
-
-    def need(ok, field: str, why: str, reason: str = ""):
-        if not ok:
-            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sid, field, why, reason)
-
+    """One training sample -> {input_ids (L,), labels (L,), pixel_values (N, 3*ps*ps) | None, grid_thws (n, 3) | None,
+    id, n_images, tool_calls, auto_crops} or a SampleError naming file, sample and field. `overrides`: Budgets fields;
+    with_pixels=False reads only image headers (the length pass: same ids and grids, no pixels)."""
+    b, need = dataclasses.replace(budgets or Budgets(), **overrides), _need(sample)
     registry = registry or tools.default_registry(bbox_format)
     turns, paths, crops, calls, auto = _render(sample, registry, need)
     video = "video" in sample or "video_frames" in sample
@@ -350,8 +330,8 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | Non
     if limit is not None and len(ids) > limit:
         need(b.overlong == "truncate", "length", f"{len(ids)} tokens > max_length {limit} (overlong={b.overlong!r})")
         ids, labels, pixels, grids = truncate(ids, labels, pixels, grids, limit, hidden_stride)
-    return {"id": sid, "input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels),
-            "pixel_values": torch.cat(pixels) if with_pixels and pixels else None,
+    return {"id": sample.get("id", sample.get("_index")), "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels), "pixel_values": torch.cat(pixels) if with_pixels and pixels else None,
             "grid_thws": torch.cat(grids) if grids else None, "n_images": len(paths), "tool_calls": calls,
             "auto_crops": auto}
 
@@ -369,45 +349,15 @@ def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int
     return ids, labels, pixels[:keep], grids[:keep]
 
 
-# --- Inference / rollout prompts: the checkpoint's own chat template (spec 9.2), as the official preprocess_inputs ---
-
-
-def build_inputs(messages: list[dict], tokenizer, enable_thinking: bool = False, add_generation_prompt: bool = True,
-                 min_pixels: int = 448 * 448, max_pixels: int = 1792 * 1792, patch_size: int = 16,
-                 hidden_stride: int = 2) -> dict:
-    """Chat messages -> {input_ids (1, L) with expanded placeholders, pixel_values (N, 3*ps*ps) | None, grid_thws
-    (n, 3) | None, prompt}. The tokenizer's chat template writes `<image>` / `<video>` per content item (never from
-    text) and keeps only the answer of assistant history; image items hold a PIL image or a path, video items a list."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         enable_thinking=enable_thinking)
-    visuals = [(it["type"], it[it["type"]]) for m in messages if not isinstance(m["content"], str)
-               for it in m["content"] if it.get("type") in ("image", "video")]
-    ph = "<video>" if any(kind == "video" for kind, _ in visuals) else "<image>"
-    if text.count(ph) != len(visuals):  # as the official code: one video alone, or images, in user/system turns
-        raise ValueError(f"{len(visuals)} image/video items but {text.count(ph)} {ph} in the prompt: a video cannot "
-                         "be combined with other visuals, and assistant turns hold text only")
-    ids = tokenize_with_placeholders(text, tokenizer, (ph,))
-    geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
-    image = lambda x: x if isinstance(x, Image.Image) else _open(Path(x), True)
-    pv = [model.preprocess_video([image(f) for f in x], min_pixels, max_pixels, **geo) if kind == "video" else
-          model.preprocess_image(image(x), min_pixels, max_pixels, **geo) for kind, x in visuals]
-    grids = torch.cat([g for _, g in pv]) if pv else None
-    ids = model.expand_placeholders(ids, grids, hidden_stride)
-    return {"input_ids": torch.tensor([ids], dtype=torch.long), "pixel_values": torch.cat([p for p, _ in pv]) if pv
-            else None, "grid_thws": grids, "prompt": text}
+# --- Prompts (GRPO, eval, inference) from data samples; model.build_inputs renders them ---
 
 
 def prompt_messages(sample: dict, image_dir=".", budgets: Budgets | None = None) -> list[dict]:
-    """A data sample's turns before its first gpt turn as chat messages (GRPO / eval prompts): `<image>` as image
-    items (paths), `<video>` as the video's frames (sampled as in training). Same tokens as the training rendering
-    for "<image>\nquestion"."""
-    def need(ok, field, why, reason=""):
-        if not ok:
-            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sample.get("id"), field, why)
-
+    """A sample's turns before its first gpt turn as chat messages (GRPO / eval prompts), `<image>` / `<video>` as
+    content items (a video: its frames sampled as in training); the same tokens as the training rendering."""
     ph = "<video>" if "video" in sample or "video_frames" in sample else "<image>"
     paths = [sample["image"]] if isinstance(sample.get("image"), str) else sample.get("image") or []
-    media = [_video(sample, image_dir, budgets or Budgets(), True, need)] if ph == "<video>" else [
+    media = [_video(sample, image_dir, budgets or Budgets(), True, _need(sample))] if ph == "<video>" else [
         str(Path(image_dir) / p) for p in paths]
     turns = [(ROLES.get(t["from"]), t["value"]) for t in sample["conversations"]]
     if media and not any(ph in v for r, v in turns if r in ("system", "user")):  # as encode_sample
@@ -429,20 +379,19 @@ def load_prompts(paths: list[str], image_dir: str, bbox_format: str) -> list[dic
     out = []
     for path in paths:
         for s in load_samples(path):
-            err = lambda field, why, s=s: SampleError(s["_file"], s["_index"], s.get("id"), field, why)
+            need = _need(s)
             s.setdefault("conversations", [{"from": "human", "value": s["question"]}] if "question" in s else None)
-            if not isinstance(s.get("conversations"), list) or not any(
-                    isinstance(t, dict) and t.get("from") in ("human", "user") for t in s["conversations"]):
-                raise err("conversations", "needs a human turn with the question (or a `question` field)")
+            need(isinstance(s["conversations"], list) and any(isinstance(t, dict) and t.get("from") in ("human", "user")
+                 for t in s["conversations"]), "conversations", "needs a human turn (or a `question` field)")
             imgs = [s["image"]] if isinstance(s.get("image"), str) else s.get("image")
-            if not imgs or not all(isinstance(i, str) and os.path.isfile(os.path.join(image_dir, i)) for i in imgs):
-                raise err("image", f"missing or not found under {image_dir!r}: {s.get('image')!r}")
+            need(imgs and all(isinstance(i, str) and os.path.isfile(os.path.join(image_dir, i)) for i in imgs),
+                 "image", f"missing or not found under {image_dir!r}: {s.get('image')!r}")
             b, top = s.get("bbox", [0, 0, 1, 1]), {"norm": 1, "norm1000": 1000}.get(bbox_format, 1e9)
-            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
-                    and 0 <= b[0] < b[2] <= top and 0 <= b[1] < b[3] <= top):
-                raise err("bbox", f"{b!r} is not [x1, y1, x2, y2], x1 < x2, y1 < y2, within the {bbox_format} range")
-            if "answer" in s and not isinstance(s["answer"], (str, int, float, list)):
-                raise err("answer", "must be a string, a number or a list of them")
+            need(isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b) and
+                 0 <= b[0] < b[2] <= top and 0 <= b[1] < b[3] <= top, "bbox",
+                 f"{b!r} is not [x1, y1, x2, y2], x1 < x2, y1 < y2, within the {bbox_format} range")
+            need(isinstance(s.get("answer", ""), (str, int, float, list)), "answer", "must be a string, a number or "
+                 "a list of them")
             out.append({**s, "_image_dir": image_dir})
     if not out:
         raise common.RunError(f"no prompts in {paths}")
@@ -453,10 +402,9 @@ def load_prompts(paths: list[str], image_dir: str, bbox_format: str) -> list[dic
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Samples of one or more files, encoded on access (**kw: `encode_sample`'s). A length pass (text + image headers;
-    decode=True: every pixel, as `python data.py check`) drops bad samples and ones left with no learned token,
-    counted by reason (`skipped`, `errors`); `lengths` feeds `plan_epoch`; `stats` counts images and tool calls;
-    `required` (a config key): no usable sample is a RunError. A sample failing at load (a truncated image) is None."""
+    """Samples of files, encoded on access (**kw: encode_sample's). A length pass (image headers; decode=True: pixels)
+    drops bad samples and ones without a learned token, counted by reason (`skipped`, `errors`); `lengths` feed
+    plan_epoch; `required` (a config key): no usable sample is a RunError. A sample failing at load is None."""
 
     def __init__(self, paths, tokenizer, image_dir=".", log=print, decode: bool = False, required: str = "", **kw):
         from tqdm import tqdm
@@ -483,7 +431,7 @@ class SFTDataset(torch.utils.data.Dataset):
             f"{len(self.errors)} {dict(self.skipped)}")
         if required and not self.samples:  # `required`: the run config key, named in the error
             raise common.RunError(f"{required}: no usable sample in {','.join(map(str, paths))} (skipped "
-                           f"{dict(self.skipped)}; python data.py check --data ... lists each bad sample and why)")
+                                  f"{dict(self.skipped)}; python data.py check --data ... lists each bad one and why)")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -530,9 +478,8 @@ def plan_epoch(lengths: list[int], max_tokens: int, world_size: int = 1, grad_ac
 
 def collate(rows: list[list[dict | None]]) -> dict:
     """Rows of encoded samples (None: failed at load) -> one packed micro-batch: input_ids / labels / position_ids
-    (R, T), pixel_values | None, grid_thws | None (row-major), n_samples, n_failed, n_target_tokens (loss norm).
-    position_ids restart at 0 per sample and for the padding, so attention stays inside each sample (no mask).
-    Without images pixel_values is None: the model runs its zero-weighted dummy image (ZeRO-3, spec 13)."""
+    (R, T), pixel_values | None (then the model runs its zero-weighted dummy image, spec 13), grid_thws, n_samples,
+    n_failed, n_target_tokens. position_ids restart at 0 per sample and padding: attention stays inside each."""
     n_failed = sum(s is None for r in rows for s in r)
     rows = [[s for s in r if s is not None] for r in rows]
     rows = [r for r in rows if r] or [[]]
@@ -573,12 +520,6 @@ def collate_row(samples: list[dict | None]) -> dict:  # a module-level function:
 # --- `python data.py check`: a run's data, as that run would read it ---
 
 
-def load_tokenizer(path: str):
-    """The Qwen3 tokenizer of a checkpoint dir, by class (AutoTokenizer would ask to run the official remote code)."""
-    from transformers import Qwen2TokenizerFast
-    return Qwen2TokenizerFast.from_pretrained(path)
-
-
 def check(argv: list[str]) -> int:
     """`python data.py check (--config run.json | --data a.json,b.json) [--image_dir DIR] [--tokenizer DIR]
     [--key=value]`: decode every image, print one line per bad sample, then totals; 1 if any sample is bad. With a run
@@ -607,7 +548,7 @@ def check(argv: list[str]) -> int:
         except (SampleError, common.RunError) as e:
             print(f"BAD {e}")
             return 1
-    tok = load_tokenizer(tok or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
+    tok = model.load_tokenizer(tok or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
                                  str(Path(__file__).parent / "assets" / "tiny")))  # every Ovis2.5 shares it
     registry = tools.load_tools(run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel"))
     sets = [SFTDataset(fs, tok, d, log=lambda *_: None, decode=True, registry=registry,

@@ -164,7 +164,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, weight, cfg: Config) -> tuple[tor
 
 
 def prompt_inputs(s: dict, cfg: Config, tokenizer, registry) -> tuple[dict, list, list]:
-    """A sample -> (data.build_inputs dict, its opened images, their keys); the tool system prompt is added when
+    """A sample -> (ovis.build_inputs dict, its opened images, their keys); the tool system prompt is added when
     the sample has no system turn."""
     image_dir = s.get("_image_dir", cfg.image_dir)
     msgs = data.prompt_messages(s, image_dir)
@@ -172,7 +172,7 @@ def prompt_inputs(s: dict, cfg: Config, tokenizer, registry) -> tuple[dict, list
         msgs = [{"role": "system", "content": [{"type": "text", "text": registry.system_prompt()}]}] + msgs
     keys = [s["image"]] if isinstance(s["image"], str) else list(s["image"])
     images = [Image.open(os.path.join(image_dir, k)).convert("RGB") for k in keys]
-    return data.build_inputs(msgs, tokenizer, enable_thinking=cfg.enable_thinking, min_pixels=cfg.min_pixels,
+    return ovis.build_inputs(msgs, tokenizer, enable_thinking=cfg.enable_thinking, min_pixels=cfg.min_pixels,
                              max_pixels=cfg.max_pixels), images, keys
 
 
@@ -374,7 +374,7 @@ def main(cfg: Config):
 
     # prompts first: a run with nothing to train on stops here, before a model is loaded
     path = ovis.resolve_checkpoint(cfg.model_path or ovis.adapter_base(cfg.adapter))  # Hub ids: once per node
-    tokenizer = data.load_tokenizer(path)
+    tokenizer = ovis.load_tokenizer(path)
     registry = tools.load_tools(cfg.tools, cfg.bbox_format, cfg.identify_map or None)
     prompts = data.load_prompts(cfg.data_path.split(","), cfg.image_dir, cfg.bbox_format)
     eval_prompts = data.load_prompts(cfg.eval_data_path.split(","), cfg.eval_image_dir or cfg.image_dir,

@@ -61,7 +61,7 @@ def load(model_path: str | None, adapter: str | None = None, dtype=None, device=
         eos = g.get("eos_token_id")
         if eos is not None:
             gen["eos_token_ids"] = tuple(eos if isinstance(eos, list) else [eos])
-    return Session(m, data.load_tokenizer(model_path), gen)
+    return Session(m, ovis.load_tokenizer(model_path), gen)
 
 
 def _request(req: dict, image_dir: str = ".") -> tuple[list, list, list]:
@@ -119,7 +119,7 @@ def chat_batch(session: Session, requests: list, image_dir: str = ".", *, enable
         if registry and not any(m["role"] == "system" for m in msgs):
             msgs = [{"role": "system", "content": registry.system_prompt()}] + msgs
         try:
-            prompts.append(data.build_inputs(msgs, session.tokenizer, enable_thinking, True, min_pixels, max_pixels))
+            prompts.append(ovis.build_inputs(msgs, session.tokenizer, enable_thinking, True, min_pixels, max_pixels))
         except ValueError as e:  # an invalid message, or an image too small / thin for the pixel budget
             raise data.SampleError(req.get("_file", "request"), req.get("_index", 0), req.get("id"),
                                    "messages" if "messages" in req else "image", str(e)) from e

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import data
 import model as ovis
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,7 +37,7 @@ def probe_inputs(tokenizer, device) -> dict:
     img[30:60, 40:80] = (250, 30, 30)
     msgs = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(img)},
                                          {"type": "text", "text": "What is in the red box? Answer briefly."}]}]
-    inp = data.build_inputs(msgs, tokenizer, enable_thinking=True, min_pixels=128 * 128, max_pixels=448 * 448)
+    inp = ovis.build_inputs(msgs, tokenizer, enable_thinking=True, min_pixels=128 * 128, max_pixels=448 * 448)
     return {k: inp[k].to(device) for k in ("input_ids", "pixel_values", "grid_thws")}
 
 
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     peft_model = ovis.load_adapter(model, a.adapter)
     print(f"loaded {base} + {a.adapter} in {time.time() - t0:.0f}s")
 
-    probe = probe_inputs(data.load_tokenizer(base), a.device)
+    probe = probe_inputs(ovis.load_tokenizer(base), a.device)
     with torch.no_grad():
         want = peft_model(**probe).logits  # (1, L, vocab)
         merged = peft_model.merge_and_unload().eval()

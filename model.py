@@ -347,6 +347,61 @@ def expand_placeholders(ids: list, grid_thws, hidden_stride: int = 2, temporal_p
     return out
 
 
+def image_grid(size, min_pixels: int, max_pixels: int, patch_size: int = 16, hidden_stride: int = 2) -> torch.Tensor:
+    """grid_thw (1, 3) of an image of size (W, H), without decoding it (the rule of preprocess_image)."""
+    h, w = smart_resize(size[1], size[0], patch_size * hidden_stride, min_pixels, max_pixels)
+    return torch.tensor([[1, h // patch_size, w // patch_size]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts (spec 9.2-9.3): the checkpoint's chat template -> model inputs, as the official preprocess_inputs
+
+PLACEHOLDERS = {"<image>": IMAGE_TOKEN_ID, "<video>": VIDEO_TOKEN_ID}
+
+
+def load_tokenizer(path: str):
+    """The Qwen3 tokenizer of a checkpoint dir, by class (AutoTokenizer would ask to run the official remote code)."""
+    from transformers import Qwen2TokenizerFast
+    return Qwen2TokenizerFast.from_pretrained(path)
+
+
+def tokenize_with_placeholders(texts, tokenizer, placeholders=("<image>", "<video>")):
+    """Split each text on the placeholders, tokenize the chunks (no special tokens, one batched call) and join them
+    with the placeholder ids (-200 / -201). Chunk-wise tokenization is part of the contract (9.3)."""
+    single = isinstance(texts, str)
+    pat = re.compile("(" + "|".join(re.escape(p) for p in placeholders) + ")")
+    pieces = [pat.split(t) for t in ([texts] if single else texts)]  # even: text chunk, odd: placeholder
+    chunks = [c for ps in pieces for c in ps[0::2]]
+    enc = iter(tokenizer(chunks, add_special_tokens=False)["input_ids"] if chunks else [])
+    out = [[i for j, p in enumerate(ps) for i in (next(enc) if j % 2 == 0 else [PLACEHOLDERS[p]])] for ps in pieces]
+    return out[0] if single else out
+
+
+def build_inputs(messages: list[dict], tokenizer, enable_thinking: bool = False, add_generation_prompt: bool = True,
+                 min_pixels: int = 448 * 448, max_pixels: int = 1792 * 1792, patch_size: int = 16,
+                 hidden_stride: int = 2) -> dict:
+    """Chat messages -> {input_ids (1, L) with expanded placeholders, pixel_values (N, 3*ps*ps) | None, grid_thws
+    (n, 3) | None, prompt}. The tokenizer's chat template writes `<image>` / `<video>` per content item (never from
+    text) and keeps only the answer of assistant history; image items hold a PIL image or a path, video items a list."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=enable_thinking)
+    visuals = [(it["type"], it[it["type"]]) for m in messages if not isinstance(m["content"], str)
+               for it in m["content"] if it.get("type") in ("image", "video")]
+    ph = "<video>" if any(kind == "video" for kind, _ in visuals) else "<image>"
+    if text.count(ph) != len(visuals):  # as the official code: one video alone, or images, in user/system turns
+        raise ValueError(f"{len(visuals)} image/video items but {text.count(ph)} {ph} in the prompt: a video cannot "
+                         "be combined with other visuals, and assistant turns hold text only")
+    ids = tokenize_with_placeholders(text, tokenizer, (ph,))
+    geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
+    image = lambda x: x if isinstance(x, Image.Image) else Image.open(x).convert("RGB")
+    pv = [preprocess_video([image(f) for f in x], min_pixels, max_pixels, **geo) if kind == "video" else
+          preprocess_image(image(x), min_pixels, max_pixels, **geo) for kind, x in visuals]
+    grids = torch.cat([g for _, g in pv]) if pv else None
+    ids = expand_placeholders(ids, grids, hidden_stride)
+    return {"input_ids": torch.tensor([ids], dtype=torch.long), "pixel_values": torch.cat([p for p, _ in pv]) if pv
+            else None, "grid_thws": grids, "prompt": text}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Vision encoder: SigLIP2-NaViT (spec 5). Module names mirror the checkpoint keys
 # visual_tokenizer.vit.vision_model.{embeddings, encoder.layers.{l}, post_layernorm}.

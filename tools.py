@@ -1,14 +1,12 @@
 """The tools the model may call while it thinks: Crop (returns an image) and Identify (returns text).
 
-Call convention (spec 14, the seed's format): in its own turn the model writes `<tool_call>Crop [x1, y1, x2, y2]
-</tool_call>` (or the Qwen3 JSON form); the result follows as one image's visual tokens or as a text in
-`<tool_response>...</tool_response>`, rendered once here (`tool_result_ids`, `tool_result_pixels`) for training and
-inference alike.
+Call convention (spec 14, the seed's format): the model writes `<tool_call>Crop [x1, y1, x2, y2]</tool_call>` in its own
+turn (or the Qwen3 JSON form); the result follows as one image's visual tokens or `<tool_response>text</tool_response>`,
+rendered once (`tool_result_ids`, `tool_result_pixels`) for training and inference alike.
 
-Rules every tool follows: a failure is a result the model reads (`ToolResult(text="Error: ...", error=True)`), never
-an exception; a tool touches only the conversation's images (passed in), never a path from model text; coordinates
-refer to the ORIGINAL first image, in the registry's `bbox_format`: `pixel` (default, seed data), `norm` ([0, 1], Ovis
-grounding) or `norm1000` ([0, 1000]).
+Rules for every tool: a failure is a result the model reads (`ToolResult(text="Error: ...", error=True)`), never an
+exception; a tool reads only the conversation's images, never a path from model text; boxes are on the ORIGINAL first
+image, in the registry's `bbox_format`: `pixel` (seed data, default), `norm` ([0, 1], Ovis) or `norm1000` ([0, 1000]).
 """
 
 import importlib
@@ -64,7 +62,7 @@ def safe_text(s: str) -> str:
 
 
 def tool_result_ids(result: ToolResult, tokenizer) -> list[int]:
-    """The ids after `</tool_call>`, never learned: one `<image>` placeholder (its grid: tool_result_pixels) or text."""
+    """Ids after `</tool_call>`, never learned: `<image>` (grid: tool_result_pixels) or `<tool_response>...`."""
     if result.kind == "image":
         return [ovis.IMAGE_TOKEN_ID]
     text = f"<tool_response>{safe_text(result.text)}</tool_response>"
@@ -85,7 +83,6 @@ def _err(name: str, why: str) -> ToolResult:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parsing (tolerant; never raises)
-
 
 def parse_tool_call(text: str) -> ToolCall:
     """Any text -> a ToolCall: `Name [a, b, c, d]` (commas, brackets optional) or JSON; the last call in it counts."""
@@ -116,7 +113,6 @@ def parse_tool_call(text: str) -> ToolCall:
 # ----------------------------------------------------------------------------------------------------------------
 # Geometry
 
-
 def bbox_args(args) -> list[float]:
     """Accept [x1, y1, x2, y2] or a JSON dict holding it under bbox / bbox_2d / box; raise ValueError otherwise."""
     if isinstance(args, str):  # OpenAI-style JSON arguments given as a string
@@ -146,8 +142,7 @@ def to_pixels(box, size: tuple[int, int], bbox_format: str = "pixel") -> list[fl
 
 def crop_box(box, size: tuple[int, int], bbox_format: str = "pixel",
              min_side: int = MIN_CROP_SIDE) -> tuple[int, int, int, int]:
-    """The integer pixel box Crop cuts: corners swapped if needed, clamped to the image, outward-rounded, and grown
-    around its centre to at least `min_side` a side (never beyond the image). Raises ValueError on a zero-area box."""
+    """The pixel box Crop cuts: ordered, clamped, rounded outwards, grown to `min_side` a side; ValueError if empty."""
     W, H = size
     x1, y1, x2, y2 = to_pixels(box, size, bbox_format)
     spans = []
@@ -157,7 +152,7 @@ def crop_box(box, size: tuple[int, int], bbox_format: str = "pixel",
             raise ValueError(f"box {[round(v, 2) for v in bbox_args(box)]} has zero area inside the {W}x{H} image")
         a, b = math.floor(a), math.ceil(b)
         side = min(min_side, limit)
-        if b - a < side:  # grown around its centre, shifted back inside the image
+        if b - a < side:  # grown around its centre, shifted back inside the image (never beyond it)
             a = min(max(round((a + b) / 2 - side / 2), 0), limit - side)
             b = a + side
         spans.append((a, b))
@@ -167,7 +162,6 @@ def crop_box(box, size: tuple[int, int], bbox_format: str = "pixel",
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tools and registry
-
 
 class Tool:
     """A tool the model may call: `run(args, images, keys)` gets the conversation's original images and their names."""
@@ -187,8 +181,7 @@ class Tool:
 class Crop(Tool):
     bbox_format: str = "pixel"
     min_side: int = MIN_CROP_SIDE
-    name = "Crop"
-    returns = "image"
+    name, returns = "Crop", "image"
 
     @property
     def description(self) -> str:
@@ -214,9 +207,8 @@ def iou(a, b) -> float:
 
 @dataclass
 class Identify(Tool):
-    """`backend` answers a name: a JSON map file or dict `{image_key: [{"bbox": [...], "name": ...}]}` (boxes in the
-    call's bbox_format; best IoU wins, none -> "unknown") or a callable `(image, pixel_box, image_key) -> str`."""
-    backend: object = None
+    """Names what a box holds via `backend`; from a map (boxes in bbox_format) the best IoU wins, none: "unknown"."""
+    backend: object = None  # JSON map file or dict {image_key: [{"bbox": [...], "name": ...}]}, or fn(image, box, key)
     bbox_format: str = "pixel"
     name = "Identify"
     table: dict = field(default_factory=dict, init=False, repr=False)
@@ -283,7 +275,7 @@ class Registry:
 
 def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify=None) -> Registry:
     """"Crop|Identify|mypkg.ocr:OCR|tests.my_tools:Flip{"axis": 1}" -> a Registry: built-ins by name, others as
-    module:Class (a Tool subclass), + JSON kwargs; `bbox_format` and `identify` (Identify's backend) go where taken."""
+    module:Class (a Tool subclass), any with JSON kwargs; `bbox_format` goes where taken, `identify` to Identify."""
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
     reg, pos = Registry(), 0
@@ -332,8 +324,8 @@ class Rollout:
     token_ids: list = field(default_factory=list)  # prompt + all after it, visual ids expanded
     gen_mask: list = field(default_factory=list)  # 1 iff sampled (0: prompt, tool results, forced thinking-budget text)
     prompt_len: int = 0
-    pixel_values: object = None  # with grid_thws: every image of token_ids in order (prompt's, then crops), so one
-    grid_thws: object = None  # forward re-scores the row
+    pixel_values: object = None  # every image of token_ids in order (prompt's, then crops): one forward re-scores it
+    grid_thws: object = None
     n_generated: int = 0
     finish: str = ""  # "eos" | "length"
     model_text: str = ""  # only the sampled tokens: a <tool_response> here was written by the model itself
@@ -355,12 +347,11 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
                   registry: "Registry | None" = None, max_tool_calls: int = 8, max_new_tokens: int = 1024,
                   thinking_budget: int | None = None, kv_cache: bool = True, crop_min_pixels: int | None = None,
                   crop_max_pixels: int | None = None, group: int = 1, **sampling) -> list[Rollout]:
-    """Generate for a batch of prompts (data.build_inputs dicts), running tool calls as they come: each round decodes
+    """Generate for a batch of prompts (model.build_inputs dicts), running tool calls as they come: each round decodes
     the running rows (left-padded) until `</tool_call>` or an eos, `registry` (None: no tools) runs each call on its
     row's `images` (`keys`: their names) and the result is appended as training renders it; bad calls and calls past
     `max_tool_calls` get error responses. `max_new_tokens` and `thinking_budget` count a row's model tokens over all
-    rounds. `group`: rollouts per prompt (GRPO), row-major, as if each prompt came `group` times. `sampling`: Ovis25
-    .generate's."""
+    rounds. `group`: rollouts per prompt (GRPO), row-major, as if each came `group` times. `sampling`: generate's."""
     if thinking_budget is not None and not kv_cache:
         raise ValueError("thinking_budget needs kv_cache=True (it counts tokens over all rounds)")
     vit, dev, forced = model.config.vit, next(model.parameters()).device, len(ovis.THINK_EARLY_STOP_IDS)
@@ -440,7 +431,6 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
 # Scoring a tool trajectory: fn(rollout, sample) -> float, one definition for GRPO's rewards and `infer.py --score`.
 # `sample` holds the gold `answer` (a string, number or list) and optionally the gold `bbox` (rollout.bbox_format).
 
-
 def _norm(s) -> str:  # lower case, no punctuation, no articles
     return " ".join(w for w in re.sub(r"[^\w\s%-]", " ", str(s).lower()).split() if w not in ("a", "an", "the"))
 
@@ -490,8 +480,7 @@ def score_iou(r: Rollout, sample: dict) -> float:
     if gt is None or not crops or r.image_size is None:
         return 0.0
     gt = to_pixels(gt, r.image_size, r.bbox_format)
-    return sum(iou(to_pixels(t["args"], r.image_size, r.bbox_format), gt) if t["ok"] else 0.0
-               for t in crops) / len(crops)
+    return sum(iou(to_pixels(t["args"], r.image_size, r.bbox_format), gt) for t in crops if t["ok"]) / len(crops)
 
 
 def score_tool(r: Rollout, sample: dict) -> float:

@@ -13,9 +13,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 @pytest.fixture(scope="session")
 def tokenizer():
     """The real Qwen3/Ovis2.5 tokenizer; building the fast tokenizer from vocab+merges takes seconds: load once."""
-    import data
+    import model as M
 
-    return data.load_tokenizer(str(ROOT / "assets" / "tiny"))
+    return M.load_tokenizer(str(ROOT / "assets" / "tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-import data  # noqa: E402
 import lora  # noqa: E402
 import merge_lora  # noqa: E402
 import model as M  # noqa: E402
@@ -49,7 +48,7 @@ def main():
             else:
                 report["missing"].append(name)
     peft_model.eval()
-    probe = merge_lora.probe_inputs(data.load_tokenizer(path), "cpu")
+    probe = merge_lora.probe_inputs(M.load_tokenizer(path), "cpu")
     with torch.no_grad():
         logits = peft_model(**probe).logits  # every rank runs it: a collective under ZeRO-3
     if rank == 0:

@@ -83,7 +83,7 @@ def test_golden_build_inputs(tokenizer, case):
     tensors = load_file(str(GOLD / "inputs.safetensors"))
     msgs = _messages(case["messages"])
     kw = dict(enable_thinking=case["enable_thinking"], add_generation_prompt=case["add_generation_prompt"])
-    out = data.build_inputs(msgs, tokenizer, min_pixels=case["min_pixels"], max_pixels=case["max_pixels"], **kw)
+    out = M.build_inputs(msgs, tokenizer, min_pixels=case["min_pixels"], max_pixels=case["max_pixels"], **kw)
     assert out["prompt"] == case["prompt"] == tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
     assert torch.equal(out["input_ids"], tensors[f"{case['name']}.input_ids"])
     if case["grid_thws"] is None:
@@ -145,7 +145,7 @@ def test_tool_loop_tokens_equal_training_tokens(tokenizer):
     """Prompt (chat template) + generated ids + tool_result_ids/pixels == encode_sample: no re-rendering drift."""
     s, t = TOOLS["crop"], lambda x: tok(tokenizer, x)
     train = data.encode_sample(s, tokenizer, IMG, **SMALL)
-    prompt = data.build_inputs(data.prompt_messages(s, IMG), tokenizer, enable_thinking=True, min_pixels=4096,
+    prompt = M.build_inputs(data.prompt_messages(s, IMG), tokenizer, enable_thinking=True, min_pixels=4096,
                                max_pixels=20480)
     gen = t("<think>\nThe sign is small. <tool_call>Crop [10, 20, 110, 90]</tool_call>")
     result = tools.default_registry().execute(tools.parse_tool_call(tokenizer.decode(gen)),

@@ -72,7 +72,7 @@ def trained(tokenizer):
 
 def _prompt(tokenizer, question=QUESTION, image=IMAGE_KEY):
     s = {"image": image, "conversations": [SYSTEM, {"from": "human", "value": question}]}
-    return data.build_inputs(data.prompt_messages(s, DEMO), tokenizer, enable_thinking=True, **PX)
+    return M.build_inputs(data.prompt_messages(s, DEMO), tokenizer, enable_thinking=True, **PX)
 
 
 def _run(m, tokenizer, prompts, images=None, **kw):

@@ -84,7 +84,7 @@ def test_frozen_modules_bit_identical_and_export_reloads(base, small_data, tmp_p
     check_export(out / "final", base, "float32")  # read without our loader: config, files, key set, dtypes
     reloaded = M.Ovis25.from_pretrained(str(out / "final")).eval()
     live.eval()
-    tok = data.load_tokenizer(str(out / "final"))
+    tok = M.load_tokenizer(str(out / "final"))
     sample = json.loads(Path(small_data).read_text())[0]
     enc = data.encode_sample(sample, tok, str(DEMO), single_image_min_pixels=4096, single_image_max_pixels=20480,
                              crop_min_pixels=4096, crop_max_pixels=8192)
@@ -202,12 +202,12 @@ def test_overfit_one_tool_sample_greedy_reproduces_it(base, tmp_path):
                                                                                            "zero0.json"),
                               lr=1e-2, schedule="constant", max_steps=70, max_tokens=2048, save_interval=1000))
     m.eval()
-    tok = data.load_tokenizer(base)
+    tok = M.load_tokenizer(base)
     pix = dict(single_image_min_pixels=4096, single_image_max_pixels=20480, crop_min_pixels=4096,
                crop_max_pixels=8192)
     target = data.encode_sample(sample, tok, str(DEMO), **pix)
     msgs = data.prompt_messages(sample, str(DEMO))
-    inp = data.build_inputs(msgs, tok, enable_thinking=True, min_pixels=4096, max_pixels=20480)
+    inp = M.build_inputs(msgs, tok, enable_thinking=True, min_pixels=4096, max_pixels=20480)
     ids = inp["input_ids"]
     gen, st = m.generate(ids, inp["pixel_values"], inp["grid_thws"], max_new_tokens=200,
                          stop_token_ids=[tok.convert_tokens_to_ids("</tool_call>")], return_state=True)

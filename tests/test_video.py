@@ -48,7 +48,7 @@ def test_video_sample_is_the_official_rendering(tokenizer):
     assert tokenizer.decode(learned) == "A pattern.<|im_end|>"
     # the same sample as a prompt (infer.py requests: prompt_messages -> build_inputs) is the golden prompt exactly
     msgs = data.prompt_messages(s, GOLD / "images", data.Budgets(**VIDEO_BUDGET))
-    p = data.build_inputs(msgs, tokenizer, min_pixels=4096, max_pixels=20480)
+    p = M.build_inputs(msgs, tokenizer, min_pixels=4096, max_pixels=20480)
     assert p["input_ids"][0].tolist() == case["input_ids"]
     assert torch.equal(p["pixel_values"], gold["video.pixel_values"])
     lite = data.encode_sample(s, tokenizer, GOLD / "images", with_pixels=False, **VIDEO_BUDGET)
