@@ -279,7 +279,7 @@ def bench_infer(turn_tokens: int = 32, n_calls: int = 3, side: int = 1792, crop:
     img = Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy())
     pv0, g0 = M.preprocess_image(img, side * side, side * side)
     prompt = M.expand_placeholders(torch.randint(0, 8000, (64,), generator=g).tolist() + [M.IMAGE_TOKEN_ID], g0)
-    registry = tools.default_registry()
+    registry = tools.load_tools()
     crops = []
     for k in range(n_calls):  # real Crop calls on the image, rendered as the loop renders them
         res = registry.execute(f"Crop [{40 * k}, {30 * k}, {40 * k + crop}, {30 * k + crop}]", [img], ["bench"])
@@ -513,7 +513,7 @@ def bench_gpu(smoke: bool = False) -> dict:
 
         tok = M.load_tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny"))
         img = Image.new("RGB", (448, 448), (30, 160, 90))
-        reg = tools.default_registry()
+        reg = tools.load_tools()
         msgs = [{"role": "system", "content": reg.system_prompt()},
                 {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Color?"}]}]
         inp = M.build_inputs(msgs, tok, enable_thinking=True)

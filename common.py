@@ -1,13 +1,13 @@
-"""The run plumbing every stage script shares (nanochat's common.py): config loading, distributed setup, the guard
-that stops a run gone wrong, metrics lines, and the state a resumed run continues from. Knows nothing of Ovis2.5:
-imports no module of ours, so it reads on its own. The stage scripts keep their loops; only these helpers are shared.
-"""
+"""The plumbing every stage shares (nanochat's common.py): config loading, distributed setup, checkpoints by path or
+Hugging Face Hub id, the guard that stops a run gone wrong, metrics lines, and the state a resumed run continues
+from. It knows nothing of Ovis2.5 and imports no module of ours: the bottom of common <- model <- tools <- data."""
 
 import dataclasses
 import json
 import math
 import os
 import random
+import re
 import sys
 import types
 import typing
@@ -99,6 +99,55 @@ def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=timeout_s))
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints by path or Hugging Face Hub id
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name or org/name@revision
+HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.py"]  # never pickled weights
+
+
+def split_hub_id(name: str) -> tuple[str, str | None]:
+    """"org/name@rev" -> ("org/name", "rev"); a local dir or a plain id -> (name, None)."""
+    if os.path.isdir(name) or not HUB_ID.match(name):
+        return name, None
+    repo, _, revision = name.partition("@")
+    return repo, revision or None
+
+
+def resolve_checkpoint(name: str) -> str:
+    """A checkpoint dir (as is) or a Hub id ("AIDC-AI/Ovis2.5-9B", "org/name@rev") fetched into the HF cache (HUB_FILES)
+    -> a local dir. Every rank calls it: local rank 0 downloads first, the others find the files after a barrier."""
+    if os.path.isdir(name):
+        return name
+    if not HUB_ID.match(name):
+        raise FileNotFoundError(f"{name}: no such checkpoint directory (a Hub id reads org/name or org/name@revision)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, revision = split_hub_id(name)
+    together = torch.distributed.is_available() and torch.distributed.is_initialized()
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if together and not first:
+        torch.distributed.barrier()
+    try:
+        path, err = snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES), None
+    except Exception as e:  # noqa: BLE001 (re-raised below with what to do, after the barrier)
+        path, err = None, e
+    if together and first:
+        torch.distributed.barrier()  # reached on failure too: the other ranks must never hang
+    if err is not None:
+        offline = os.environ.get("HF_HUB_OFFLINE") or "unset"
+        why = ("the Hugging Face Hub has no such model or revision (or it is gated: run `hf auth login`)"
+               if isinstance(err, (RepositoryNotFoundError, RevisionNotFoundError))
+               else "it is not in the Hugging Face cache and the Hub cannot be reached")
+        get = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+        raise FileNotFoundError(f"model {name!r} is not a local directory, and {why} (HF_HUB_OFFLINE={offline}). "
+                                f"Download it where there is network (`{get}` fills the same cache) or pass a "
+                                "local checkpoint directory instead.") from err
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,15 +3,12 @@
 Data (spec seed-behaviour 1): a JSON list, JSONL or `{"conversations": [samples]}` of
     {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"] | absent (or "video": file | "video_frames": [paths]),
      "conversations": [{"from": "system" | "human" | "gpt" (also user/assistant/ignored_gpt), "value": "..."}]}
-Paths are relative to `image_dir`; `<image>` in system/human turns places the k-th image (without any, the images
-open the first human turn). Training rendering = the official Qwen3ConversationFormatter (spec 9.4, 11.1), token for
-token: each turn `<|im_start|>{role}\n{value}<|im_end|>\n`, tokenized on its own around the placeholders; a gpt turn
-without `<think>...</think>` gets the empty think block. What is learned: `_tokens_and_labels`.
-Tool turns (spec 14) in a gpt value: `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>` holds the crop of the
-first image (a Crop without its `<image>`, the seed's old format, gets one); any other tool's call must be followed by
-its recorded `<tool_response>result</tool_response>`. Results render as `tools.tool_result_ids` / `_pixels` say.
-Prompts (GRPO, inference): `prompt_messages`, then `model.build_inputs` (the checkpoint's own chat template).
-Over-long samples are never cut inside an image: `overlong` "drop" (SampleError) or "truncate" (official).
+Paths are relative to `image_dir`; `<image>` in system/human turns places the k-th image (none: the images open the
+first human turn). Training rendering = the official Qwen3ConversationFormatter token for token (spec 9.4, 11.1);
+what is learned: `_tokens_and_labels`. Tool turns (spec 14) in a gpt value: `<tool_call>Crop [x1, y1, x2, y2]
+</tool_call><image>` holds the crop of the first image (a Crop without `<image>`, the seed's old format, gets one);
+any other tool's call is followed by its recorded `<tool_response>result</tool_response>`. Prompts (GRPO,
+inference): `prompt_messages`, then `model.build_inputs`. Over-long samples are never cut inside an image.
 Also: `SFTDataset` (bad samples skipped, counted), packing, collation, and `python data.py check`.
 """
 
@@ -53,10 +50,11 @@ class SampleError(ValueError):
 
 def _need(sample: dict):
     """`need(ok, field, why, reason="")` for one sample: raises the sample's SampleError unless ok."""
+    where = sample.get("_file", "?"), sample.get("_index", "?"), sample.get("id", sample.get("_index"))
+
     def need(ok, field: str, why: str, reason: str = ""):
         if not ok:
-            raise SampleError(sample.get("_file", "?"), sample.get("_index", "?"), sample.get("id", sample.get(
-                "_index")), field, why, reason)
+            raise SampleError(*where, field, why, reason)
     return need
 
 
@@ -90,10 +88,14 @@ def _json(line: str):
         return e
 
 
-def _open(path: Path, decode: bool):
-    """An RGB image (decode) or just its (W, H) from the header (fast, for the length pass)."""
-    with Image.open(path) as im:
-        return im.convert("RGB") if decode else im.size  # convert() decodes: a truncated file raises here
+def _open(path: Path, decode: bool, need, field: str = "image"):
+    """An RGB image (decode) or just its (W, H) from the header (the length pass); unreadable: the sample is bad."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB") if decode else im.size  # convert() decodes: a truncated file raises here
+    except Exception as e:
+        need(False, field, f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} {field} {path} "
+                           f"({type(e).__name__}: {e})")
 
 
 def _assistant_tools(value: str, registry: tools.Registry, need) -> tuple[str, list, Counter, int]:
@@ -151,11 +153,11 @@ class Budgets:
         """(min, max) pixels of each original image / frame."""
         if video:
             return self.video_min_pixels, self.video_max_pixels
-        one = n_images <= 1
-        lo = self.single_image_min_pixels if one or self.multiple_image_min_pixels < 0 else \
-            self.multiple_image_min_pixels
-        hi = self.single_image_max_pixels if one else self.multiple_image_max_pixels \
-            if self.multiple_image_max_pixels >= 0 else max(lo, self.single_image_max_pixels // n_images)
+        if n_images <= 1:
+            return self.single_image_min_pixels, self.single_image_max_pixels
+        lo = self.multiple_image_min_pixels if self.multiple_image_min_pixels >= 0 else self.single_image_min_pixels
+        hi = self.multiple_image_max_pixels if self.multiple_image_max_pixels >= 0 else \
+            max(lo, self.single_image_max_pixels // n_images)
         return lo, hi
 
 
@@ -176,11 +178,9 @@ def _video(sample: dict, image_dir, b: Budgets, decode: bool, need) -> list:
         need(isinstance(paths, list) and paths and all(isinstance(p, str) for p in paths), "video_frames",
              "must be a non-empty list of frame image paths")
         picked = [paths[i] for i in sample_frames(len(paths), b.min_frames, b.max_frames)]
-        try:
-            return [_open(Path(image_dir) / p, decode) for p in (picked if decode else picked[:1])] * (
-                1 if decode else len(picked))
-        except Exception as e:
-            need(False, "video_frames", f"unreadable frame ({type(e).__name__}: {e})")
+        if not decode:  # the length pass reads one header: the frames of a video share their size
+            return [_open(Path(image_dir) / picked[0], False, need, "video_frames")] * len(picked)
+        return [_open(Path(image_dir) / p, True, need, "video_frames") for p in picked]
     path = Path(image_dir) / str(sample["video"])
     try:
         import av
@@ -232,7 +232,6 @@ def _render(sample: dict, registry: tools.Registry, need) -> tuple[list, list, l
             think = role == "ignored" or ("<think>" in value and "</think>" in value)
             prefix = "<|im_start|>assistant\n" + ("" if think else EMPTY_THINK)  # official: empty think inserted
         turns.append((role, prefix, value))
-    need(any(r == "assistant" for r, _, _ in turns), "conversations", "no gpt turn: nothing to learn")
     ph, want = ("<video>", 1) if video else ("<image>", len(paths))
     n_ph = sum(v.count(ph) for r, _, v in turns if r in ("system", "user"))
     if want and n_ph == 0:  # LLaVA-style data without markers: the media open the first human turn
@@ -273,13 +272,7 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
     result (the very call inference would run). decode=False: grids from image headers (or the tool's output_size)."""
     video = "video" in sample or "video_frames" in sample
     lo, hi = b.originals(len(paths), video)
-    imgs = []
-    for p in paths:
-        try:
-            imgs.append(_open(Path(image_dir) / p, decode))  # RGB image, or only (W, H) from the header
-        except Exception as e:
-            need(False, "image", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} image "
-                                 f"{Path(image_dir) / p} ({type(e).__name__}: {e})")
+    imgs = [_open(Path(image_dir) / p, decode, need) for p in paths]  # RGB images, or only (W, H) from headers
     out = []
     for x, fld in owners:
         try:
@@ -293,8 +286,8 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
             else:  # an image tool's result
                 size = None if decode else registry.get(x.name).output_size(x.args, imgs[0])
                 if size is None:
-                    res = registry.execute(x, imgs if decode else [_open(Path(image_dir) / p, True) for p in paths],
-                                           paths)
+                    pixels = imgs if decode else [_open(Path(image_dir) / p, True, need) for p in paths]
+                    res = registry.execute(x, pixels, paths)
                     if res.kind != "image":
                         raise ValueError(res.text)
                 pv, g = tools.tool_result_pixels(res, b.crop_min_pixels, b.crop_max_pixels, **geo) if decode else (
@@ -312,8 +305,9 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | Non
     id, n_images, tool_calls, auto_crops} or a SampleError naming file, sample and field. `overrides`: Budgets fields;
     with_pixels=False reads only image headers (the length pass: same ids and grids, no pixels)."""
     b, need = dataclasses.replace(budgets or Budgets(), **overrides), _need(sample)
-    registry = registry or tools.default_registry(bbox_format)
+    registry = registry or tools.load_tools(bbox_format=bbox_format)
     turns, paths, crops, calls, auto = _render(sample, registry, need)
+    need(any(r == "assistant" for r, _, _ in turns), "conversations", "no gpt turn: nothing to learn")
     video = "video" in sample or "video_frames" in sample
     ids, labels, by_tool = _tokens_and_labels(turns, tokenizer, "<video>" if video else "<image>")
     need(PAD_ID not in ids, "conversations", f"text tokenizes to the pad id {PAD_ID}")
@@ -353,18 +347,14 @@ def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int
 
 
 def prompt_messages(sample: dict, image_dir=".", budgets: Budgets | None = None) -> list[dict]:
-    """A sample's turns before its first gpt turn as chat messages (GRPO / eval prompts), `<image>` / `<video>` as
-    content items (a video: its frames sampled as in training); the same tokens as the training rendering."""
-    ph = "<video>" if "video" in sample or "video_frames" in sample else "<image>"
-    paths = [sample["image"]] if isinstance(sample.get("image"), str) else sample.get("image") or []
-    media = [_video(sample, image_dir, budgets or Budgets(), True, _need(sample))] if ph == "<video>" else [
-        str(Path(image_dir) / p) for p in paths]
-    turns = [(ROLES.get(t["from"]), t["value"]) for t in sample["conversations"]]
-    if media and not any(ph in v for r, v in turns if r in ("system", "user")):  # as encode_sample
-        u = next(i for i, (r, _) in enumerate(turns) if r == "user")
-        turns[u] = ("user", f"{ph}\n" * len(media) + turns[u][1])
-    media, msgs = iter(media), []
-    for role, value in turns:
+    """A sample's turns before its first gpt turn as chat messages (GRPO / eval prompts), validated and placed as in
+    training; `<image>` / `<video>` become content items (a video: its frames, sampled as in training)."""
+    need, video = _need(sample), "video" in sample or "video_frames" in sample
+    turns, paths, *_ = _render(sample, tools.load_tools(), need)
+    media = iter([_video(sample, image_dir, budgets or Budgets(), True, need)] if video else
+                 [str(Path(image_dir) / p) for p in paths])
+    ph, msgs = "<video>" if video else "<image>", []
+    for role, _, value in turns:
         if role in ("assistant", "ignored"):
             break
         content = [{"type": ph[1:-1], ph[1:-1]: next(media)} if p.startswith(ph) else {"type": "text", "text": p}
@@ -535,10 +525,8 @@ def check(argv: list[str]) -> int:
                              f"and the budgets --{' --'.join(hints)}")
         run[k] = common.coerce(v, hints[k], k) if k in hints else v
     img, ev_img = run.get("image_dir", "."), run.get("eval_image_dir") or run.get("image_dir", ".")
-    split = lambda s: [f for f in str(s or "").split(",") if f]
-    groups = [(split(files), img)] if files else [(split(run.get("data_path")), img),
-                                                  (split(run.get("eval_data_path")), ev_img)]
-    groups = [(fs, d) for fs, d in groups if fs]
+    groups = [(files, img)] if files else [(run.get("data_path"), img), (run.get("eval_data_path"), ev_img)]
+    groups = [([f for f in str(fs).split(",") if f], d) for fs, d in groups if fs]  # (files, their image dir)
     if not groups:
         raise ValueError("give --data or a --config with data_path")
     if "rewards" in run or "num_generations" in run:  # a GRPO config: prompts (image + question), not conversations
@@ -549,7 +537,7 @@ def check(argv: list[str]) -> int:
             print(f"BAD {e}")
             return 1
     tok = model.load_tokenizer(tok or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
-                                 str(Path(__file__).parent / "assets" / "tiny")))  # every Ovis2.5 shares it
+                                       str(Path(__file__).parent / "assets" / "tiny")))  # every Ovis2.5 shares it
     registry = tools.load_tools(run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel"))
     sets = [SFTDataset(fs, tok, d, log=lambda *_: None, decode=True, registry=registry,
                        budgets=Budgets.of(types.SimpleNamespace(**run))) for fs, d in groups]
@@ -557,11 +545,10 @@ def check(argv: list[str]) -> int:
     for e in sorted(errors, key=lambda e: (str(e.file), e.index if isinstance(e.index, int) else -1)):
         print(f"BAD {e}")
     q, n_ok = sorted(n for ds in sets for n in ds.lengths) or [0], sum(map(len, sets))
-    pct = {p: q[min(len(q) - 1, p * len(q) // 100)] for p in (50, 90, 99)}
     stats = sum((ds.stats for ds in sets), Counter())
     print(f"samples {n_ok + len(errors)}: ok {n_ok}, bad {len(errors)}, over-long "
           f"{sum(ds.skipped['over-long'] for ds in sets)} | {', '.join(f'{k} {v}' for k, v in stats.items())}")
-    print(f"tokens per sample: p50 {pct[50]} p90 {pct[90]} p99 {pct[99]} max {q[-1]}")
+    print("tokens per sample:", *(f"p{p} {q[min(len(q) - 1, p * len(q) // 100)]}" for p in (50, 90, 99)), "max", q[-1])
     return 1 if errors else 0
 
 

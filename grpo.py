@@ -373,7 +373,7 @@ def main(cfg: Config):
     z3 = ds_config["zero_optimization"].get("stage", 0) == 3
 
     # prompts first: a run with nothing to train on stops here, before a model is loaded
-    path = ovis.resolve_checkpoint(cfg.model_path or ovis.adapter_base(cfg.adapter))  # Hub ids: once per node
+    path = common.resolve_checkpoint(cfg.model_path or ovis.adapter_base(cfg.adapter))  # Hub ids: once per node
     tokenizer = ovis.load_tokenizer(path)
     registry = tools.load_tools(cfg.tools, cfg.bbox_format, cfg.identify_map or None)
     prompts = data.load_prompts(cfg.data_path.split(","), cfg.image_dir, cfg.bbox_format)
@@ -406,7 +406,7 @@ def main(cfg: Config):
             dist.barrier()
         model = get_peft_model(model, lora_config(cfg))
         pc = model.peft_config["default"]  # what peft readers load the adapter onto: a dir, or a Hub id + revision
-        pc.base_model_name_or_path, pc.revision = ovis.split_hub_id(base_name)
+        pc.base_model_name_or_path, pc.revision = common.split_hub_id(base_name)
     policy = model.get_base_model() if cfg.lora else model  # Ovis25 (with live adapters in LoRA mode)
     groups = param_groups(model, cfg)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import common
 import data
 import model as ovis
 import tools
@@ -48,7 +49,7 @@ def load(model_path: str | None, adapter: str | None = None, dtype=None, device=
     bf16, else fp32."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model_path = ovis.resolve_checkpoint(model_path or ovis.adapter_base(adapter))  # a dir or a Hub id
+    model_path = common.resolve_checkpoint(model_path or ovis.adapter_base(adapter))  # a dir or a Hub id
     m = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     m.eval()
     if adapter:

@@ -293,7 +293,7 @@ def main(cfg: Config):
 
     # data first: a run with nothing to train on stops here, before a model is loaded. Sizes are known before
     # training, so the schedule covers exactly the steps that will run
-    path = ovis.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
+    path = common.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
     tokenizer = ovis.load_tokenizer(path)
     enc = dict(budgets=data.Budgets.of(cfg), registry=tools.load_tools(cfg.tools, cfg.bbox_format),
                **ovis.patch_geometry(path))  # the checkpoint's own patch size and merge stride
@@ -315,7 +315,7 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)  # the same adapter init at every ZeRO stage (zero.Init draws random numbers)
     model = get_peft_model(base, lora_config(cfg, base.config))  # freezes the base, adds adapters (+ copies)
     pc = model.peft_config["default"]  # what peft readers load the adapter onto: a dir, or a Hub id + revision
-    pc.base_model_name_or_path, pc.revision = ovis.split_hub_id(base_name)
+    pc.base_model_name_or_path, pc.revision = common.split_hub_id(base_name)
     groups = param_groups(model, cfg)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
     n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

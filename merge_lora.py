@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import common
 import model as ovis
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.base and not same(a.base, recorded) and not a.force:
         raise SystemExit(f"merge_lora: --base {a.base} is not the base the adapter was trained on ({recorded}, "
                          f"in {a.adapter}/adapter_config.json); pass --force to merge onto it anyway")
-    base = ovis.resolve_checkpoint(a.base or recorded)  # a dir or a Hub id
+    base = common.resolve_checkpoint(a.base or recorded)  # a dir or a Hub id
     t0 = time.time()
     model = ovis.Ovis25.from_pretrained(base, dtype=torch.float32, device=a.device).eval()
     keys = set(model.state_dict())

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM  # imported up front: never inside zero.Init
 
+import common
+
 # ----------------------------------------------------------------------------------------------------------------
 # Constants of the released models
 
@@ -593,51 +595,6 @@ class VisualTokenizer(nn.Module):
 # Checkpoint reading (shared by from_pretrained and the ZeRO-3 loader of the training scripts)
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name or org/name@revision
-HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.py"]  # never pickled weights
-
-
-def split_hub_id(name: str) -> tuple[str, str | None]:
-    """"org/name@rev" -> ("org/name", "rev"); a local dir or a plain id -> (name, None)."""
-    if os.path.isdir(name) or not HUB_ID.match(name):
-        return name, None
-    repo, _, revision = name.partition("@")
-    return repo, revision or None
-
-
-def resolve_checkpoint(name: str) -> str:
-    """A checkpoint dir (as is) or a Hub id ("AIDC-AI/Ovis2.5-9B", "org/name@rev") fetched into the HF cache (HUB_FILES)
-    -> a local dir. Every rank calls it: local rank 0 downloads first, the others find the files after a barrier."""
-    if os.path.isdir(name):
-        return name
-    if not HUB_ID.match(name):
-        raise FileNotFoundError(f"{name}: no such checkpoint directory (a Hub id reads org/name or org/name@revision)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    repo, revision = split_hub_id(name)
-    together = torch.distributed.is_available() and torch.distributed.is_initialized()
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if together and not first:
-        torch.distributed.barrier()
-    try:
-        path, err = snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES), None
-    except Exception as e:  # noqa: BLE001 (re-raised below with what to do, after the barrier)
-        path, err = None, e
-    if together and first:
-        torch.distributed.barrier()  # reached on failure too: the other ranks must never hang
-    if err is not None:
-        offline = os.environ.get("HF_HUB_OFFLINE") or "unset"
-        why = ("the Hugging Face Hub has no such model or revision (or it is gated: run `hf auth login`)"
-               if isinstance(err, (RepositoryNotFoundError, RevisionNotFoundError))
-               else "it is not in the Hugging Face cache and the Hub cannot be reached")
-        get = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
-        raise FileNotFoundError(f"model {name!r} is not a local directory, and {why} (HF_HUB_OFFLINE={offline}). "
-                                f"Download it where there is network (`{get}` fills the same cache) or pass a "
-                                "local checkpoint directory instead.") from err
-    return path
-
-
 def patch_geometry(path: str) -> dict:
     """patch_size and hidden_stride of a checkpoint's ViT: the data path cuts images as that checkpoint sees them."""
     with open(os.path.join(path, "config.json")) as f:
@@ -681,7 +638,7 @@ def load_weights(model: nn.Module, path: str, copy=None) -> set:
 
 
 def adapter_base(adapter_dir: str) -> str:
-    """The base an adapter dir records, as resolve_checkpoint takes it: "org/name@rev", "org/name" or a dir."""
+    """The base an adapter dir records, as common.resolve_checkpoint takes it: "org/name@rev", "org/name" or a dir."""
     path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, not a peft LoRA adapter (lora.py writes one "
@@ -746,6 +703,13 @@ class GenState:
     n_generated: torch.Tensor  # (B,) tokens generated so far across calls (thinking budget)
     think_closed: torch.Tensor  # (B,) bool: </think> already produced or forced
     force_pos: torch.Tensor  # (B,) next index into THINK_EARLY_STOP_IDS while forcing it, else -1
+
+    def keep(self, rows: list[int]):
+        """Only these rows go on (finished ones leave the batch and the cache)."""
+        idx = torch.tensor(rows, device=self.pending.device)
+        self.cache.batch_select_indices(idx)
+        for k in ("mask", "pending", "pending_real", "seen", "n_generated", "think_closed", "force_pos"):
+            setattr(self, k, None if getattr(self, k) is None else getattr(self, k)[idx])
 
 
 def _held(w: torch.Tensor) -> torch.Tensor:
@@ -974,7 +938,7 @@ class Ovis25(nn.Module):
                         attn_implementation: str | None = None) -> "Ovis25":
         """Official checkpoint dir (config.json + model.safetensors or a sharded index) or Hub id. Built on the meta
         device and filled from the files, so a 9B model never holds two copies of its weights."""
-        path = resolve_checkpoint(path)
+        path = common.resolve_checkpoint(path)
         with open(os.path.join(path, "config.json")) as f:
             cfg = OvisConfig.from_dict(json.load(f))
         with torch.device("meta"):

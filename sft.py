@@ -253,7 +253,7 @@ def main(cfg: Config):
 
     # data first: a run with nothing to train on stops here, before a model is loaded. Sizes are known before
     # training, so the schedule covers exactly the steps that will run
-    path = ovis.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
+    path = common.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
     tokenizer = ovis.load_tokenizer(path)
     enc = dict(budgets=data.Budgets.of(cfg), registry=tools.load_tools(cfg.tools, cfg.bbox_format),
                **ovis.patch_geometry(path))  # the checkpoint's own patch size and merge stride

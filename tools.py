@@ -244,9 +244,6 @@ class Registry:
     def __init__(self, tools: list[Tool] = ()):
         self.tools: dict[str, Tool] = {t.name.lower(): t for t in tools}
 
-    def register(self, tool: Tool) -> None:
-        self.tools[tool.name.lower()] = tool
-
     def get(self, name: str) -> Tool | None:
         return self.tools.get(str(name).lower())
 
@@ -278,7 +275,7 @@ def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify
     module:Class (a Tool subclass), any with JSON kwargs; `bbox_format` goes where taken, `identify` to Identify."""
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
-    reg, pos = Registry(), 0
+    found, pos = [], 0
     while pos < len(spec.rstrip()):
         m = re.compile(r"\s*([\w.]+(?::\w+)?)\s*(\{.*?\})?\s*(\||$)").match(spec, pos)  # Name{json}|
         if not m:
@@ -296,13 +293,8 @@ def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify
         params = inspect.signature(cls).parameters
         kw = {**({"bbox_format": bbox_format} if "bbox_format" in params else {}),
               **({"backend": identify} if cls is Identify and identify is not None else {}), **kw}
-        reg.register(cls(**kw))
-    return reg
-
-
-def default_registry(bbox_format: str = "pixel", identify_backend: "str | dict | Callable | None" = None) -> Registry:
-    """Crop + Identify with one coordinate convention."""
-    return load_tools("Crop|Identify", bbox_format, identify_backend)
+        found.append(cls(**kw))
+    return Registry(found)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,11 +399,8 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
             o.text += "<image>" if g is not None else tokenizer.decode(add)
             o.token_ids, o.gen_mask, keep, chunk = o.token_ids + add, o.gen_mask + [0] * len(add), keep + [j], \
                 chunk + [add]
-        if kv_cache and 0 < len(keep) < len(active):  # finished rows leave the cache
-            idx = torch.tensor(keep, device=dev)
-            st.cache.batch_select_indices(idx)
-            for k in ("mask", "pending", "pending_real", "seen", "n_generated", "think_closed", "force_pos"):
-                setattr(st, k, None if getattr(st, k) is None else getattr(st, k)[idx])
+        if kv_cache and 0 < len(keep) < len(active):
+            st.keep(keep)  # finished rows leave the batch and its KV cache
         active = [active[j] for j in keep]
     fmt = getattr(registry and registry.get("crop"), "bbox_format", "pixel")
     for o, px, imgs in zip(outs, pix, images):

@@ -25,7 +25,7 @@ def main():
     common.setup_distributed(cfg.dist_timeout_s)  # ours, so lora.main leaves it alive for the checks below
     peft_model = lora.main(cfg)
     rank = torch.distributed.get_rank()
-    path = M.resolve_checkpoint(cfg.model_path)  # a Hub id: the cache, after lora.main fetched it
+    path = common.resolve_checkpoint(cfg.model_path)  # a Hub id: the cache, after lora.main fetched it
     base = dict(M.iter_checkpoint(path))
     params = dict(peft_model.named_parameters())
     z3 = hasattr(next(iter(params.values())), "ds_id")

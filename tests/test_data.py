@@ -121,7 +121,7 @@ def test_identify_turn_hand_checked(tokenizer):
     out = data.encode_sample(TOOLS["identify"], tokenizer, IMG, **SMALL)
     ids, labels = out["input_ids"].tolist(), out["labels"].tolist()
     t = lambda s: tok(tokenizer, s)  # noqa: E731
-    registry = tools.default_registry(identify_backend=str(DATA / "identify_map.json"))
+    registry = tools.load_tools(identify=str(DATA / "identify_map.json"))
     result = registry.execute("Identify [150, 60, 250, 200]", [Image.open(IMG / "img3.png")], ["img3.png"])
     resp = tools.tool_result_ids(result, tokenizer)  # what the inference loop appends after </tool_call>
     assert resp == [151665, *t("Alice"), 151666]
@@ -148,7 +148,7 @@ def test_tool_loop_tokens_equal_training_tokens(tokenizer):
     prompt = M.build_inputs(data.prompt_messages(s, IMG), tokenizer, enable_thinking=True, min_pixels=4096,
                                max_pixels=20480)
     gen = t("<think>\nThe sign is small. <tool_call>Crop [10, 20, 110, 90]</tool_call>")
-    result = tools.default_registry().execute(tools.parse_tool_call(tokenizer.decode(gen)),
+    result = tools.load_tools().execute(tools.parse_tool_call(tokenizer.decode(gen)),
                                               [Image.open(IMG / "img3.png")])
     pv, grid = tools.tool_result_pixels(result, crop_min_pixels=4096, crop_max_pixels=8192)
     ids = (prompt["input_ids"][0].tolist() + gen + M.expand_placeholders(tools.tool_result_ids(result, tokenizer), grid)

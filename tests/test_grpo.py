@@ -153,7 +153,7 @@ def test_rollouts_mask_tool_outputs_and_match_the_training_encoding(tool_ckpt, t
     cfg = grpo.Config(image_dir=str(DEMO), min_pixels=4096, max_pixels=8192, crop_min_pixels=4096,
                       crop_max_pixels=8192)
     sample = data.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
-    reg = tools.default_registry()
+    reg = tools.load_tools()
     inp, images, keys = grpo.prompt_inputs(sample, cfg, tokenizer, reg)
     with torch.no_grad():
         rolls = tools.run_tool_loop(m.eval(), tokenizer, [inp, inp], [images] * 2, [keys] * 2, reg,
@@ -225,7 +225,7 @@ def test_shared_prompt_rollouts_equal_per_completion_prompts(tool_ckpt, tokenize
     m = M.Ovis25.from_pretrained(tool_ckpt).eval()
     cfg = grpo.Config(model_path=tool_ckpt, data_path="x", image_dir=str(DEMO), min_pixels=4096, max_pixels=8192,
                       crop_min_pixels=4096, crop_max_pixels=8192)
-    reg = tools.default_registry()
+    reg = tools.load_tools()
     inputs = [grpo.prompt_inputs(s, cfg, tokenizer, reg) for s in json.loads((DEMO / "grpo.json").read_text())[:2]]
     G, crops = 3, 0
     for kw in (dict(do_sample=False), dict(do_sample=True, temperature=1.0)):
@@ -367,7 +367,7 @@ def test_a_crop_too_thin_to_show_is_an_error_result(tool_ckpt, tokenizer):
     m = M.Ovis25.from_pretrained(tool_ckpt).eval()
     cfg = grpo.Config(image_dir=str(DEMO), min_pixels=4096, max_pixels=8192)
     sample = data.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
-    inp, images, keys = grpo.prompt_inputs(sample, cfg, tokenizer, tools.default_registry())
+    inp, images, keys = grpo.prompt_inputs(sample, cfg, tokenizer, tools.load_tools())
     with torch.no_grad():
         r = tools.run_tool_loop(m, tokenizer, [inp], [images], [keys], tools.Registry([ThinCrop()]),
                                 max_new_tokens=40, crop_min_pixels=4096, crop_max_pixels=8192)[0]

@@ -25,7 +25,7 @@ QUESTION = "<image>\nWhat color is the small square in the image?"
 
 
 def _answer_text() -> str:
-    reg = tools.default_registry("pixel", IDENTIFY_MAP)
+    reg = tools.load_tools(bbox_format="pixel", identify=IDENTIFY_MAP)
     img = Image.new("RGB", (320, 240))
     err = {c: reg.execute(c, [img], [IMAGE_KEY]).text for c in ("Crop 1 2 x", "Zoom [1, 2, 3, 4]")}
     return ("<think>\nZoom. <tool_call>Crop [265, 90, 295, 120]</tool_call><image>\nName? <tool_call>Identify "
@@ -36,7 +36,7 @@ def _answer_text() -> str:
             "</tool_response>\n</think>\n\n<answer>green</answer>")
 
 
-SYSTEM = {"from": "system", "value": tools.default_registry().system_prompt()}  # what infer.py adds with tools on
+SYSTEM = {"from": "system", "value": tools.load_tools().system_prompt()}  # what infer.py adds with tools on
 SAMPLE = {"id": "t0", "image": IMAGE_KEY, "conversations": [SYSTEM, {"from": "human", "value": QUESTION}]}
 
 
@@ -44,7 +44,7 @@ SAMPLE = {"id": "t0", "image": IMAGE_KEY, "conversations": [SYSTEM, {"from": "hu
 def trained(tokenizer):
     """(model, sample, training encoding): AdamW on one sample until greedy decoding reproduces every target."""
     sample = {**SAMPLE, "conversations": SAMPLE["conversations"] + [{"from": "gpt", "value": _answer_text()}]}
-    enc = data.encode_sample(sample, tokenizer, DEMO, registry=tools.default_registry("pixel", IDENTIFY_MAP),
+    enc = data.encode_sample(sample, tokenizer, DEMO, registry=tools.load_tools(identify=IDENTIFY_MAP),
                              single_image_min_pixels=PX["min_pixels"], single_image_max_pixels=PX["max_pixels"],
                              **CROP_PX)
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def _prompt(tokenizer, question=QUESTION, image=IMAGE_KEY):
 def _run(m, tokenizer, prompts, images=None, **kw):
     images = images or [IMAGE_KEY] * len(prompts)
     opened = [[Image.open(DEMO / i).convert("RGB")] for i in images]
-    kw = {"registry": tools.default_registry("pixel", IDENTIFY_MAP), "max_tool_calls": 4, "max_new_tokens": 200,
+    kw = {"registry": tools.load_tools(identify=IDENTIFY_MAP), "max_tool_calls": 4, "max_new_tokens": 200,
           "do_sample": False, **CROP_PX, **kw}
     return tools.run_tool_loop(m, tokenizer, prompts, opened, [[i] for i in images], **kw)
 

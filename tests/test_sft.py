@@ -214,7 +214,7 @@ def test_overfit_one_tool_sample_greedy_reproduces_it(base, tmp_path):
     text = tok.decode(gen[0])
     assert text.rstrip().endswith("</tool_call>") and "Crop [" in text
     image = Image.open(DEMO / sample["image"])
-    res = tools.default_registry("pixel").execute(text, [image], [sample["image"]])
+    res = tools.load_tools(bbox_format="pixel").execute(text, [image], [sample["image"]])
     assert not res.error and res.image is not None
     add = tools.tool_result_ids(res, tok)
     pv, g = tools.tool_result_pixels(res, 4096, 8192)

@@ -66,7 +66,7 @@ def test_crop_box_rejects(box):
 
 
 def test_registry_crop_and_errors_are_results():
-    reg = tools.default_registry()
+    reg = tools.load_tools()
     res = reg.execute("<tool_call>Crop [10, 20, 110, 90]</tool_call>", [IMG])
     assert res.kind == "image" and res.image.size == (100, 70) and not res.error
     for call, why in [("Crop [5, 5, 5, 50]", "zero area"), ("Zoom [1, 2, 3, 4]", "unknown tool 'Zoom'"),
@@ -75,29 +75,30 @@ def test_registry_crop_and_errors_are_results():
         assert res.kind == "text" and res.error and res.text.startswith("Error:") and why in res.text
     res = reg.execute("Crop [1, 2, 40, 40]", [])
     assert res.error and "no image" in res.text
-    norm = tools.default_registry("norm").execute('{"name": "crop", "arguments": {"bbox": [0, 0, 0.5, 0.5]}}', [IMG])
+    norm = tools.load_tools(bbox_format="norm")
+    norm = norm.execute('{"name": "crop", "arguments": {"bbox": [0, 0, 0.5, 0.5]}}', [IMG])
     assert norm.image.size == (150, 100)
 
 
 def test_identify_backends():
-    reg = tools.default_registry(identify_backend=str(DATA / "identify_map.json"))
+    reg = tools.load_tools(identify=str(DATA / "identify_map.json"))
     img = Image.new("RGB", (300, 220))
     assert reg.execute("Identify [150, 60, 250, 200]", [img], ["img3.png"]).text == "Alice"
     assert reg.execute("Identify [5, 5, 45, 45]", [img], ["some/dir/img3.png"]).text == "Bob"  # basename match
     assert reg.execute("Identify [260, 5, 290, 40]", [img], ["img3.png"]).text == "unknown"  # no overlap
     assert reg.execute("Identify [150, 60, 250, 200]", [img], ["other.png"]).text == "unknown"
     seen = []
-    fn = tools.default_registry(identify_backend=lambda im, box, key: seen.append((box, key)) or "Theo <3")
+    fn = tools.load_tools(identify=lambda im, box, key: seen.append((box, key)) or "Theo <3")
     res = fn.execute("Identify [1, 2, 50, 60]", [img], ["k.png"])
     assert res.text == "Theo \u2039" + "3" and seen == [([1.0, 2.0, 50.0, 60.0], "k.png")]  # brackets neutralised
     assert fn.execute("Identify [1, 2, 50, 60]", []).error
 
 
 def test_system_prompt_describes_tools():
-    p = tools.default_registry("norm").system_prompt()
+    p = tools.load_tools(bbox_format="norm").system_prompt()
     assert "Crop [x1, y1, x2, y2]" in p and "Identify" in p and "<tool_call>" in p and "[0, 1]" in p
     with pytest.raises(ValueError):
-        tools.default_registry("percent")
+        tools.load_tools(bbox_format="percent")
 
 
 def test_custom_tool_registration():
@@ -127,7 +128,7 @@ call_like = st.builds(lambda n, a, sep, close: f"<tool_call>{n} [{sep.join(a)}]"
 def test_fuzz_parse_and_execute(text):
     call = tools.parse_tool_call(text)
     assert isinstance(call, tools.ToolCall)
-    res = tools.default_registry().execute(call, [IMG], ["img.png"])
+    res = tools.load_tools().execute(call, [IMG], ["img.png"])
     assert isinstance(res, tools.ToolResult)
     if res.kind == "text":
         assert "<" not in res.text and ">" not in res.text
