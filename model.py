@@ -37,9 +37,12 @@ import common
 
 IGNORE_ID = -100
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = -200, -201  # `<image>` / `<video>` placeholders in tokenized text
+PLACEHOLDERS = {"<image>": IMAGE_TOKEN_ID, "<video>": VIDEO_TOKEN_ID}
 VISUAL_ATOM_ID = -300  # one per 2x2 patch block, replaced by a soft visual embedding
 INDICATOR_IDS = (-301, -302, -303, -304)  # image start/end, video start/end: the last 4 rows of vte
 PAD_ID, IM_END_ID, THINK_END_ID = 151643, 151645, 151668  # <|endoftext|>, <|im_end|>, </think>
+TOOL_CALL_END_ID = 151658  # `</tool_call>`: a tool-loop row stops there, its call runs, the result is appended
+EMPTY_THINK_IDS = (151667, 271, 151668, 271)  # "<think>\n\n</think>\n\n": how a prompt without thinking ends
 EOS_IDS = (IM_END_ID, PAD_ID)  # generation_config.json of the released checkpoints
 # "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.
 # \n</think>\n\n" tokenized: forced when the thinking budget runs out (spec 10.2)
@@ -357,8 +360,6 @@ def image_grid(size, min_pixels: int, max_pixels: int, patch_size: int = 16, hid
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts (spec 9.2-9.3): the checkpoint's chat template -> model inputs, as the official preprocess_inputs
-
-PLACEHOLDERS = {"<image>": IMAGE_TOKEN_ID, "<video>": VIDEO_TOKEN_ID}
 
 
 def load_tokenizer(path: str):
@@ -830,15 +831,12 @@ class Ovis25(nn.Module):
                  thinking_budget: int | None = None, state: GenState | None = None, return_state: bool = False,
                  generator: torch.Generator | None = None, repeat: int = 1):
         """Batched decoding with a KV cache: left-padded (B, L) `input_ids` -> the new tokens (B, n), PAD_ID after a
-        row finished (its eos or stop id included).
-        thinking_budget: a row that generated that many tokens without `</think>` gets THINK_EARLY_STOP_IDS forced,
-        then goes on (spec 10.2); a fresh call shrinks it to fit max_new_tokens; counts carry over with `state`.
-        state: continue a previous call (return_state=True); `input_ids` are then only the new tokens (text + image
-        placeholders, left-padded) after everything so far; nothing before is re-encoded.
-        repeat: each input row continues as `repeat` rows (GRPO's group), its prefix encoded once and the KV cache
-        copied: B * repeat output rows, row-major (the rows of input 0 first)."""
-        dev = input_ids.device
-        ids = input_ids
+        row finished (its eos or stop id included). thinking_budget: a row that generated that many tokens without
+        `</think>` gets THINK_EARLY_STOP_IDS forced, then goes on (spec 10.2); a fresh call shrinks it to fit
+        max_new_tokens; counts carry over with `state`. state: continue a previous call (return_state=True) from new
+        tokens only (text + image placeholders, left-padded); nothing before is re-encoded. repeat: each input row
+        continues as `repeat` rows (GRPO's group; its prefix encoded once, the KV cache copied), row-major."""
+        dev, ids = input_ids.device, input_ids
         if state is None:
             n = ids.shape[0]
             st = GenState(cache=DynamicCache(config=self.llm.config), mask=ids.new_zeros(n, 0), pending=None,
@@ -956,10 +954,9 @@ class Ovis25(nn.Module):
 
     def save_pretrained(self, out_dir: str, state_dict: dict | None = None, dtype=None,
                         max_shard_bytes: int = 5 * 1024 ** 3, source_dir: str | None = None):
-        """Official layout: config.json (OvisConfig.to_dict), model.safetensors or shards + index (lm_head omitted when
-        tied, as the official save) and the AUX_FILES of `source_dir` (default: where we were loaded from). Written to
-        a temp dir, then renamed: a crash never leaves half a checkpoint. ZeRO-3 (partitioned parameters): pass
-        `state_dict` = engine._zero3_consolidated_16bit_state_dict()."""
+        """Official layout: config.json (OvisConfig.to_dict), model.safetensors or shards + index (no lm_head when tied)
+        and the AUX_FILES of `source_dir` (default: where we were loaded from), via a temp dir renamed at the end (a
+        crash never leaves half a checkpoint). ZeRO-3: pass state_dict=engine._zero3_consolidated_16bit_state_dict()."""
         from safetensors.torch import save_file
 
         sd = state_dict if state_dict is not None else self.state_dict()

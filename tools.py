@@ -300,8 +300,6 @@ def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify
 # ----------------------------------------------------------------------------------------------------------------
 # The tool loop (infer.py, GRPO rollouts): batched, each result appended as training renders it, KV continuation
 
-TOOL_CALL_END_ID = 151658  # `</tool_call>`: a row stops there, its call runs, the result is appended
-EMPTY_THINK_IDS = (151667, 271, 151668, 271)  # "<think>\n\n</think>\n\n": how a prompt without thinking ends
 NO_MORE_TOOLS = "Error: no more tool calls are available; give your final answer."  # calls after max_tool_calls
 
 
@@ -350,7 +348,7 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
     images, keys = images or [[] for _ in prompts], keys or [[] for _ in prompts]
     prompts, images, keys = ([x for x in v for _ in range(group)] for v in (prompts, images, keys))
     crop_px = (crop_min_pixels or CROP_MIN_PIXELS, crop_max_pixels or CROP_MAX_PIXELS)
-    eos, stop = tuple(sampling.pop("eos_token_ids", ovis.EOS_IDS)), (TOOL_CALL_END_ID,) if registry else ()
+    eos, stop = tuple(sampling.pop("eos_token_ids", ovis.EOS_IDS)), (ovis.TOOL_CALL_END_ID,) if registry else ()
     budget = None if thinking_budget is None else max(0, min(thinking_budget, max_new_tokens - forced - 1))
     outs = [Rollout(token_ids=t, gen_mask=[0] * len(t), prompt_len=len(t))
             for t in (p["input_ids"].reshape(-1).tolist() for p in prompts)]
@@ -410,7 +408,7 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
                 o.gen_mask[k] = 0
         o.thinking, o.answer = split_output(o.text)
         o.model_text = tokenizer.decode([t for t, m in zip(o.token_ids, o.gen_mask) if m and t not in eos])
-        o.thinking_on = o.token_ids[max(0, o.prompt_len - 4):o.prompt_len] != list(EMPTY_THINK_IDS)
+        o.thinking_on = o.token_ids[max(0, o.prompt_len - 4):o.prompt_len] != list(ovis.EMPTY_THINK_IDS)
         o.image_size, o.bbox_format = (imgs[0].size if imgs else None), fmt
         o.pixel_values, o.grid_thws = (torch.cat([x[k] for x in px]) if px else None for k in (0, 1))
     return outs
