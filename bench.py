@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 import common
-import data
 import model as M
 import tools
 
@@ -68,7 +67,7 @@ def bench_packing():
                 ids[r, :len(s)], lb[r, :len(s)], mask[r, :len(s)] = s, y, 1
             m(ids, attention_mask=mask, labels=lb).loss.backward()
 
-    rows = data.pack(lengths, 1024)  # the same packing as training
+    rows = common.pack(lengths, 1024)  # the same packing as training
 
     def packed():
         for row in rows:

@@ -2,7 +2,9 @@
 Hugging Face Hub id, the guard that stops a run gone wrong, metrics lines, and the state a resumed run continues
 from. It knows nothing of Ovis2.5 and imports no module of ours: the bottom of common <- model <- tools <- data."""
 
+import bisect
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -80,6 +82,15 @@ def load_config(cls, argv: list[str] | None = None):
     return cls(**{k: coerce(v, hints[k], k) for k, v in items})
 
 
+def import_object(path: str, key: str):
+    """"pkg.mod:Name" or "pkg.mod.name" (a user's tool, scorer...) -> the object; an error names the config key."""
+    mod, _, attr = path.rpartition(":" if ":" in path else ".")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{key}: cannot import {path!r} ({type(e).__name__}: {e})") from None
+
+
 def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
     """deepspeed.init_distributed, also for a plain `python x.py` (one process). Returns (rank, world, local_rank)."""
     import socket
@@ -148,6 +159,42 @@ def resolve_checkpoint(name: str) -> str:
                                 f"Download it where there is network (`{get}` fills the same cache) or pass a "
                                 "local checkpoint directory instead.") from err
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An epoch's plan: samples packed into rows of a token budget, rows dealt to ranks and accumulation steps
+
+
+def pack(lengths: list[int], max_tokens: int, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+    """Best-fit-decreasing packing of sample indices into rows of <= max_tokens tokens (longer: a row of its own).
+    A (seed, epoch) shuffle breaks ties and orders the rows; the row count is the same in every epoch."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: ties keep the shuffled order
+    rows, free = [], []  # free: sorted (remaining capacity, row) of rows that can still take tokens
+    for i in order:
+        j = bisect.bisect_left(free, (lengths[i], -1))  # the tightest row that fits
+        if j < len(free):
+            cap, r = free.pop(j)
+        else:
+            cap, r = max_tokens, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if cap - lengths[i] > 0:
+            bisect.insort(free, (cap - lengths[i], r))
+    rng.shuffle(rows)
+    return rows
+
+
+def plan_epoch(lengths: list[int], max_tokens: int, world_size: int = 1, grad_accum: int = 1, seed: int = 0,
+               epoch: int = 0) -> list[list[list[int]]]:
+    """plan[step] = world_size * grad_accum micro-batches (rows of sample indices); rank r takes plan[step][r::W].
+    The last step is filled up with the first rows: every rank runs as many micro-batches (no collective hangs)."""
+    rows, per_step = pack(lengths, max_tokens, seed, epoch), world_size * grad_accum
+    n_steps = -(-len(rows) // per_step)
+    rows = rows + [rows[i % len(rows)] for i in range(n_steps * per_step - len(rows))]
+    return [rows[s * per_step:(s + 1) * per_step] for s in range(n_steps)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

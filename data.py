@@ -12,11 +12,9 @@ inference): `prompt_messages`, then `model.build_inputs`. Over-long samples are 
 Also: `SFTDataset` (bad samples skipped, counted), packing, collation, and `python data.py check`.
 """
 
-import bisect
 import dataclasses
 import json
 import os
-import random
 import re
 import sys
 import types
@@ -388,7 +386,7 @@ def load_prompts(paths: list[str], image_dir: str, bbox_format: str) -> list[dic
     return out
 
 
-# --- Training: dataset with counted skips, packing into token-budget rows, sharding, collation ---
+# --- Training: dataset with counted skips, micro-batches of packed rows (common.plan_epoch), collation ---
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -434,38 +432,6 @@ class SFTDataset(torch.utils.data.Dataset):
             return None
 
 
-def pack(lengths: list[int], max_tokens: int, seed: int = 0, epoch: int = 0) -> list[list[int]]:
-    """Best-fit-decreasing packing of sample indices into rows of <= max_tokens tokens (longer: a row of its own).
-    A (seed, epoch) shuffle breaks ties and orders the rows; the row count is the same in every epoch."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    order.sort(key=lambda i: -lengths[i])  # stable: ties keep the shuffled order
-    rows, free = [], []  # free: sorted (remaining capacity, row) of rows that can still take tokens
-    for i in order:
-        j = bisect.bisect_left(free, (lengths[i], -1))  # the tightest row that fits
-        if j < len(free):
-            cap, r = free.pop(j)
-        else:
-            cap, r = max_tokens, len(rows)
-            rows.append([])
-        rows[r].append(i)
-        if cap - lengths[i] > 0:
-            bisect.insort(free, (cap - lengths[i], r))
-    rng.shuffle(rows)
-    return rows
-
-
-def plan_epoch(lengths: list[int], max_tokens: int, world_size: int = 1, grad_accum: int = 1, seed: int = 0,
-               epoch: int = 0) -> list[list[list[int]]]:
-    """plan[step] = world_size * grad_accum micro-batches (rows of sample indices); rank r takes plan[step][r::W].
-    The last step is filled up with the first rows: every rank runs as many micro-batches (no collective hangs)."""
-    rows, per_step = pack(lengths, max_tokens, seed, epoch), world_size * grad_accum
-    n_steps = -(-len(rows) // per_step)
-    rows = rows + [rows[i % len(rows)] for i in range(n_steps * per_step - len(rows))]
-    return [rows[s * per_step:(s + 1) * per_step] for s in range(n_steps)]
-
-
 def collate(rows: list[list[dict | None]]) -> dict:
     """Rows of encoded samples (None: failed at load) -> one packed micro-batch: input_ids / labels / position_ids
     (R, T), pixel_values | None (then the model runs its zero-weighted dummy image, spec 13), grid_thws, n_samples,
@@ -498,7 +464,7 @@ def collate(rows: list[list[dict | None]]) -> dict:
 def micro_batches(dataset: SFTDataset, max_tokens: int, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
                   seed: int = 0, epoch: int = 0, start_step: int = 0, num_workers: int = 0):
     """This rank's micro-batches (one packed row each) of one epoch from optimizer step `start_step` on (resume)."""
-    plan = plan_epoch(dataset.lengths, max_tokens, world_size, grad_accum, seed, epoch)
+    plan = common.plan_epoch(dataset.lengths, max_tokens, world_size, grad_accum, seed, epoch)
     mine = [mb for step in plan[start_step:] for mb in step[rank::world_size]]
     return torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate_row, num_workers=num_workers)
 

@@ -8,7 +8,7 @@ Launch:
 
 Algorithm choices:
 - Samples are packed into rows of <= max_tokens tokens (one row = one micro-batch, attention never crosses samples);
-  every rank runs the same number of micro-batches per optimizer step (data.plan_epoch).
+  every rank runs the same number of micro-batches per optimizer step (common.plan_epoch).
 - Loss = sum of token cross-entropies / number of target tokens of the whole optimizer step, over all its
   micro-batches and all ranks, so gradient accumulation 4 x 1 equals 1 x 4 and long samples weigh by tokens.
 - LoRA (peft) on the LLM's linear layers, matched by full module name (the ViT's q/k/v_proj only with lora_vit);
@@ -245,7 +245,7 @@ def evaluate(engine, eval_ds, cfg: Config, rank: int, world: int) -> float:
     """Token-weighted eval loss over the whole eval set, reduced across ranks. Every rank runs the same number of
     forwards (ZeRO-3 gathers are collectives); a rank without a row left re-runs a row with weight 0."""
     engine.eval()
-    rows = data.pack(eval_ds.lengths, cfg.max_tokens, cfg.seed, 0)
+    rows = common.pack(eval_ds.lengths, cfg.max_tokens, cfg.seed, 0)
     tot = torch.zeros(2, device=engine.device, dtype=torch.float64)  # (loss sum, target tokens)
     for i in range(-(-len(rows) // world)):
         j = i * world + rank
@@ -301,7 +301,7 @@ def main(cfg: Config):
     eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.eval_image_dir or cfg.image_dir, log,
                               required="eval_data_path", **enc) if cfg.eval_data_path else None
     gas = cfg.gradient_accumulation_steps
-    steps_per_epoch = len(data.plan_epoch(train_ds.lengths, cfg.max_tokens, world, gas, cfg.seed, 0))
+    steps_per_epoch = len(common.plan_epoch(train_ds.lengths, cfg.max_tokens, world, gas, cfg.seed, 0))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     if total_steps <= 0:
         raise common.RunError(f"0 training steps (epochs={cfg.epochs}, max_steps={cfg.max_steps}): nothing would train")

@@ -1,15 +1,14 @@
-"""The tools the model may call while it thinks: Crop (returns an image) and Identify (returns text).
+"""The tools the model may call while it thinks (Crop returns an image, Identify a text, yours: `load_tools`), the
+tool loop of inference and GRPO rollouts (`run_tool_loop`), and the scoring of a trajectory (`SCORERS`).
 
-Call convention (spec 14, the seed's format): the model writes `<tool_call>Crop [x1, y1, x2, y2]</tool_call>` in its own
-turn (or the Qwen3 JSON form); the result follows as one image's visual tokens or `<tool_response>text</tool_response>`,
-rendered once (`tool_result_ids`, `tool_result_pixels`) for training and inference alike.
-
-Rules for every tool: a failure is a result the model reads (`ToolResult(text="Error: ...", error=True)`), never an
-exception; a tool reads only the conversation's images, never a path from model text; boxes are on the ORIGINAL first
-image, in the registry's `bbox_format`: `pixel` (seed data, default), `norm` ([0, 1], Ovis) or `norm1000` ([0, 1000]).
+Call convention (spec 14, the seed's format): `<tool_call>Crop [x1, y1, x2, y2]</tool_call>` in the model's own turn
+(or the Qwen3 JSON form); the result follows as one image's visual tokens or `<tool_response>text</tool_response>`,
+rendered once (`tool_result_ids`, `tool_result_pixels`) for training and inference alike. Every tool: a failure is a
+result the model reads (`ToolResult(text="Error: ...", error=True)`), never an exception; only the conversation's
+images are read, never a path from model text; boxes are on the ORIGINAL first image, in the registry's `bbox_format`:
+`pixel` (seed data, default), `norm` ([0, 1], Ovis) or `norm1000` ([0, 1000]).
 """
 
-import importlib
 import inspect
 import json
 import math
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+import common
 import model as ovis
 
 CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # complete calls in a text
@@ -82,7 +82,7 @@ def _err(name: str, why: str) -> ToolResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parsing (tolerant; never raises)
+# Reading what the model wrote: tool calls (tolerant: never raises) and their boxes
 
 def parse_tool_call(text: str) -> ToolCall:
     """Any text -> a ToolCall: `Name [a, b, c, d]` (commas, brackets optional) or JSON; the last call in it counts."""
@@ -109,9 +109,6 @@ def parse_tool_call(text: str) -> ToolCall:
     except Exception as e:  # pragma: no cover - belt and braces: parsing must never take the loop down
         return ToolCall(raw="", error=f"unparsable tool call ({type(e).__name__})")
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Geometry
 
 def bbox_args(args) -> list[float]:
     """Accept [x1, y1, x2, y2] or a JSON dict holding it under bbox / bbox_2d / box; raise ValueError otherwise."""
@@ -285,14 +282,12 @@ def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify
             kw = json.loads(m.group(2) or "{}")
         except ValueError as e:
             raise ValueError(f"tools: the keyword arguments of {name} are not a JSON object: {e}") from None
-        mod, _, attr = name.rpartition(":")
-        cls = getattr(importlib.import_module(mod), attr, None) if mod else {"crop": Crop, "identify": Identify}.get(
+        cls = common.import_object(name, "tools") if ":" in name else {"crop": Crop, "identify": Identify}.get(
             name.lower())
         if not (isinstance(cls, type) and issubclass(cls, Tool)):
             raise ValueError(f"tools: {name!r} is not a built-in tool (Crop, Identify) nor a tools.Tool subclass")
-        params = inspect.signature(cls).parameters
-        kw = {**({"bbox_format": bbox_format} if "bbox_format" in params else {}),
-              **({"backend": identify} if cls is Identify and identify is not None else {}), **kw}
+        given = {"bbox_format": bbox_format, "backend": identify if cls is Identify else None}  # where a tool takes it
+        kw = {k: v for k, v in given.items() if v is not None and k in inspect.signature(cls).parameters} | kw
         found.append(cls(**kw))
     return Registry(found)
 
@@ -325,8 +320,7 @@ class Rollout:
 
 
 def split_output(text: str) -> tuple[str, str]:
-    """(thinking, answer): thinking = inside the first <think>...</think> (to the end if unclosed); answer = inside
-    <answer>...</answer> when present, else all after </think> (all of the text without a think block)."""
+    """(thinking: inside the first <think>...</think> or to the end, answer: <answer>...</answer> or all after it)."""
     head, closed, tail = text.partition("</think>")
     rest = tail if closed else ("" if "<think>" in head else text)
     m = re.search(r"<answer>(.*?)(?:</answer>|$)", rest, re.DOTALL)
@@ -337,11 +331,10 @@ def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, k
                   registry: "Registry | None" = None, max_tool_calls: int = 8, max_new_tokens: int = 1024,
                   thinking_budget: int | None = None, kv_cache: bool = True, crop_min_pixels: int | None = None,
                   crop_max_pixels: int | None = None, group: int = 1, **sampling) -> list[Rollout]:
-    """Generate for a batch of prompts (model.build_inputs dicts), running tool calls as they come: each round decodes
-    the running rows (left-padded) until `</tool_call>` or an eos, `registry` (None: no tools) runs each call on its
-    row's `images` (`keys`: their names) and the result is appended as training renders it; bad calls and calls past
-    `max_tool_calls` get error responses. `max_new_tokens` and `thinking_budget` count a row's model tokens over all
-    rounds. `group`: rollouts per prompt (GRPO), row-major, as if each came `group` times. `sampling`: generate's."""
+    """Generate for model.build_inputs prompts, running tool calls as they come: a round decodes the running rows until
+    `</tool_call>` or an eos; `registry` (None: no tools) runs each call on its row's `images` (`keys`: their names),
+    the result is appended as training renders it. max_new_tokens / thinking_budget count a row's model tokens over
+    all rounds; `group` rollouts per prompt (GRPO), row-major, as if each came `group` times; `sampling`: generate's."""
     if thinking_budget is not None and not kv_cache:
         raise ValueError("thinking_budget needs kv_cache=True (it counts tokens over all rounds)")
     vit, dev, forced = model.config.vit, next(model.parameters()).device, len(ovis.THINK_EARLY_STOP_IDS)
@@ -478,8 +471,7 @@ def score_tool(r: Rollout, sample: dict) -> float:
 
 # The seed's three rewards (seed-behaviour 6.3), rule for rule, on the text with the real tool results.
 STRICT_CALL = re.compile(r"<tool_call>(Crop|Identify) \[([\d.,\s]+)\]</tool_call>")
-KEYWORDS = ("who", "identify", "person", "people", "crop", "examine", "look at", "focus on", "region", "area",
-            "section")
+KEYWORDS = "who|identify|person|people|crop|examine|look at|focus on|region|area|section".split("|")
 
 
 def score_tool_usage(r: Rollout, sample: dict) -> float:
@@ -528,8 +520,7 @@ def parse_scorers(spec: str, key: str = "rewards") -> list[tuple[str, float, Cal
         name, _, w = part.partition(":")
         if "." not in name and name not in SCORERS:
             raise ValueError(f"{key}: unknown scorer {name!r}; built-in: {', '.join(SCORERS)}, or a dotted path")
-        mod, _, attr = name.rpartition(".")
-        fn = getattr(importlib.import_module(mod), attr) if "." in name else SCORERS[name]
+        fn = common.import_object(name, key) if "." in name else SCORERS[name]
         out.append((name, float(w) if w else 1.0, fn))
     if not out:
         raise ValueError(f"{key} is empty")

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import common
 import data
 import model as M
 import tools
@@ -227,12 +228,12 @@ def test_pixel_budgets(tokenizer):
 def test_pack_and_plan():
     rng = random.Random(0)
     lengths = [rng.randint(1, 300) for _ in range(400)] + [1000]
-    rows = data.pack(lengths, 512, seed=1, epoch=0)
-    assert rows == data.pack(lengths, 512, seed=1, epoch=0) and rows != data.pack(lengths, 512, seed=1, epoch=1)
+    rows = common.pack(lengths, 512, seed=1, epoch=0)
+    assert rows == common.pack(lengths, 512, seed=1, epoch=0) and rows != common.pack(lengths, 512, seed=1, epoch=1)
     assert sorted(i for r in rows for i in r) == list(range(len(lengths))) and [400] in rows
     assert all(sum(lengths[i] for i in r) <= 512 for r in rows if r != [400])
-    assert sum(lengths) / (512 * len(rows)) > 0.9 and len(rows) == len(data.pack(lengths, 512, seed=1, epoch=1))
-    plan = data.plan_epoch(lengths, 512, world_size=3, grad_accum=2, seed=1, epoch=0)
+    assert sum(lengths) / (512 * len(rows)) > 0.9 and len(rows) == len(common.pack(lengths, 512, seed=1, epoch=1))
+    plan = common.plan_epoch(lengths, 512, world_size=3, grad_accum=2, seed=1, epoch=0)
     assert len(plan) == math.ceil(len(rows) / 6) and all(len(step) == 6 for step in plan)
     per_rank = [[mb for step in plan for mb in step[r::3]] for r in range(3)]
     assert len({len(m) for m in per_rank}) == 1 and {i for m in per_rank for mb in m for i in mb} == set(range(401))
@@ -287,7 +288,7 @@ def test_dataset_skips_and_counts(tokenizer):
     assert "skipped 7" in logs[-1]
     assert ds[1] is None  # corrupt pixels: None, never a crash; collate counts it
     batches = list(data.micro_batches(ds, max_tokens=256, grad_accum=1))
-    assert len(batches) == len(data.plan_epoch(ds.lengths, 256)) and sum(b["n_samples"] for b in batches) == 2
+    assert len(batches) == len(common.plan_epoch(ds.lengths, 256)) and sum(b["n_samples"] for b in batches) == 2
     assert sum(b["n_failed"] for b in batches) == 1
     resumed = data.micro_batches(ds, max_tokens=256, start_step=1)
     assert [b["input_ids"].tolist() for b in resumed] == [b["input_ids"].tolist() for b in batches[1:]]
