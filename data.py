@@ -3,13 +3,19 @@
 Data (spec seed-behaviour 1): a JSON list, JSONL or `{"conversations": [samples]}` of
     {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"] | absent (or "video": file | "video_frames": [paths]),
      "conversations": [{"from": "system" | "human" | "gpt" (also user/assistant/ignored_gpt), "value": "..."}]}
-Paths are relative to `image_dir`; `<image>` in system/human turns places the k-th image (none: the images open the
-first human turn). Training rendering = the official Qwen3ConversationFormatter token for token (spec 9.4, 11.1);
-what is learned: `_tokens_and_labels`. Tool turns (spec 14) in a gpt value: `<tool_call>Crop [x1, y1, x2, y2]
-</tool_call><image>` holds the crop of the first image (a Crop without `<image>`, the seed's old format, gets one);
-any other tool's call is followed by its recorded `<tool_response>result</tool_response>`. Prompts (GRPO,
-inference): `prompt_messages`, then `model.build_inputs`. Over-long samples are never cut inside an image.
-Also: `SFTDataset` (bad samples skipped, counted), packing, collation, and `python data.py check`.
+Paths are relative to `image_dir`; `<image>` in system/human turns places the k-th image (without any, the images
+open the first human turn). Training rendering = the official Qwen3ConversationFormatter (spec 9.4, 11.1), token for
+token:
+* each turn is `<|im_start|>{role}\n{value}<|im_end|>\n`, tokenized on its own, chunk-wise around placeholders;
+* a gpt turn without a `<think>...</think>` block gets `<think>\n\n</think>\n\n` after its role prefix;
+* what is learned, and what never is: `_tokens_and_labels`.
+Tool turns (spec 14) in a gpt value: the `<tool_call>...</tool_call>` text is learned, its result never.
+* `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>`: the crop of the first image sits at `<image>`; a Crop
+  without `<image>` (the seed's old format) gets one: inference always answers a Crop with an image.
+* any other call must be followed directly by its recorded `<tool_response>result</tool_response>`.
+Prompts (GRPO, inference): `prompt_messages`, then `model.build_inputs` (the checkpoint's own chat template).
+Over-long samples are never cut inside an image: `overlong` "drop" (SampleError) or "truncate" (official).
+Also: `SFTDataset` (bad samples skipped, counted), its micro-batches of packed rows, and `python data.py check`.
 """
 
 import dataclasses
@@ -242,11 +248,12 @@ def _render(sample: dict, registry: tools.Registry, need) -> tuple[list, list, l
 
 
 def _tokens_and_labels(turns: list, tokenizer, placeholder: str) -> tuple[list, list, list]:
-    """Step 2: ids turn by turn (chunk-wise around the placeholders, as the official formatter) and labels, and per
-    placeholder whether a gpt turn holds it (an image tool's result). THE RULE of what is learned: a gpt turn's tokens
-    after its role prefix (and inserted empty think) through its <|im_end|>. Never: system, human and ignored_gpt
-    turns, the "\\n" after <|im_end|>, placeholders, tool results (<tool_response> spans, images): what the model
-    did not write itself."""
+    """Step 2: token ids turn by turn (chunk-wise around the placeholders, the official formatter's way) and the
+    label mask. THE RULE of what is learned: a gpt turn's tokens after its role prefix (and after the empty think
+    block inserted for it) through its <|im_end|>. Never learned: system, human and ignored_gpt turns, role
+    prefixes, the inserted empty think, the "\\n" after <|im_end|>, visual placeholders, and tool results (a
+    <tool_response>...</tool_response> span, an image tool's image): what the model did not write itself.
+    Also returns, per placeholder in order, whether a gpt turn holds it (an image tool's result)."""
     texts = [p + v + "<|im_end|>\n" for _, p, v in turns] + [p for _, p, _ in turns]  # whole turns, then prefixes
     per_turn = model.tokenize_with_placeholders(texts, tokenizer, (placeholder,))
     tr_open, tr_close = tokenizer.convert_tokens_to_ids(["<tool_response>", "</tool_response>"])
@@ -301,7 +308,8 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | Non
                   hidden_stride: int = 2, with_pixels: bool = True, **overrides) -> dict:
     """One training sample -> {input_ids (L,), labels (L,), pixel_values (N, 3*ps*ps) | None, grid_thws (n, 3) | None,
     id, n_images, tool_calls, auto_crops} or a SampleError naming file, sample and field. `overrides`: Budgets fields;
-    with_pixels=False reads only image headers (the length pass: same ids and grids, no pixels)."""
+    with_pixels=False reads only image headers (the length pass: same ids and grids, no pixels). Four steps: render
+    the turns, tokens and labels, visuals, expand + truncate."""
     b, need = dataclasses.replace(budgets or Budgets(), **overrides), _need(sample)
     registry = registry or tools.load_tools(bbox_format=bbox_format)
     turns, paths, crops, calls, auto = _render(sample, registry, need)

@@ -1,4 +1,5 @@
-"""common.py: config precedence and typing, distributed setup in one process, metrics lines, resume state."""
+"""common.py: config precedence and typing, distributed setup in one process, the epoch plan, metrics lines, resume
+state, the run guard."""
 
 import json
 import math
@@ -55,6 +56,20 @@ def test_setup_distributed_single_process():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                        cwd=Path(__file__).parent.parent)
     assert r.returncode == 0 and "(0, 1, 0) True" in r.stdout, r.stderr[-2000:]
+
+
+def test_pack_and_plan():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 300) for _ in range(400)] + [1000]
+    rows = common.pack(lengths, 512, seed=1, epoch=0)
+    assert rows == common.pack(lengths, 512, seed=1, epoch=0) and rows != common.pack(lengths, 512, seed=1, epoch=1)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths))) and [400] in rows
+    assert all(sum(lengths[i] for i in r) <= 512 for r in rows if r != [400])
+    assert sum(lengths) / (512 * len(rows)) > 0.9 and len(rows) == len(common.pack(lengths, 512, seed=1, epoch=1))
+    plan = common.plan_epoch(lengths, 512, world_size=3, grad_accum=2, seed=1, epoch=0)
+    assert len(plan) == math.ceil(len(rows) / 6) and all(len(step) == 6 for step in plan)
+    per_rank = [[mb for step in plan for mb in step[r::3]] for r in range(3)]
+    assert len({len(m) for m in per_rank}) == 1 and {i for m in per_rank for mb in m for i in mb} == set(range(401))
 
 
 def test_metrics_lines_are_strict_json_and_trimmed_on_resume(tmp_path):

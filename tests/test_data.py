@@ -1,8 +1,6 @@
 """data.py: official ids/labels (golden set A), tool-turn rendering and masking, packing, the checker."""
 
 import json
-import math
-import random
 import shutil
 import subprocess
 import sys
@@ -223,20 +221,6 @@ def test_pixel_budgets(tokenizer):
 
 # ---------------------------------------------------------------------------------------------------------------
 # packing, sharding, collation, dataset
-
-
-def test_pack_and_plan():
-    rng = random.Random(0)
-    lengths = [rng.randint(1, 300) for _ in range(400)] + [1000]
-    rows = common.pack(lengths, 512, seed=1, epoch=0)
-    assert rows == common.pack(lengths, 512, seed=1, epoch=0) and rows != common.pack(lengths, 512, seed=1, epoch=1)
-    assert sorted(i for r in rows for i in r) == list(range(len(lengths))) and [400] in rows
-    assert all(sum(lengths[i] for i in r) <= 512 for r in rows if r != [400])
-    assert sum(lengths) / (512 * len(rows)) > 0.9 and len(rows) == len(common.pack(lengths, 512, seed=1, epoch=1))
-    plan = common.plan_epoch(lengths, 512, world_size=3, grad_accum=2, seed=1, epoch=0)
-    assert len(plan) == math.ceil(len(rows) / 6) and all(len(step) == 6 for step in plan)
-    per_rank = [[mb for step in plan for mb in step[r::3]] for r in range(3)]
-    assert len({len(m) for m in per_rank}) == 1 and {i for m in per_rank for mb in m for i in mb} == set(range(401))
 
 
 def test_collate_packed_rows(tokenizer):

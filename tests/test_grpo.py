@@ -110,7 +110,7 @@ def test_parse_rewards_custom_and_errors():
     assert fns[1][2](*comp("x", calls=[])) == 0.0
     with pytest.raises(ValueError, match="rewards: unknown scorer 'acuracy'"):
         tools.parse_scorers("acuracy:1")
-    with pytest.raises(ModuleNotFoundError):
+    with pytest.raises(ValueError, match=r"rewards: cannot import 'no_such_module.f' \(ModuleNotFoundError"):
         tools.parse_scorers("no_such_module.f:1")
     with pytest.raises(ValueError, match="loss_type"):
         grpo.token_weights([1], "ppo", 1, 1, 1)

@@ -62,8 +62,10 @@ def test_user_tools_are_encoded_like_crop(tokenizer, tmp_path, capsys):
     check = ["--data", str(tmp_path / "d.json"), "--image_dir", str(DEMO)]
     assert data.check(check + ["--tools", USER]) == 0
     assert data.check(check) == 1 and "unknown tool 'Count'" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="tools: 'tests.my_tools:Nope' is not a built-in tool"):
+    with pytest.raises(ValueError, match=r"tools: cannot import 'tests.my_tools:Nope' \(AttributeError"):
         tools.load_tools("Crop|tests.my_tools:Nope")
+    with pytest.raises(ValueError, match="tools: 'collections:Counter' is not a built-in tool .* nor a tools.Tool sub"):
+        tools.load_tools("collections:Counter")
 
 
 def test_train_infer_score_and_rollout_with_user_tools(base, tokenizer, tmp_path):
