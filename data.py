@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 import common
-import model
+import model as ovis
 import tools
 from model import IGNORE_ID, IMAGE_TOKEN_ID, PAD_ID, VIDEO_TOKEN_ID, VISUAL_ATOM_ID
 
@@ -255,7 +255,7 @@ def _tokens_and_labels(turns: list, tokenizer, placeholder: str) -> tuple[list, 
     <tool_response>...</tool_response> span, an image tool's image): what the model did not write itself.
     Also returns, per placeholder in order, whether a gpt turn holds it (an image tool's result)."""
     texts = [p + v + "<|im_end|>\n" for _, p, v in turns] + [p for _, p, _ in turns]  # whole turns, then prefixes
-    per_turn = model.tokenize_with_placeholders(texts, tokenizer, (placeholder,))
+    per_turn = ovis.tokenize_with_placeholders(texts, tokenizer, (placeholder,))
     tr_open, tr_close = tokenizer.convert_tokens_to_ids(["<tool_response>", "</tool_response>"])
     ids, labels, by_tool = [], [], []
     for (role, _, _), t_ids, p_ids in zip(turns, per_turn, per_turn[len(turns):]):
@@ -283,10 +283,10 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
         try:
             if x == "video":
                 frames = _video(sample, image_dir, b, decode, need)
-                pv, g = model.preprocess_video(frames, lo, hi, **geo) if decode else (None, model.image_grid(
+                pv, g = ovis.preprocess_video(frames, lo, hi, **geo) if decode else (None, ovis.image_grid(
                     frames[0], lo, hi, **geo) * torch.tensor([[len(frames), 1, 1]]))
             elif isinstance(x, int):  # an original image
-                pv, g = model.preprocess_image(imgs[x], lo, hi, **geo) if decode else (None, model.image_grid(
+                pv, g = ovis.preprocess_image(imgs[x], lo, hi, **geo) if decode else (None, ovis.image_grid(
                     imgs[x], lo, hi, **geo))
             else:  # an image tool's result
                 size = None if decode else registry.get(x.name).output_size(x.args, imgs[0])
@@ -296,7 +296,7 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
                     if res.kind != "image":
                         raise ValueError(res.text)
                 pv, g = tools.tool_result_pixels(res, b.crop_min_pixels, b.crop_max_pixels, **geo) if decode else (
-                    None, model.image_grid(size or res.image.size, b.crop_min_pixels, b.crop_max_pixels, **geo))
+                    None, ovis.image_grid(size or res.image.size, b.crop_min_pixels, b.crop_max_pixels, **geo))
         except ValueError as e:
             need(False, fld, f"cannot preprocess: {e}" if fld in ("image", "video") else f"{x.raw.strip()!r}: {e}")
         out.append((pv, g))
@@ -323,9 +323,9 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | Non
     pixels, grids = _visuals(sample, owners, paths, image_dir, registry, b, geo, with_pixels, need)
 
     # Step 4: expand each placeholder to [start] + [atom] * n + [end] (unlearned); truncate, never inside a visual
-    n_vis = iter([model.num_visual_tokens(g[0], hidden_stride) + 2 for g in grids])
+    n_vis = iter([ovis.num_visual_tokens(g[0], hidden_stride) + 2 for g in grids])
     labels = [x for i, lab in zip(ids, labels) for x in ([IGNORE_ID] * next(n_vis) if i < -100 else [lab])]
-    ids = model.expand_placeholders(ids, torch.cat(grids) if grids else None, hidden_stride)
+    ids = ovis.expand_placeholders(ids, torch.cat(grids) if grids else None, hidden_stride)
     limit = b.max_length if (grids or b.text_max_length is None) else b.text_max_length
     if limit is not None and len(ids) > limit:
         need(b.overlong == "truncate", "length", f"{len(ids)} tokens > max_length {limit} (overlong={b.overlong!r})")
@@ -340,12 +340,12 @@ def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int
     """The official truncation (spec 11.3): keep the first max_length tokens; a cut inside an image goes back to
     just after the last text token; only images whose atoms all survive keep their pixels (lists per image)."""
     ids, labels = ids[:max_length], labels[:max_length]
-    if ids and ids[-1] in (VISUAL_ATOM_ID, model.INDICATOR_IDS[0], model.INDICATOR_IDS[2]):
+    if ids and ids[-1] in (VISUAL_ATOM_ID, ovis.INDICATOR_IDS[0], ovis.INDICATOR_IDS[2]):
         cut = max((j + 1 for j, i in enumerate(ids) if i >= 0), default=0)
         ids, labels = ids[:cut], labels[:cut]
     atoms, keep = ids.count(VISUAL_ATOM_ID), 0
-    while keep < len(grids) and atoms >= model.num_visual_tokens(grids[keep][0], hidden_stride):
-        atoms, keep = atoms - model.num_visual_tokens(grids[keep][0], hidden_stride), keep + 1
+    while keep < len(grids) and atoms >= ovis.num_visual_tokens(grids[keep][0], hidden_stride):
+        atoms, keep = atoms - ovis.num_visual_tokens(grids[keep][0], hidden_stride), keep + 1
     return ids, labels, pixels[:keep], grids[:keep]
 
 
@@ -510,8 +510,8 @@ def check(argv: list[str]) -> int:
         except (SampleError, common.RunError) as e:
             print(f"BAD {e}")
             return 1
-    tok = model.load_tokenizer(tok or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
-                                       str(Path(__file__).parent / "assets" / "tiny")))  # every Ovis2.5 shares it
+    tok = ovis.load_tokenizer(tok or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
+                                      str(Path(__file__).parent / "assets" / "tiny")))  # every Ovis2.5 shares it
     registry = tools.load_tools(run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel"))
     sets = [SFTDataset(fs, tok, d, log=lambda *_: None, decode=True, registry=registry,
                        budgets=Budgets.of(types.SimpleNamespace(**run))) for fs, d in groups]
