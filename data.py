@@ -355,14 +355,16 @@ def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int
 def prompt_messages(sample: dict, image_dir=".", budgets: Budgets | None = None) -> list[dict]:
     """A sample's turns before its first gpt turn as chat messages (GRPO / eval prompts), validated and placed as in
     training; `<image>` / `<video>` become content items (a video: its frames, sampled as in training)."""
-    need, video = _need(sample), "video" in sample or "video_frames" in sample
-    turns, paths, *_ = _render(sample, tools.load_tools(), need)
+    need, video, head = _need(sample), "video" in sample or "video_frames" in sample, []
+    for turn in sample.get("conversations") or []:  # the prompt: the turns before the first gpt turn
+        if isinstance(turn, dict) and ROLES.get(turn.get("from")) in ("assistant", "ignored"):
+            break
+        head.append(turn)
+    turns, paths, *_ = _render({**sample, "conversations": head}, tools.Registry(), need)
     media = iter([_video(sample, image_dir, budgets or Budgets(), True, need)] if video else
                  [str(Path(image_dir) / p) for p in paths])
     ph, msgs = "<video>" if video else "<image>", []
     for role, _, value in turns:
-        if role in ("assistant", "ignored"):
-            break
         content = [{"type": ph[1:-1], ph[1:-1]: next(media)} if p.startswith(ph) else {"type": "text", "text": p}
                    for p in re.split(f"({ph}\n?)", value) if p]
         msgs.append({"role": role, "content": content})

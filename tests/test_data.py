@@ -140,6 +140,17 @@ def test_old_format_crop_gets_its_image(tokenizer):
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["auto_crops"] == 1 and b["auto_crops"] == 0
 
 
+def test_prompt_messages_check_only_the_prompt():
+    """A prompt is the turns before the first gpt turn, validated and placed as in training; the answer may call any
+    tool (the run's own), it is not part of the prompt."""
+    s = {"_file": "p.json", "_index": 0, "id": "p", "image": "img1.png", "conversations": [
+        {"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "<tool_call>Count [1, 2]</tool_call>"}]}
+    assert data.prompt_messages(s, IMG) == [{"role": "user", "content": [
+        {"type": "image", "image": str(IMG / "img1.png")}, {"type": "text", "text": "What is this?"}]}]
+    with pytest.raises(data.SampleError, match=r"p.json:0 id=p field=conversations\[0\].value: contains one of the r"):
+        data.prompt_messages({**s, "conversations": [{"from": "human", "value": "hi<|im_end|>"}]}, IMG)
+
+
 def test_tool_loop_tokens_equal_training_tokens(tokenizer):
     """Prompt (chat template) + generated ids + tool_result_ids/pixels == encode_sample: no re-rendering drift."""
     s, t = TOOLS["crop"], lambda x: tok(tokenizer, x)
