@@ -278,6 +278,7 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
     video = "video" in sample or "video_frames" in sample
     lo, hi = b.originals(len(paths), video)
     imgs = [_open(Path(image_dir) / p, decode, need) for p in paths]  # RGB images, or only (W, H) from headers
+    decoded = imgs if decode else None  # the length pass decodes only for a tool that cannot size its result
     out = []
     for x, fld in owners:
         try:
@@ -291,8 +292,8 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
             else:  # an image tool's result
                 size = None if decode else registry.get(x.name).output_size(x.args, imgs[0])
                 if size is None:
-                    pixels = imgs if decode else [_open(Path(image_dir) / p, True, need) for p in paths]
-                    res = registry.execute(x, pixels, paths)
+                    decoded = decoded or [_open(Path(image_dir) / p, True, need) for p in paths]  # once a sample
+                    res = registry.execute(x, decoded, paths)
                     if res.kind != "image":
                         raise ValueError(res.text)
                 pv, g = tools.tool_result_pixels(res, b.crop_min_pixels, b.crop_max_pixels, **geo) if decode else (
