@@ -271,6 +271,13 @@ def trim_metrics(path: str, step: int):
         os.replace(path + ".tmp", path)
 
 
+def seed_all(seed: int):
+    """A run's start: Python, numpy and torch (CPU and every CUDA device) draw from `seed`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """Every random generator a resumed run continues from: Python, numpy, torch CPU and this rank's CUDA device."""
     s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

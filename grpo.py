@@ -342,9 +342,7 @@ def rollout_metrics(groups: list, prefix: str = "") -> dict:
 def main(cfg: Config):
     owns_group = not dist.is_initialized()  # tests run several mains in one process group
     rank, world, _ = common.setup_distributed(cfg.dist_timeout_s)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    common.seed_all(cfg.seed)
     log = print if rank == 0 else (lambda *a, **k: None)
     if not (cfg.model_path or cfg.adapter) or not cfg.data_path:
         raise ValueError("model_path (or adapter) and data_path are required")

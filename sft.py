@@ -19,7 +19,6 @@ Algorithm choices:
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -27,7 +26,6 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -230,9 +228,7 @@ def memory_gb() -> float:  # peak: GPU memory allocated, else the process's resi
 def main(cfg: Config):
     owns_group = not dist.is_initialized()  # tests run several mains in one process group
     rank, world, _ = common.setup_distributed(cfg.dist_timeout_s)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    common.seed_all(cfg.seed)
     log = print if rank == 0 else (lambda *a, **k: None)
     if not cfg.model_path or not cfg.data_path:
         raise ValueError("model_path and data_path are required")

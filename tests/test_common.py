@@ -85,6 +85,10 @@ def test_resume_state(tmp_path):
     assert common.best_score(str(tmp_path)) is None
     assert common.best_score(str(tmp_path), 0.25, step=7) == 0.25 and common.best_score(str(tmp_path)) == 0.25
     assert json.loads((tmp_path / "best.json").read_text()) == {"value": 0.25, "step": 7}
+    common.seed_all(3)
+    first = (random.random(), torch.rand(2).tolist())
+    common.seed_all(3)
+    assert (random.random(), torch.rand(2).tolist()) == first
     s = common.rng_state()
     a = (random.random(), torch.rand(2).tolist())
     common.set_rng_state(s)
