@@ -1,15 +1,19 @@
-"""The plumbing every stage shares (nanochat's common.py): config loading, distributed setup, checkpoints by path or
-Hugging Face Hub id, the guard that stops a run gone wrong, metrics lines, and the state a resumed run continues
-from. It knows nothing of Ovis2.5 and imports no module of ours: the bottom of common <- model <- tools <- data."""
+"""The plumbing every stage shares (nanochat's common.py): config loading and the command line, distributed setup,
+checkpoints by path or Hugging Face Hub id (and LoRA adapters on them), the epoch plan, the DeepSpeed engine's policy,
+optimizer, resumable checkpoints and exports, the guard that stops a run gone wrong, and the run's records. It knows
+nothing of Ovis2.5 and imports no module of ours: the bottom of common <- model <- tools <- data <- the scripts."""
 
 import bisect
+import contextlib
 import dataclasses
+import errno
 import importlib
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import types
 import typing
@@ -18,19 +22,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
+RECORD_FILE = "ovis_tune.json"  # beside an export's config.json: the budgets, tools, thinking it was trained with
+LAST_SAVED = {"path": "none saved yet"}  # this process's newest resumable checkpoint (named when a run is stopped)
+
 # ----------------------------------------------------------------------------------------------------------------
-# Config: dataclass defaults <- `--config x.json` <- `--key=value`
+# Config: dataclass defaults <- `--config x.json` <- `--key=value`, and the command line around main()
 
 
 class RunError(RuntimeError):
     """A run that must stop and say so (it diverged, or there is nothing to train on): exit non-zero, no final/."""
 
 
+class ConfigError(ValueError):
+    """A setting the user must fix (a typo, a JSON syntax error, a missing file): one line, never a traceback."""
+
+
+def read_json(path: str, what: str = "config"):
+    """A JSON file -> its value; a syntax error names the file, line and column (editors count from 1)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+
+
 def check_choices(cfg):
     """Each Config's __post_init__: a field typed Literal[...] must hold one of its values (typos are errors)."""
     for k, tp in typing.get_type_hints(type(cfg)).items():
         if typing.get_origin(tp) is typing.Literal and getattr(cfg, k) not in typing.get_args(tp):
-            raise ValueError(f"config key {k!r}: {getattr(cfg, k)!r} is not one of {list(typing.get_args(tp))}")
+            raise ConfigError(f"config key {k!r}: {getattr(cfg, k)!r} is not one of {list(typing.get_args(tp))}")
 
 
 def coerce(v, tp, key: str):
@@ -51,7 +74,7 @@ def coerce(v, tp, key: str):
             return float(v)
         if isinstance(base, type) and isinstance(v, base) and not (isinstance(v, bool) and base is not bool):
             return v
-    raise ValueError(f"config key {key!r}: {v!r} is not a {tp}")
+    raise ConfigError(f"config key {key!r}: {v!r} is not a {tp}")
 
 
 def cli_pairs(argv: list[str]) -> list[tuple[str, str]]:
@@ -60,10 +83,10 @@ def cli_pairs(argv: list[str]) -> list[tuple[str, str]]:
     while argv:
         arg = argv.pop(0)
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; use --key=value")
+            raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
         k, eq, v = arg[2:].partition("=")
         if not (eq or argv):
-            raise ValueError(f"--{k} needs a value")
+            raise ConfigError(f"--{k} needs a value")
         out.append((k.replace("-", "_"), v if eq else argv.pop(0)))
     return out
 
@@ -72,14 +95,36 @@ def load_config(cls, argv: list[str] | None = None):
     """cls() defaults <- `--config x.json` <- `--key=value`, parsed by the field's type. Unknown keys are errors; JSON
     keys starting with "_" are comments; deepspeed's --local_rank is ignored (LOCAL_RANK is in the environment)."""
     cli = cli_pairs(sys.argv[1:] if argv is None else argv)
-    items = [(k, v) for c, p in cli if c == "config" for k, v in json.loads(Path(p).read_text()).items()
-             if not k.startswith("_")] + [(k, v) for k, v in cli if k not in ("config", "local_rank")]
+    items = []
+    for path in (p for c, p in cli if c == "config"):
+        obj = read_json(path)
+        if not isinstance(obj, dict):
+            raise ConfigError(f"config {path}: must be a JSON object of settings, not a {type(obj).__name__}")
+        items += [(k, v) for k, v in obj.items() if not k.startswith("_")]
+    items += [(k, v) for k, v in cli if k not in ("config", "local_rank")]
     names = [f.name for f in dataclasses.fields(cls)]
     for k, _ in items:
         if k not in names:
-            raise ValueError(f"unknown config key {k!r}; valid keys: {', '.join(names)}")
+            raise ConfigError(f"unknown config key {k!r}; valid keys: {', '.join(names)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: coerce(v, hints[k], k) for k, v in items})
+    cfg = cls(**{k: coerce(v, hints[k], k) for k, v in items})
+    cfg.given = frozenset(k for k, _ in items)  # what the user set (common.apply_record fills in only the rest)
+    return cfg
+
+
+def run_cli(main, cls, file: str):
+    """`python x.py --config c.json --key=value` -> main(cfg). What the user must fix (a config mistake, a run that
+    stopped) is one line `x.py: error: ...` with exit code 1; Ctrl-C names the last resumable checkpoint (exit 130)."""
+    name = os.path.basename(file)
+    try:
+        main(load_config(cls))
+    except (RunError, ConfigError) as e:
+        sys.exit(f"{name}: error: {e}")
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{name}: interrupted. Last resumable checkpoint: {LAST_SAVED['path']} (run again with "
+                  "--resume=auto to continue from it)", file=sys.stderr)
+        sys.exit(130)
 
 
 def import_object(path: str, key: str):
@@ -88,7 +133,7 @@ def import_object(path: str, key: str):
     try:
         return getattr(importlib.import_module(mod), attr)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"{key}: cannot import {path!r} ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"{key}: cannot import {path!r} ({type(e).__name__}: {e})") from None
 
 
 def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
@@ -113,7 +158,7 @@ def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints by path or Hugging Face Hub id
+# Checkpoints by path or Hugging Face Hub id; peft LoRA adapters on them
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name or org/name@revision
@@ -161,6 +206,55 @@ def resolve_checkpoint(name: str) -> str:
     return path
 
 
+def adapter_base(adapter_dir: str) -> str:
+    """The base an adapter dir records, as resolve_checkpoint takes it: "org/name@rev", "org/name" or a dir."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, not a peft LoRA adapter (lora.py writes one "
+                                "to output_dir/final)")
+    cfg = read_json(path, "adapter config")
+    base, revision = cfg.get("base_model_name_or_path"), cfg.get("revision")
+    if not base:
+        raise ConfigError(f"{path}: base_model_name_or_path is empty; pass the base checkpoint explicitly")
+    return f"{base}@{revision}" if revision and not os.path.isdir(base) else base
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str):
+    """A peft LoRA dir (lora.py, grpo.py) -> a PeftModel around `model`. Every tensor is checked against the base
+    first, so an adapter of another model fails naming the tensor and both shapes."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    adapter_base(adapter_dir)  # a clear error when it is no adapter dir
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            shape, name = tuple(f.get_slice(key).get_shape()), key.removeprefix("base_model.model.")
+            if ".lora_A." in name or ".lora_B." in name:
+                target, ab = name.split(".lora_")[0], name.split(".lora_")[1][0]
+                lin = modules.get(target)
+                if not isinstance(lin, torch.nn.Linear):
+                    raise ValueError(f"{path}: {key}: the base has no linear layer {target!r}")
+                want, got = (lin.in_features, shape[1]) if ab == "A" else (lin.out_features, shape[0])
+            else:  # a modules_to_save tensor: a full copy of the base's
+                if name not in params:
+                    raise ValueError(f"{path}: {key}: the base has no parameter {name!r}")
+                want, got = tuple(params[name].shape), shape
+            if want != got:
+                raise ValueError(f"{path}: {key} has shape {shape}, which does not fit the base ({want} expected): "
+                                 "the adapter was trained on another model")
+    return PeftModel.from_pretrained(model, adapter_dir)
+
+
+def read_record(checkpoint_dir: str) -> dict:
+    """The training record an export carries (RECORD_FILE: budgets, tools, thinking); {} for other checkpoints."""
+    path = os.path.join(checkpoint_dir, RECORD_FILE)
+    return read_json(path, "training record") if os.path.exists(path) else {}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # An epoch's plan: samples packed into rows of a token budget, rows dealt to ranks and accumulation steps
 
@@ -188,13 +282,173 @@ def pack(lengths: list[int], max_tokens: int, seed: int = 0, epoch: int = 0) -> 
 
 
 def plan_epoch(lengths: list[int], max_tokens: int, world_size: int = 1, grad_accum: int = 1, seed: int = 0,
-               epoch: int = 0) -> list[list[list[int]]]:
+               epoch: int = 0, fill: str = "repeat") -> list[list[list[int]]]:
     """plan[step] = world_size * grad_accum micro-batches (rows of sample indices); rank r takes plan[step][r::W].
-    The last step is filled up with the first rows: every rank runs as many micro-batches (no collective hangs)."""
+    The last step is filled up so that every rank runs as many micro-batches (no collective hangs): with the first
+    rows again ("repeat", training) or with empty rows ("empty", eval: every sample counts exactly once)."""
     rows, per_step = pack(lengths, max_tokens, seed, epoch), world_size * grad_accum
     n_steps = -(-len(rows) // per_step)
-    rows = rows + [rows[i % len(rows)] for i in range(n_steps * per_step - len(rows))]
+    extra = n_steps * per_step - len(rows)
+    rows = rows + ([rows[i % len(rows)] for i in range(extra)] if fill == "repeat" else [[] for _ in range(extra)])
     return [rows[s * per_step:(s + 1) * per_step] for s in range(n_steps)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine: policy from a zero config, trainable parameters, optimizer; resumable checkpoints, exports
+
+
+def engine_config(path: str, script: str, grad_accum: int, world: int, bf16: bool) -> dict:
+    """A zero config (engine policy only) with what the script owns filled in: batch sizes (one packed row per
+    micro-batch) and bf16. Optimizer and scheduler blocks are refused: the scripts build their own."""
+    ds = read_json(path, "zero config")
+    for k in ("optimizer", "scheduler"):
+        if k in ds:
+            raise ConfigError(f"{path}: remove {k!r}; {script} builds the optimizer and LR schedule itself")
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=grad_accum,
+              train_batch_size=grad_accum * world)
+    ds["bf16"] = {"enabled": bf16}
+    return ds
+
+
+def longest_prefix_lr(chosen: list[tuple[str, float]]):
+    """[(parameter-name prefix, lr)] ("" = every parameter) -> lr_of(name): the longest matching prefix wins."""
+    def lr_of(name: str) -> float | None:
+        lr = None
+        for prefix, mod_lr in sorted(chosen, key=lambda x: len(x[0])):  # longest matching prefix last, so it wins
+            if prefix == "" or name == prefix or name.startswith(prefix + "."):
+                lr = mod_lr
+        return lr
+    return lr_of
+
+
+def param_groups(model: torch.nn.Module, lr_of, weight_decay: float) -> list[dict]:
+    """Each parameter trains at lr_of(name), or is frozen where that is None; AdamW groups by (lr, decay). Norm weights
+    and biases (1-D) get no weight decay."""
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        lr = lr_of(name)
+        p.requires_grad_(lr is not None)
+        if lr is not None:
+            groups.setdefault((lr, 0.0 if p.ndim < 2 else weight_decay), []).append(p)
+    if not groups:
+        raise ConfigError("nothing would train: no parameter is selected")
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def optimizer(groups: list[dict], ds_config: dict, lr: float, betas: tuple) -> torch.optim.Optimizer:
+    """AdamW over the groups; ZeRO-Offload to CPU takes DeepSpeed's CPU Adam unless the zero config opts out with
+    "zero_force_ds_cpu_optimizer": false (then torch's AdamW steps on the CPU copy)."""
+    offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
+    if offload and ds_config.get("zero_force_ds_cpu_optimizer", True):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available() and not offload)
+
+
+@contextlib.contextmanager
+def saving(path: str):
+    """Around every write of a checkpoint, export or record under `path`: a full disk is named as such, whichever layer
+    noticed it (Python's ENOSPC, torch.save's C++ stream error, safetensors' I/O error), never a bare stream error."""
+    try:
+        yield
+    except Exception as e:
+        where = Path(path).absolute()
+        while not where.exists():
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 16 * 2**20:
+            raise RunError(f"no space left on {where} ({free / 2**20:.1f} MiB free) while writing {path}. Earlier "
+                           f"checkpoints are intact (last resumable checkpoint: {LAST_SAVED['path']}); free some "
+                           "space or choose another output_dir, then resume") from e
+        raise
+
+
+def save_resumable(engine, output_dir: str, step: int, state: dict, keep_last: int, rank: int,
+                   exclude_frozen: bool = False) -> str:
+    """output_dir/checkpoints/stepNNNNNNN: engine state + `state` + step + RNG. `latest` flips (atomically) only once
+    every rank wrote its shard; a failed write removes its half-written dir, so `latest` always names a whole one."""
+    import torch.distributed as dist
+
+    ckpt, tag = os.path.join(output_dir, "checkpoints"), f"step{step:07d}"
+    client = {**state, "step": step, "rng": rng_state()}
+    try:
+        with saving(os.path.join(ckpt, tag)):
+            engine.save_checkpoint(ckpt, tag=tag, client_state=client, save_latest=False,
+                                   exclude_frozen_parameters=exclude_frozen)
+    except RunError:
+        shutil.rmtree(os.path.join(ckpt, tag), ignore_errors=True)
+        raise
+    dist.barrier()
+    if rank == 0:
+        with saving(ckpt):
+            Path(ckpt, "latest.tmp").write_text(tag)
+            os.replace(os.path.join(ckpt, "latest.tmp"), os.path.join(ckpt, "latest"))
+        for old in sorted(d for d in os.listdir(ckpt) if d.startswith("step"))[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
+    dist.barrier()
+    LAST_SAVED["path"] = os.path.join(ckpt, tag)
+    return LAST_SAVED["path"]
+
+
+def resume(engine, spec: str, output_dir: str, state: dict, log, strict: bool = True) -> tuple[int, dict]:
+    """`resume` = "" (fresh), "auto" (output_dir/checkpoints/latest, fresh if none) or a checkpoint dir -> (step, the
+    saved state: `state`'s keys, a key the checkpoint lacks keeps its value). Engine state and RNG are restored and
+    metrics.jsonl loses the records after the checkpoint (those steps run, and are logged, again)."""
+    if not spec:
+        return 0, state
+    ckpt = os.path.join(output_dir, "checkpoints") if spec == "auto" else os.path.dirname(spec.rstrip("/"))
+    tag = None if spec == "auto" else os.path.basename(spec.rstrip("/"))
+    if spec == "auto" and os.path.exists(os.path.join(ckpt, "latest")):
+        tag = Path(ckpt, "latest").read_text().strip()
+    if tag is None:
+        log("resume=auto: no checkpoint yet, starting fresh")
+        return 0, state
+    _, client = engine.load_checkpoint(ckpt, tag=tag, load_module_strict=strict)  # LoRA: the frozen base not saved
+    if client is None:
+        raise FileNotFoundError(f"could not load checkpoint {ckpt}/{tag}")
+    set_rng_state(client["rng"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        trim_metrics(os.path.join(output_dir, "metrics.jsonl"), client["step"])
+    LAST_SAVED["path"] = os.path.join(ckpt, tag)
+    log(f"resumed from {ckpt}/{tag} at step {client['step']}")
+    return client["step"], {**state, **{k: client[k] for k in state if k in client}}
+
+
+def export_model(engine, model, out_dir: str, rank: int, record: dict):
+    """A deployable checkpoint (model.save_pretrained: the official layout) with its training record. Under ZeRO-3 the
+    weights are gathered first: a collective, every rank calls this."""
+    import torch.distributed as dist
+
+    z3 = engine.zero_optimization_stage() == 3
+    sd = engine._zero3_consolidated_16bit_state_dict() if z3 else engine.module.state_dict() if rank == 0 else None
+    if rank == 0:
+        with saving(out_dir):
+            try:
+                model.save_pretrained(out_dir, state_dict=sd, record=record)
+            finally:
+                shutil.rmtree(out_dir + ".tmp", ignore_errors=True)  # what a failed save left
+    dist.barrier()
+
+
+def export_adapter(engine, peft_model, out_dir: str, rank: int, record: dict):
+    """The adapter in the standard peft layout (base recorded in adapter_config.json) with the training record, into a
+    temp dir renamed at the end. Under ZeRO-3 only the trainable parameters are gathered (a collective)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable, enabled=engine.zero_optimization_stage() == 3):
+        if rank == 0:
+            with saving(out_dir):
+                try:
+                    shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
+                    peft_model.save_pretrained(out_dir + ".tmp", save_embedding_layers=False)
+                    Path(out_dir + ".tmp", RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                    os.replace(out_dir + ".tmp", out_dir)
+                finally:
+                    shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
+    dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,29 +456,60 @@ def plan_epoch(lengths: list[int], max_tokens: int, world_size: int = 1, grad_ac
 
 
 class RunGuard:
-    """Stops a run that went wrong before its weights are evaluated, saved or exported: a non-finite loss or gradient
-    norm (with fp16 loss scaling an overflow is a skipped step instead, max_skips in a row), or more than
-    max_empty_frac of the steps without any target token on any rank (samples failing at load, say)."""
+    """Stops a run gone wrong before its weights are evaluated, saved or exported:
+    - diverged: a non-finite loss or gradient norm (with fp16 loss scaling an overflow is a skipped step instead,
+      max_skips in a row), or a loss above max_loss_ratio x its start (the first 3 steps' mean) max_dead steps in a row;
+    - died finite: max_dead steps in a row with target tokens but a gradient norm of exactly 0 (saturated weights;
+      uniform logits give loss ln(vocab)), which a run that still learns never shows;
+    - starved: more than max_empty_frac of the steps without a target token on any rank (`empty_why` says why: samples
+      failing at load; in GRPO no group whose rewards vary, so no learning signal)."""
 
-    def __init__(self, max_skips: int, max_empty_frac: float, loss_scaled: bool, output_dir: str):
+    def __init__(self, max_skips: int, max_empty_frac: float, loss_scaled: bool, output_dir: str, max_dead: int = 3,
+                 max_loss_ratio: float = 0.0, vocab_size: int = 0, empty_why: str = ""):
         self.max_skips, self.max_empty_frac, self.loss_scaled = max_skips, max_empty_frac, loss_scaled
+        self.max_dead, self.max_loss_ratio, self.vocab_size = max_dead, max_loss_ratio, vocab_size
         self.out = output_dir
-        self.skips = self.seen_skips = self.empty = self.failed = 0
+        self.empty_why = empty_why or "had no target token on any rank ({failed} samples failed to load; run python " \
+                                      "data.py check)"
+        self.skips = self.seen_skips = self.empty = self.failed = self.dead = self.high = 0
+        self.start: list[float] = []  # the first steps' losses: where the run began
         self.last_good = "none saved yet"  # the newest resumable checkpoint
 
     def check(self, step: int, rec: dict, skipped_steps: int) -> str:
         """The step's record (loss, grad_norm, targets, load_failures) -> why the run must stop, or ""."""
-        self.skips, self.seen_skips = self.skips + 1 if skipped_steps > self.seen_skips else 0, skipped_steps
+        skipped = skipped_steps > self.seen_skips
+        self.skips, self.seen_skips = self.skips + 1 if skipped else 0, skipped_steps
         self.empty, self.failed = self.empty + (rec["targets"] == 0), self.failed + rec.get("load_failures", 0)
-        if not math.isfinite(rec["loss"]) or not (self.loss_scaled or math.isfinite(rec["grad_norm"])):
-            return self.stop(step, f"loss {rec['loss']}, gradient norm {rec['grad_norm']}: the run diverged")
+        loss, norm = rec["loss"], rec["grad_norm"]
+        if not math.isfinite(loss) or not (self.loss_scaled or math.isfinite(norm)):
+            return self.stop(step, f"loss {loss}, gradient norm {norm}: the run diverged")
         if self.skips > self.max_skips:
             return self.stop(step, f"{self.skips} steps in a row skipped for fp16 overflow (max_skipped_steps "
                                    f"{self.max_skips}): the run diverged")
+        self.dead = self.dead + 1 if rec["targets"] > 0 and norm == 0 and not skipped else 0
+        if self.max_dead and self.dead >= self.max_dead:
+            uniform = abs(loss - math.log(self.vocab_size)) < 1e-3 if self.vocab_size else False
+            return self.stop(step, f"gradient norm 0 on {self.dead} steps in a row with {rec['targets']} target tokens "
+                                   f"(loss {loss:.4f}{f' = ln(vocab {self.vocab_size}): uniform logits' * uniform}): "
+                                   "the weights saturated and nothing trains any more; the run died (learning rate "
+                                   "too high?)")
+        if rec["targets"] > 0 and len(self.start) < 3:
+            self.start.append(loss)
+        ref = sum(self.start) / len(self.start) if len(self.start) == 3 else math.inf
+        self.high = self.high + 1 if self.max_loss_ratio > 0 and loss > self.max_loss_ratio * ref else 0
+        if self.max_dead and self.high >= self.max_dead:
+            return self.stop(step, f"loss {loss:.4f} above {self.max_loss_ratio:g}x its start ({ref:.4f}, the first 3 "
+                                   f"steps' mean) on {self.high} steps in a row: the run diverged")
         if self.empty > max(1, self.max_empty_frac * step):
-            return self.stop(step, f"{self.empty} of {step} steps had no target token on any rank ({self.failed} "
-                                   "samples failed to load; run python data.py check)")
+            return self.stop(step, f"{self.empty} of {step} steps " + self.empty_why.format(failed=self.failed))
         return ""
+
+    def state_dict(self) -> dict:  # what a resumed run continues from (saved in the checkpoint's state)
+        return {"start": self.start, "empty": self.empty, "failed": self.failed}
+
+    def load_state_dict(self, s: dict, skipped_steps: int):
+        self.start, self.empty, self.failed = list(s.get("start", [])), s.get("empty", 0), s.get("failed", 0)
+        self.seen_skips, self.last_good = skipped_steps, LAST_SAVED["path"]
 
     def summary(self) -> str:  # for the closing log line
         return f" ({self.empty} steps without targets, {self.failed} samples failed to load)" if self.empty or \
@@ -236,16 +521,37 @@ class RunGuard:
                 "(fix the cause, then resume)")
 
 
-def loggers(cfg, rank: int) -> tuple:
-    """(tensorboard writer, wandb run) when the config's `tensorboard` / `wandb_project` ask for them, rank 0 only."""
-    tb = wb = None
-    if rank == 0 and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-    if rank == 0 and cfg.wandb_project:
-        import wandb
-        wb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
-    return tb, wb
+class Metrics:
+    """Rank 0's record of the run: metrics.jsonl (strict JSON, one line per record) and tensorboard / wandb when the
+    config asks for them. On the other ranks, and for whatever is off, every call does nothing."""
+
+    def __init__(self, cfg, rank: int, scalar_prefix: str = "train"):
+        on = rank == 0
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl") if on else None
+        self.prefix, self.tb, self.wb = scalar_prefix, None, None
+        if on and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        if on and cfg.wandb_project:
+            import wandb
+            self.wb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+
+    def write(self, rec: dict):
+        if self.path is None:
+            return
+        with saving(self.path), open(self.path, "a") as f:
+            f.write(metrics_line(rec))  # strict JSON: NaN / inf become null, named in "nonfinite"
+        for k, v in rec.items():
+            if self.tb is not None and isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"{self.prefix}/{k}", v, rec["step"])
+        if self.wb is not None:
+            self.wb.log(rec, step=rec["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
 
 
 def metrics_line(rec: dict) -> str:
@@ -271,6 +577,31 @@ def trim_metrics(path: str, step: int):
         os.replace(path + ".tmp", path)
 
 
+def write_run_config(cfg, output_dir: str):
+    """output_dir/config.json: the run's settings, written once the run has started (a relaunch that fails its checks
+    never replaces the recorded config), through a temp file."""
+    path = os.path.join(output_dir, "config.json")
+    with saving(path):
+        Path(path + ".tmp").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        os.replace(path + ".tmp", path)
+
+
+def training_record(cfg, script: str, keys: tuple[str, ...]) -> dict:
+    """What an export records of its run (RECORD_FILE): the script and the settings among `keys` the config has."""
+    return {"trained_by": script, **{k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}}
+
+
+def apply_record(cfg, record: dict, keys: tuple[str, ...]) -> list[str]:
+    """The start checkpoint's training record as defaults: each of `keys` the user did not set (in --config or as
+    --key=value; load_config notes which) takes the recorded value. Returns those names, for the `model:` line. A
+    Config built in Python (tests, the API) has no such note and is taken as it is."""
+    given = getattr(cfg, "given", None)
+    taken = [k for k in keys if given is not None and k not in given and k in record and hasattr(cfg, k)]
+    for k in taken:
+        setattr(cfg, k, record[k])
+    return taken
+
+
 def seed_all(seed: int):
     """A run's start: Python, numpy and torch (CPU and every CUDA device) draw from `seed`."""
     random.seed(seed)
@@ -292,13 +623,17 @@ def set_rng_state(s: dict):
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def best_score(output_dir: str, value: float | None = None, step: int = 0) -> float | None:
-    """output_dir/best.json: the eval score of the model in best/. With a value, record it (rank 0, after the export);
-    without, read it (None if absent). A resumed run starts from the better of this and its checkpoint's record, so
-    it never replaces best/ with a worse model (the checkpoint may predate the last export)."""
+def read_best(output_dir: str) -> float | None:
+    """output_dir/best.json: the eval score of the model in best/ (None: no best/ yet). A resumed run starts from the
+    better of this and its checkpoint's record, so it never replaces best/ with a worse model (the checkpoint may
+    predate the last export)."""
     path = os.path.join(output_dir, "best.json")
-    if value is not None:
+    return json.loads(Path(path).read_text())["value"] if os.path.exists(path) else None
+
+
+def write_best(output_dir: str, value: float, step: int):
+    """Record best/'s score (rank 0, after the export), through a temp file."""
+    path = os.path.join(output_dir, "best.json")
+    with saving(path):
         Path(path + ".tmp").write_text(json.dumps({"value": value, "step": step}) + "\n")
         os.replace(path + ".tmp", path)
-        return value
-    return json.loads(Path(path).read_text())["value"] if os.path.exists(path) else None

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import sys
-import types
 import typing
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -34,6 +33,7 @@ from PIL import Image
 
 import common
 import model as ovis
+import scoring
 import tools
 from model import IGNORE_ID, IMAGE_TOKEN_ID, PAD_ID, VIDEO_TOKEN_ID, VISUAL_ATOM_ID
 
@@ -64,16 +64,21 @@ def _need(sample: dict):
 
 def load_samples(path, errors: list | None = None) -> list[dict]:
     """Read a JSON list (or one sample, or the seed's `{"conversations": [samples]}`) or JSONL; each sample gets
-    `_file` and `_index`. Bad JSON and non-objects raise SampleError, or go to `errors` if a list is given."""
+    `_file` and `_index`: the line it starts on, as an editor numbers lines (from 1). Bad JSON and non-objects raise
+    SampleError, or go to `errors` if a list is given."""
     path, text, out = str(path), Path(path).read_text(encoding="utf-8"), []
     try:
         items = json.loads(text)
         conv = items.get("conversations") if isinstance(items, dict) else None
-        items = conv if conv and isinstance(conv[0], dict) and "conversations" in conv[0] else items
-        items = list(enumerate(items if isinstance(items, list) else [items]))
-    except json.JSONDecodeError as e:  # JSONL (a broken JSON list is one error)
-        items = [(0, e)] if text.lstrip().startswith("[") else [
-            (i, _json(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
+        if conv and isinstance(conv[0], dict) and "conversations" in conv[0]:  # the seed's wrapper: element numbers
+            items = list(enumerate(conv, 1))
+        elif isinstance(items, list):
+            items = list(zip(_element_lines(text, len(items)), items))
+        else:
+            items = [(1, items)]
+    except json.JSONDecodeError as e:  # JSONL (a broken JSON list is one error, at the line the parser stopped)
+        items = [(e.lineno, e)] if text.lstrip().startswith("[") else [
+            (i, _json(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     for i, s in items:
         if isinstance(s, dict):
             out.append({**s, "_file": path, "_index": i})
@@ -83,6 +88,17 @@ def load_samples(path, errors: list | None = None) -> list[dict]:
             raise SampleError(path, i, None, "json", why)
         errors.append(SampleError(path, i, None, "json", why))
     return out
+
+
+def _element_lines(text: str, n: int) -> list[int]:
+    """The line (from 1) each of the n top-level elements of a JSON list text starts on."""
+    decoder, lines, pos, line, counted = json.JSONDecoder(), [], text.index("[") + 1, 1, 0
+    for _ in range(n):
+        pos = re.compile(r"[\s,]*").match(text, pos).end()
+        line, counted = line + text.count("\n", counted, pos), pos
+        lines.append(line)
+        pos = decoder.raw_decode(text, pos)[1]
+    return lines
 
 
 def _json(line: str):
@@ -99,7 +115,12 @@ def _open(path: Path, decode: bool, need, field: str = "image"):
             return im.convert("RGB") if decode else im.size  # convert() decodes: a truncated file raises here
     except Exception as e:
         need(False, field, f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} {field} {path} "
-                           f"({type(e).__name__}: {e})")
+                           f"({_why(e)})")
+
+
+def _why(e: Exception) -> str:
+    """An exception as a short cause, without the path an OSError repeats (the message names it already)."""
+    return f"{type(e).__name__}: {e.strerror}" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
 
 
 def _assistant_tools(value: str, registry: tools.Registry, need) -> tuple[str, list, Counter, int]:
@@ -149,9 +170,14 @@ class Budgets:
     overlong: str = "drop"  # drop (a SampleError) | truncate (official: never inside an image or the video)
 
     @classmethod
-    def of(cls, cfg) -> "Budgets":
-        """The budgets a run config (any object with some of these fields) sets."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+    def of(cls, cfg, names: tuple[str, ...] | None = None) -> "Budgets":
+        """The budgets a run config sets, field by field by name (default: all; GRPO and infer: IMAGE_BUDGETS). A config
+        without one of them is an error: a renamed field never silently falls back to the default."""
+        names = names or tuple(f.name for f in fields(cls) if f.name != "text_max_length")  # no stage sets it
+        missing = [n for n in names if not hasattr(cfg, n)]
+        if missing:
+            raise ValueError(f"{type(cfg).__name__} lacks the budget setting(s) {missing}")
+        return cls(**{n: getattr(cfg, n) for n in names})
 
     def originals(self, n_images: int, video: bool) -> tuple[int, int]:
         """(min, max) pixels of each original image / frame."""
@@ -163,6 +189,12 @@ class Budgets:
         hi = self.multiple_image_max_pixels if self.multiple_image_max_pixels >= 0 else \
             max(lo, self.single_image_max_pixels // n_images)
         return lo, hi
+
+
+IMAGE_BUDGETS = ("single_image_min_pixels", "single_image_max_pixels", "multiple_image_min_pixels",
+                 "multiple_image_max_pixels", "crop_min_pixels", "crop_max_pixels")  # what a prompt's images take
+RECORDED = (*IMAGE_BUDGETS, "video_min_pixels", "video_max_pixels", "min_frames", "max_frames", "tools", "bbox_format",
+            "enable_thinking", "thinking_budget", "max_tool_calls")  # what an export records of its run (RECORD_FILE)
 
 
 def sample_frames(n: int, min_frames: int, max_frames: int) -> list[int]:
@@ -182,7 +214,11 @@ def _video(sample: dict, image_dir, b: Budgets, decode: bool, need) -> list:
         need(isinstance(paths, list) and paths and all(isinstance(p, str) for p in paths), "video_frames",
              "must be a non-empty list of frame image paths")
         picked = [paths[i] for i in sample_frames(len(paths), b.min_frames, b.max_frames)]
-        if not decode:  # the length pass reads one header: the frames of a video share their size
+        if not decode:  # the length pass reads one header (the frames of a video share their size), sees every file
+            gone = [p for p in picked if not (Path(image_dir) / p).is_file()]
+            if gone:
+                need(False, "video_frames", f"missing frame {Path(image_dir) / gone[0]} ({len(gone)} of the "
+                                            f"{len(picked)} sampled frames)")
             return [_open(Path(image_dir) / picked[0], False, need, "video_frames")] * len(picked)
         return [_open(Path(image_dir) / p, True, need, "video_frames") for p in picked]
     path = Path(image_dir) / str(sample["video"])
@@ -202,7 +238,7 @@ def _video(sample: dict, image_dir, b: Budgets, decode: bool, need) -> list:
                 frames = [im for i, f in enumerate(c.decode(video=0)) if i in want for im in [f.to_image()] * want[i]]
     except Exception as e:
         need(False, "video", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} video {path} "
-                             f"({type(e).__name__}: {e})")
+                             f"({_why(e)})")
     # a stream whose metadata overstates its frames (a truncated file) must not silently train on fewer frames
     need(n > 0 and len(frames) == sum(want.values()), "video", f"{path}: {n} frames in its metadata, "
          f"{len(frames)} of the {sum(want.values())} sampled frames decoded (truncated or empty video?)")
@@ -298,6 +334,8 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
                         raise ValueError(res.text)
                 pv, g = tools.tool_result_pixels(res, b.crop_min_pixels, b.crop_max_pixels, **geo) if decode else (
                     None, ovis.image_grid(size or res.image.size, b.crop_min_pixels, b.crop_max_pixels, **geo))
+        except SampleError:  # already names the sample and its field (a missing frame, say): as it is
+            raise
         except ValueError as e:
             need(False, fld, f"cannot preprocess: {e}" if fld in ("image", "video") else f"{x.raw.strip()!r}: {e}")
         out.append((pv, g))
@@ -327,14 +365,14 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | Non
     n_vis = iter([ovis.num_visual_tokens(g[0], hidden_stride) + 2 for g in grids])
     labels = [x for i, lab in zip(ids, labels) for x in ([IGNORE_ID] * next(n_vis) if i < -100 else [lab])]
     ids = ovis.expand_placeholders(ids, torch.cat(grids) if grids else None, hidden_stride)
-    limit = b.max_length if (grids or b.text_max_length is None) else b.text_max_length
+    limit, n_full = b.max_length if (grids or b.text_max_length is None) else b.text_max_length, len(ids)
     if limit is not None and len(ids) > limit:
         need(b.overlong == "truncate", "length", f"{len(ids)} tokens > max_length {limit} (overlong={b.overlong!r})")
         ids, labels, pixels, grids = truncate(ids, labels, pixels, grids, limit, hidden_stride)
     return {"id": sample.get("id", sample.get("_index")), "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels), "pixel_values": torch.cat(pixels) if with_pixels and pixels else None,
             "grid_thws": torch.cat(grids) if grids else None, "n_images": len(paths), "tool_calls": calls,
-            "auto_crops": auto}
+            "auto_crops": auto, "truncated": limit is not None and len(ids) < n_full}
 
 
 def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int, hidden_stride: int = 2):
@@ -385,12 +423,8 @@ def load_prompts(paths: list[str], image_dir: str, bbox_format: str) -> list[dic
             imgs = [s["image"]] if isinstance(s.get("image"), str) else s.get("image")
             need(imgs and all(isinstance(i, str) and os.path.isfile(os.path.join(image_dir, i)) for i in imgs),
                  "image", f"missing or not found under {image_dir!r}: {s.get('image')!r}")
-            b, top = s.get("bbox", [0, 0, 1, 1]), {"norm": 1, "norm1000": 1000}.get(bbox_format, 1e9)
-            need(isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b) and
-                 0 <= b[0] < b[2] <= top and 0 <= b[1] < b[3] <= top, "bbox",
-                 f"{b!r} is not [x1, y1, x2, y2], x1 < x2, y1 < y2, within the {bbox_format} range")
-            need(isinstance(s.get("answer", ""), (str, int, float, list)), "answer", "must be a string, a number or "
-                 "a list of them")
+            bad = scoring.gold_problem(s, bbox_format)
+            need(not bad, *(bad or ("", "")))
             out.append({**s, "_image_dir": image_dir})
     if not out:
         raise common.RunError(f"no prompts in {paths}")
@@ -420,6 +454,7 @@ class SFTDataset(torch.utils.data.Dataset):
                 self.lengths.append(len(enc["input_ids"]))
                 self.samples.append(s)
                 self.stats.update({"images": enc["n_images"], "old-format crops given their image": enc["auto_crops"],
+                                   "truncated (overlong: truncate)": int(enc["truncated"]),
                                    **{f"calls {k}": v for k, v in enc["tool_calls"].items()}})
             except SampleError as e:
                 self.errors.append(e)
@@ -473,11 +508,21 @@ def collate(rows: list[list[dict | None]]) -> dict:
 
 
 def micro_batches(dataset: SFTDataset, max_tokens: int, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
-                  seed: int = 0, epoch: int = 0, start_step: int = 0, num_workers: int = 0):
-    """This rank's micro-batches (one packed row each) of one epoch from optimizer step `start_step` on (resume)."""
-    plan = common.plan_epoch(dataset.lengths, max_tokens, world_size, grad_accum, seed, epoch)
+                  seed: int = 0, epoch: int = 0, start_step: int = 0, num_workers: int = 0, fill: str = "repeat"):
+    """The one packing route of training and eval -> (this rank's micro-batches, one packed row each, of one epoch
+    from optimizer step `start_step` on; the epoch's number of steps). fill="empty": eval, every sample counts once.
+    A sample longer than max_tokens is refused: a row holds whole samples, and max_tokens is what memory is sized by."""
+    longest = max(range(len(dataset)), key=dataset.lengths.__getitem__)
+    if dataset.lengths[longest] > max_tokens:
+        s, n = dataset.samples[longest], dataset.lengths[longest]
+        raise common.RunError(f"max_tokens {max_tokens} is smaller than the longest sample ({s['_file']}:{s['_index']} "
+                              f"id={s.get('id')}, {n} tokens): a packed row holds whole samples. Set max_tokens >= "
+                              f"{n}, or max_length <= max_tokens to drop (overlong: drop) or cut (overlong: truncate) "
+                              "the longer ones")
+    plan = common.plan_epoch(dataset.lengths, max_tokens, world_size, grad_accum, seed, epoch, fill)
     mine = [mb for step in plan[start_step:] for mb in step[rank::world_size]]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate_row, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate_row, num_workers=num_workers)
+    return loader, len(plan)
 
 
 def collate_row(samples: list[dict | None]) -> dict:  # a module-level function: DataLoader workers pickle it
@@ -493,7 +538,7 @@ def check(argv: list[str]) -> int:
     config its data (eval files under eval_image_dir), budgets and tools are used, --key=value overriding them, so what
     is reported bad is what that run would drop; a GRPO config's files are checked as the prompts grpo.py loads."""
     cli = dict(common.cli_pairs(argv))
-    run = json.loads(Path(cli.pop("config")).read_text()) if "config" in cli else {}
+    run = common.read_json(cli.pop("config")) if "config" in cli else {}
     files, tok = cli.pop("data", None), cli.pop("tokenizer", None)
     hints, known = typing.get_type_hints(Budgets), ("image_dir", "eval_image_dir", "bbox_format", "tools")
     for k, v in cli.items():
@@ -517,7 +562,8 @@ def check(argv: list[str]) -> int:
                                       str(Path(__file__).parent / "assets" / "tiny")))  # every Ovis2.5 shares it
     registry = tools.load_tools(run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel"))
     sets = [SFTDataset(fs, tok, d, log=lambda *_: None, decode=True, registry=registry,
-                       budgets=Budgets.of(types.SimpleNamespace(**run))) for fs, d in groups]
+                       budgets=dataclasses.replace(Budgets(), **{k: v for k, v in run.items() if k in hints}))
+            for fs, d in groups]
     errors = [e for ds in sets for e in ds.errors]
     for e in sorted(errors, key=lambda e: (str(e.file), e.index if isinstance(e.index, int) else -1)):
         print(f"BAD {e}")

@@ -20,26 +20,23 @@ Algorithm choices (one optimizer step per rollout batch, repeated num_iterations
   logp) - 1 to the start model (LoRA: adapters disabled; full: a frozen copy). loss_type: grpo = mean per sequence
   then over sequences; bnpo = sum / tokens (DAPO); dr_grpo = sum / (sequences x max_new_tokens); global batch.
 - Held-out eval (eval_data_path) at step 0 and every eval_interval steps with the same metrics; best/ by
-  eval_metric, early stopping, checkpoints, resume, optimizer and logging as sft.py.
+  eval_metric, early stopping, checkpoints, resume, optimizer, logging and the stops of a run gone wrong as sft.py
+  (common.py), plus one of GRPO's own: steps without reward variance in any group have no learning signal.
+- Defaults from the start model's training record (an export's ovis_tune.json: budgets, tools, thinking) for every
+  such setting the config does not give, said in the `grpo:` line.
 - Start: an SFT result (model_path), or a base + a lora.py `adapter` merged at load; lora=true trains fresh
   adapters on top, else train_modules (per-module lrs) as in sft.py.
 """
 
-import functools
-import json
 import os
 import random
-import shutil
-import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
@@ -48,6 +45,8 @@ from PIL import Image
 import common
 import data
 import model as ovis
+import report
+import scoring
 import tools
 
 
@@ -80,9 +79,12 @@ class Config:
     temperature: float = 1.0  # sampling (and the log-probs' temperature)
     top_p: float = 1.0
     top_k: int = 0
-    min_pixels: int = data.Budgets.single_image_min_pixels  # pixel budget of the prompt images (data.Budgets)
-    max_pixels: int = data.Budgets.single_image_max_pixels
-    crop_min_pixels: int = data.Budgets.crop_min_pixels  # pixel budget of Crop results
+    # pixel budgets of the prompt images and of image tool results, as sft.py's (data.Budgets)
+    single_image_min_pixels: int = data.Budgets.single_image_min_pixels  # one image
+    single_image_max_pixels: int = data.Budgets.single_image_max_pixels
+    multiple_image_min_pixels: int = data.Budgets.multiple_image_min_pixels  # each of several images
+    multiple_image_max_pixels: int = data.Budgets.multiple_image_max_pixels
+    crop_min_pixels: int = data.Budgets.crop_min_pixels  # image tool results (Crop)
     crop_max_pixels: int = data.Budgets.crop_max_pixels
     bbox_format: Literal["pixel", "norm", "norm1000"] = "pixel"  # Crop boxes and the data's bbox
     # --- rewards and policy update
@@ -115,10 +117,18 @@ class Config:
     save_interval: int = 50  # steps between resumable checkpoints (and a deployable final/ at the end)
     keep_last: int = 2  # resumable checkpoints kept
     resume: str = ""  # "" = fresh start, "auto" = latest in output_dir/checkpoints, or a checkpoint dir
+    log_rollouts_interval: int = 10  # steps between rollout pages (output_dir/rollouts; and at every eval); 0 = off
+    log_rollouts_count: int = 4  # rollouts a page shows per step (the first completion of each group first)
     tensorboard: bool = False  # also log to output_dir/tensorboard
     wandb_project: str = ""  # also log to this wandb project
     dist_timeout_s: int = 1800  # collective timeout; a hung rank fails loudly after this
+    # --- when to stop a run that went wrong (never ends "done" on garbage)
     max_skipped_steps: int = 3  # fp16: more overflow-skipped steps in a row stop the run
+    max_empty_step_frac: float = 0.5  # more steps than this share without reward variance in any group stop it
+    max_dead_steps: int = 3  # this many steps in a row with a learning signal but a zero gradient norm stop it
+    min_tool_rate: float = 0.0  # tool use has collapsed below this share of rollouts calling a tool; 0 = not watched
+    tool_collapse_patience: int = 3  # steps in a row below min_tool_rate before on_tool_collapse acts
+    on_tool_collapse: Literal["warn", "stop"] = "warn"  # warn: a loud line each such step; stop: as a diverged run
 
     def __post_init__(self):
         common.check_choices(self)  # Literal fields: a typo is an error
@@ -160,20 +170,39 @@ def policy_loss(logp, old_logp, ref_logp, adv, weight, cfg: Config) -> tuple[tor
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data, model, checkpoints
+# prompts, model, what trains
+
+SCRIPT = os.path.basename(__file__)  # named in messages: a copy of this script names itself
 
 
-def prompt_inputs(s: dict, cfg: Config, tokenizer, registry) -> tuple[dict, list, list]:
+@dataclass
+class Run:
+    """What the blocks of a step share, built once in main: this rank, the engines, the policy, the tools, scorers."""
+    cfg: Config
+    rank: int
+    world: int
+    engine: object  # the DeepSpeed engine that trains `model`
+    model: object  # what trains: the Ovis25, or its PeftModel (LoRA)
+    policy: ovis.Ovis25  # what generates (with live adapters in LoRA mode)
+    tokenizer: object
+    registry: tools.Registry
+    geometry: dict  # the checkpoint's patch_size / hidden_stride (OvisConfig.geometry)
+    reward_fns: list  # [(name, weight, fn)]
+    record: dict  # what exports carry (common.RECORD_FILE)
+
+
+def prompt_inputs(s: dict, cfg: Config, tokenizer, registry, geometry: dict | None = None) -> tuple[dict, list, list]:
     """A sample -> (ovis.build_inputs dict, its opened images, their keys); the tool system prompt is added when
-    the sample has no system turn."""
+    the sample has no system turn. Pixel budgets as training's: one image or each of several (data.Budgets)."""
     image_dir = s.get("_image_dir", cfg.image_dir)
     msgs = data.prompt_messages(s, image_dir)
     if msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": [{"type": "text", "text": registry.system_prompt()}]}] + msgs
     keys = [s["image"]] if isinstance(s["image"], str) else list(s["image"])
     images = [Image.open(os.path.join(image_dir, k)).convert("RGB") for k in keys]
-    return ovis.build_inputs(msgs, tokenizer, enable_thinking=cfg.enable_thinking, min_pixels=cfg.min_pixels,
-                             max_pixels=cfg.max_pixels), images, keys
+    lo, hi = data.Budgets.of(cfg, data.IMAGE_BUDGETS).originals(len(images), video=False)
+    return ovis.build_inputs(msgs, tokenizer, enable_thinking=cfg.enable_thinking, min_pixels=lo, max_pixels=hi,
+                             **(geometry or {})), images, keys
 
 
 def lora_config(cfg: Config):
@@ -183,78 +212,20 @@ def lora_config(cfg: Config):
                       r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)")
 
 
-def load_model(cfg: Config, path: str, ds_config: dict, rank: int) -> ovis.Ovis25:
-    """As sft.py: partitioned build + fill from rank 0 under ZeRO-3, else a plain load; `adapter` merged in."""
-    with open(os.path.join(path, "config.json")) as f:
-        mcfg = ovis.OvisConfig.from_dict(json.load(f))
-    attn = cfg.attn_implementation or None
-    if ds_config["zero_optimization"].get("stage", 0) == 3:
-        if cfg.adapter:
-            raise ValueError("adapter: merge it first under ZeRO-3 (python merge_lora.py), then set model_path")
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            m = ovis.Ovis25(mcfg, attn)
-
-        def copy(p, t):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if rank == 0:
-                    p.data.copy_(t)
-        ovis.load_weights(m, path, copy)
-    else:
-        m = ovis.Ovis25.from_pretrained(path, attn_implementation=attn)
-        if cfg.adapter:
-            m = ovis.load_adapter(m, cfg.adapter).merge_and_unload()
-    m.source_dir = os.path.abspath(path)  # exports copy its config.json keys, tokenizer and code files
-    return m
+def trainable(cfg: Config, config: ovis.OvisConfig):
+    """-> lr_of(parameter name): LoRA: the adapters at lr; full: the train_modules as in sft.py; None = frozen."""
+    if cfg.lora:
+        return lambda name: cfg.lr if "lora_" in name else None
+    chosen = [(ovis.module_prefix(config, m), lr) for m, lr in ovis.parse_modules(cfg.train_modules, cfg.lr)]
+    if not chosen:
+        raise common.ConfigError("train_modules is empty: nothing would train")
+    return common.longest_prefix_lr(chosen)
 
 
-def param_groups(model, cfg: Config) -> list[dict]:
-    """LoRA: the adapters, at lr. Full: freeze everything, then unfreeze the train_modules; more specific names win
-    their lr (as sft.py). Norm weights and biases (1-D) get no weight decay."""
-    chosen = [] if cfg.lora else [(ovis.module_prefix(model.config, m), lr)
-                                  for m, lr in ovis.parse_modules(cfg.train_modules, cfg.lr)]
-    if not (cfg.lora or chosen):
-        raise ValueError("train_modules is empty: nothing would train")
-    groups: dict = {}
-    for name, p in model.named_parameters():
-        lr = cfg.lr if cfg.lora and "lora_" in name else None
-        for prefix, mod_lr in sorted(chosen, key=lambda x: len(x[0])):  # longest matching prefix last, so it wins
-            if prefix == "" or name == prefix or name.startswith(prefix + "."):
-                lr = mod_lr
-        p.requires_grad_(lr is not None)
-        if lr is not None:
-            wd = 0.0 if p.ndim < 2 else cfg.weight_decay
-            groups.setdefault((lr, wd), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-
-
-def export(engine, model, cfg: Config, out_dir: str, rank: int):
+def export(run: Run, out_dir: str):
     """LoRA: the adapter (peft layout, base recorded); full: the official layout. A collective under ZeRO-3."""
-    z3 = engine.zero_optimization_stage() == 3
-    with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad], enabled=z3 and cfg.lora):
-        sd = None if cfg.lora else engine._zero3_consolidated_16bit_state_dict() if z3 else engine.module.state_dict()
-        if rank == 0 and cfg.lora:  # into a temp dir, then renamed (the full save does the same itself)
-            shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
-            model.save_pretrained(out_dir + ".tmp", save_embedding_layers=False)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(out_dir + ".tmp", out_dir)
-        elif rank == 0:
-            model.save_pretrained(out_dir, state_dict=sd)
-    dist.barrier()
-
-
-def save_resumable(engine, cfg: Config, step: int, state: dict, rank: int):
-    ckpt = os.path.join(cfg.output_dir, "checkpoints")
-    tag = f"step{step:07d}"
-    state = {**state, "step": step, "rng": common.rng_state()}
-    engine.save_checkpoint(ckpt, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=cfg.lora)
-    dist.barrier()
-    if rank == 0:  # `latest` flips atomically only once every rank has written its shard
-        Path(ckpt, "latest.tmp").write_text(tag)
-        os.replace(os.path.join(ckpt, "latest.tmp"), os.path.join(ckpt, "latest"))
-        for old in sorted(d for d in os.listdir(ckpt) if d.startswith("step"))[:-cfg.keep_last]:
-            shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
-    dist.barrier()
-    return os.path.join(ckpt, tag)
+    save = common.export_adapter if run.cfg.lora else common.export_model
+    save(run.engine, run.model, out_dir, run.rank, run.record)
 
 
 def pack_rollouts(rollouts: list, device) -> dict:
@@ -276,7 +247,7 @@ def token_logps(module, mb: dict, temperature: float) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the blocks of a step: draw prompts, roll out, score, refill, log
+# the blocks of a step: draw prompts, roll out, score, refill, evaluate, metrics
 
 
 def draw(prompts: list, cursor: int, cfg: Config, rank: int, world: int, limit: int) -> list | None:
@@ -291,22 +262,26 @@ def draw(prompts: list, cursor: int, cfg: Config, rank: int, world: int, limit: 
     return [prompts[k] for k in order[start:start + cfg.prompts_per_rank]]
 
 
-def rollout(engine, policy, tokenizer, registry, cfg: Config, batch: list, n: int, greedy: bool = False) -> list:
-    """Block 1: n completions of each prompt (rank-local; the n share one ViT pass and prefill). ZeRO-3: the weights
-    are gathered once (a collective: every rank calls this, even with no prompt)."""
-    inputs = [prompt_inputs(s, cfg, tokenizer, registry) for s in batch]
-    z3 = engine.zero_optimization_stage() == 3
-    with torch.no_grad(), deepspeed.runtime.zero.unwrap_model_for_generation(engine) if z3 else nullcontext():
+def rollout(run: Run, batch: list, n: int, greedy: bool = False) -> list:
+    """n completions of each prompt (rank-local; the n share one ViT pass and prefill). ZeRO-3: the weights are
+    gathered once (a collective: every rank calls this, even with no prompt)."""
+    cfg = run.cfg
+    inputs = [prompt_inputs(s, cfg, run.tokenizer, run.registry, run.geometry) for s in batch]
+    z3 = run.engine.zero_optimization_stage() == 3
+    with torch.no_grad(), deepspeed.runtime.zero.unwrap_model_for_generation(run.engine) if z3 else nullcontext():
+        if not inputs:
+            return []
         return tools.run_tool_loop(
-            policy, tokenizer, *([x[k] for x in inputs] for k in range(3)), registry, max_tool_calls=cfg.max_tool_calls,
+            run.policy, run.tokenizer, [x[0] for x in inputs], images=[x[1] for x in inputs],
+            keys=[x[2] for x in inputs], registry=run.registry, max_tool_calls=cfg.max_tool_calls,
             max_new_tokens=cfg.max_new_tokens, group=n, thinking_budget=cfg.thinking_budget or None,
             crop_min_pixels=cfg.crop_min_pixels, crop_max_pixels=cfg.crop_max_pixels, do_sample=not greedy,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) if inputs else []
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
 
 
 def score(rolls: list, batch: list, reward_fns: list, n: int) -> list[dict]:
-    """Block 2: each reward component of each completion (tools.py's scorers, fn(rollout, sample); a failing one stops
-    the run, never a silent 0) -> one group per prompt: {sample, rolls, parts {name: (n,)}, reward (n,)}."""
+    """Each reward component of each completion (scoring.py's scorers, fn(rollout, sample); a failing one stops the
+    run, never a silent 0) -> one group per prompt: {sample, rolls, parts {name: (n,)}, reward (n,)}."""
     parts = {}
     for name, _, fn in reward_fns:
         try:
@@ -318,13 +293,34 @@ def score(rolls: list, batch: list, reward_fns: list, n: int) -> list[dict]:
              "reward": sum(w * cut(parts[k], i) for k, w, _ in reward_fns)} for i, s in enumerate(batch)]
 
 
+def refill(run: Run, groups: list, prompts: list, state: dict, draws: int) -> tuple[int, int, bool]:
+    """dynamic_sampling (DAPO): groups without reward variance are replaced by fresh prompts' groups, up to
+    max_refill_rounds, every rank in step (collectives must not hang) -> (rounds, prompts drawn, ran out)."""
+    cfg, rounds, drawn = run.cfg, 0, 0
+    while rounds < cfg.max_refill_rounds:
+        flat = [i for i, g in enumerate(groups) if g["reward"].std() == 0]
+        need = torch.tensor(float(len(flat)), device=run.engine.device)
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)  # any rank short: every rank draws again
+        if not need.item():
+            break
+        batch = draw(prompts, state["cursor"], cfg, run.rank, run.world, draws)
+        if batch is None:
+            return rounds, drawn, True
+        state["cursor"], rounds, drawn = state["cursor"] + 1, rounds + 1, drawn + len(batch)
+        fresh = [g for g in score(rollout(run, batch, cfg.num_generations), batch, run.reward_fns, cfg.num_generations)
+                 if g["reward"].std() > 0]
+        for i, g in zip(flat, fresh):
+            groups[i] = g
+    return rounds, drawn, False
+
+
 def rollout_metrics(groups: list, prefix: str = "") -> dict:
-    """Block 4: sums over all ranks -> means of the reward and each component, accuracy, format rate, tool calls per
-    rollout, valid-crop rate, mean crop IoU, response length (tools.summarize; None: nothing to measure)."""
+    """Sums over all ranks -> means of the reward and each component, accuracy, format rate, tool calls per rollout,
+    valid-crop rate, mean crop IoU, response length (scoring.summarize; None: nothing to measure)."""
     local = Counter()
     for g in groups:
         for r in g["rolls"]:
-            local.update(tools.trajectory_stats(r, g["sample"]))
+            local.update(scoring.trajectory_stats(r, g["sample"]))
         local.update({"reward": float(g["reward"].sum()), **{f"reward_{k}": float(v.sum()) for k, v in
                                                             g["parts"].items()}})
     everyone, tot = [None] * dist.get_world_size(), Counter()
@@ -333,7 +329,34 @@ def rollout_metrics(groups: list, prefix: str = "") -> dict:
         tot.update(x)
     names = {"tool_calls_per_question": "tool_calls_per_rollout", "mean_generated_tokens": "response_len"}
     return {**{f"{prefix}{k}": tot[k] / max(tot["questions"], 1) for k in sorted(tot) if k.startswith("reward")},
-            **{prefix + names.get(k, k): v for k, v in tools.summarize(tot).items() if isinstance(v, float | None)}}
+            **{prefix + names.get(k, k): v for k, v in scoring.summarize(tot).items() if isinstance(v, float | None)}}
+
+
+def evaluate(run: Run, eval_prompts: list, step: int, state: dict) -> dict:
+    """The held-out prompts, sharded over ranks -> their metrics (prefixed eval_); a better eval_metric than best/'s
+    exports best/ and resets early stopping's count, a worse one adds to it."""
+    cfg, n = run.cfg, run.cfg.eval_num_generations
+    run.engine.eval()
+    mine = eval_prompts[run.rank::run.world]
+    groups = score(rollout(run, mine, n, greedy=n == 1), mine, run.reward_fns, n)
+    rec = {"step": step, **rollout_metrics(groups, "eval_")}
+    if run.rank == 0 and cfg.log_rollouts_interval:  # the page of this eval's rollouts
+        report.write_groups(os.path.join(cfg.output_dir, "rollouts"), step, groups, None, cfg.log_rollouts_count,
+                            "eval")
+    value = rec[f"eval_{cfg.eval_metric}"] if rec[f"eval_{cfg.eval_metric}"] is not None else float("-inf")
+    if value > state["best_eval"] + cfg.early_stopping_min_delta:
+        state.update(best_eval=value, bad_evals=0)
+        export(run, os.path.join(cfg.output_dir, "best"))
+        if run.rank == 0:
+            common.write_best(cfg.output_dir, value, step)
+    else:
+        state["bad_evals"] += 1
+    return rec
+
+
+def log_line(rec: dict, total: int) -> str:
+    shown = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k != "step")
+    return ("eval | " if "eval_reward" in rec else "") + f"step {rec['step']}/{total} | " + " | ".join(shown)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,34 +368,26 @@ def main(cfg: Config):
     common.seed_all(cfg.seed)
     log = print if rank == 0 else (lambda *a, **k: None)
     if not (cfg.model_path or cfg.adapter) or not cfg.data_path:
-        raise ValueError("model_path (or adapter) and data_path are required")
+        raise common.ConfigError("model_path (or adapter) and data_path are required")
     G, n_local = cfg.num_generations, cfg.prompts_per_rank * cfg.num_generations
     if n_local % cfg.micro_batch_size or G < 2:
-        raise ValueError(f"prompts_per_rank x num_generations ({n_local}) must be a multiple of micro_batch_size "
-                         f"({cfg.micro_batch_size}), and num_generations >= 2")
-    reward_fns = tools.parse_scorers(cfg.rewards)
+        raise common.ConfigError(f"prompts_per_rank x num_generations ({n_local}) must be a multiple of "
+                                 f"micro_batch_size ({cfg.micro_batch_size}), and num_generations >= 2")
+    reward_fns = scoring.parse_scorers(cfg.rewards)
     metric_names = ["accuracy", "format_rate", "mean_crop_iou", "reward"] + [f"reward_{n}" for n, _, _ in reward_fns]
     if cfg.eval_metric not in metric_names:
-        raise ValueError(f"eval_metric: {cfg.eval_metric!r}; choose from {', '.join(metric_names)}")
+        raise common.ConfigError(f"eval_metric: {cfg.eval_metric!r}; choose from {', '.join(metric_names)}")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-
-    # engine policy from the zero config; the script owns batch sizes, optimizer and schedule
-    with open(cfg.zero_config) as f:
-        ds_config = json.load(f)
-    for k in ("optimizer", "scheduler"):
-        if k in ds_config:
-            raise ValueError(f"{cfg.zero_config}: remove {k!r}; grpo.py builds the optimizer and LR schedule itself")
     gas = n_local // cfg.micro_batch_size  # micro-batches per optimizer step, the same on every rank
-    ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=gas, train_batch_size=gas * world)
-    ds_config["bf16"] = {"enabled": cfg.bf16}
+    ds_config = common.engine_config(cfg.zero_config, SCRIPT, gas, world, cfg.bf16)  # + batch sizes, bf16
     z3 = ds_config["zero_optimization"].get("stage", 0) == 3
 
-    # prompts first: a run with nothing to train on stops here, before a model is loaded
-    path = common.resolve_checkpoint(cfg.model_path or ovis.adapter_base(cfg.adapter))  # Hub ids: once per node
-    tokenizer = ovis.load_tokenizer(path)
+    # prompts first: a run with nothing to train on stops here, before a model is loaded. The start model's
+    # training record gives the budgets, tools and thinking the config leaves unset
+    path = common.resolve_checkpoint(cfg.model_path or common.adapter_base(cfg.adapter))  # Hub ids: once per node
+    start_record = common.read_record(cfg.adapter or path)
+    from_record = common.apply_record(cfg, start_record, data.RECORDED)
+    mcfg, tokenizer = ovis.read_config(path), ovis.load_tokenizer(path)
     registry = tools.load_tools(cfg.tools, cfg.bbox_format, cfg.identify_map or None)
     prompts = data.load_prompts(cfg.data_path.split(","), cfg.image_dir, cfg.bbox_format)
     eval_prompts = data.load_prompts(cfg.eval_data_path.split(","), cfg.eval_image_dir or cfg.image_dir,
@@ -381,16 +396,23 @@ def main(cfg: Config):
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0 or total <= 0:
         raise common.RunError(f"nothing to train on: {len(prompts)} prompts for {world} ranks x {cfg.prompts_per_rank} "
-                            f"prompts a step, epochs={cfg.epochs}, max_steps={cfg.max_steps}")
+                              f"prompts a step, epochs={cfg.epochs}, max_steps={cfg.max_steps}")
     draws = 0 if cfg.max_steps > 0 else total  # prompt draws the epochs hold (refills use them up too); 0 = endless
 
-    # model, reference, trainable parameters
-    model = load_model(cfg, path, ds_config, rank)
+    # model (+ a lora.py adapter merged in), reference, trainable parameters, optimizer and schedule, engine
+    if cfg.adapter and z3:
+        raise common.ConfigError("adapter: merge it first under ZeRO-3 (python merge_lora.py), then set model_path")
+    attn = cfg.attn_implementation or None
+    model = ovis.load_for_training(path, mcfg, ds_config, rank, attn_implementation=attn)
+    if cfg.adapter:
+        model = common.load_adapter(model, cfg.adapter).merge_and_unload()
     ref = None  # KL reference: a frozen copy (an engine without optimizer: partitioned under ZeRO-3, bf16 cast)
     if cfg.beta > 0 and not cfg.lora:  # LoRA: the policy's own weights with adapters disabled, no copy
         ref_cfg = ds_config if z3 else {**ds_config, "zero_optimization": {"stage": 0}}  # ZeRO-1/2 need an optimizer
-        ref = deepspeed.initialize(model=load_model(cfg, path, ds_config, rank).requires_grad_(False),
-                                   config=ref_cfg)[0]
+        ref_model = ovis.load_for_training(path, mcfg, ds_config, rank, attn_implementation=attn)
+        if cfg.adapter:
+            ref_model = common.load_adapter(ref_model, cfg.adapter).merge_and_unload()
+        ref = deepspeed.initialize(model=ref_model.requires_grad_(False), config=ref_cfg)[0]
         ref.eval()  # (DeepSpeedEngine.eval returns None)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -406,85 +428,49 @@ def main(cfg: Config):
         pc = model.peft_config["default"]  # what peft readers load the adapter onto: a dir, or a Hub id + revision
         pc.base_model_name_or_path, pc.revision = common.split_hub_id(base_name)
     policy = model.get_base_model() if cfg.lora else model  # Ovis25 (with live adapters in LoRA mode)
-    groups = param_groups(model, cfg)
+    groups = common.param_groups(model, trainable(cfg, mcfg), cfg.weight_decay)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
-
-    betas = tuple(cfg.adam_betas or (0.9, 0.99))
-    offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
-    if offload and ds_config.get("zero_force_ds_cpu_optimizer", True):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
-        opt = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, adamw_mode=True)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=torch.cuda.is_available())
+    opt = common.optimizer(groups, ds_config, cfg.lr, tuple(cfg.adam_betas or (0.9, 0.99)))
     warm = int(cfg.warmup_ratio * total * cfg.num_iterations)  # in optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warm + 1)))  # keeps group lrs
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
-    dev, roller = engine.device, functools.partial(rollout, engine, policy, tokenizer, registry, cfg)
+    dev = engine.device
+    run = Run(cfg, rank, world, engine, model, policy, tokenizer, registry, mcfg.geometry, reward_fns,
+              common.training_record(cfg, SCRIPT, data.RECORDED))
 
-    # resume: engine state, step, prompt cursor, early-stopping state, RNG
-    state = {"best_eval": float("-inf"), "bad_evals": 0, "cursor": 0}  # cursor: prompt draws so far
-    step, metrics_path = 0, os.path.join(cfg.output_dir, "metrics.jsonl")
-    guard = common.RunGuard(cfg.max_skipped_steps, 0.0, engine.fp16_enabled(), cfg.output_dir)
-    if cfg.resume:
-        ckpt = os.path.join(cfg.output_dir, "checkpoints") if cfg.resume == "auto" else os.path.dirname(
-            cfg.resume.rstrip("/"))
-        tag = None if cfg.resume == "auto" else os.path.basename(cfg.resume.rstrip("/"))
-        if cfg.resume == "auto" and os.path.exists(os.path.join(ckpt, "latest")):
-            tag = Path(ckpt, "latest").read_text().strip()
-        if tag is not None:
-            _, client = engine.load_checkpoint(ckpt, tag=tag, load_module_strict=not cfg.lora)
-            if client is None:
-                raise FileNotFoundError(f"could not load checkpoint {ckpt}/{tag}")
-            step = client["step"]
-            state = {**state, "cursor": step, **{k: client[k] for k in state if k in client}}  # older: no cursor
-            common.set_rng_state(client["rng"])
-            best = common.best_score(cfg.output_dir)  # best/ may be newer than this checkpoint: never make it worse
-            state["best_eval"] = state["best_eval"] if best is None else max(state["best_eval"], best)
-            guard.last_good, guard.seen_skips = os.path.join(ckpt, tag), engine.skipped_steps
-            if rank == 0:
-                common.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
-            log(f"resumed from {ckpt}/{tag} at step {step}")
-        else:
-            log("resume=auto: no checkpoint yet, starting fresh")
-
-    tb, wb = common.loggers(cfg, rank)  # tensorboard / wandb writers when the config asks for them (rank 0)
+    # resume: engine state, step, prompt cursor, early-stopping and guard state, RNG; then the run is on record
+    guard = common.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir,
+                            cfg.max_dead_steps, empty_why="had no learning signal: no group's rewards varied (every "
+                            "completion of a prompt scored the same; raise temperature or num_generations, turn on "
+                            "dynamic_sampling, check the rewards, or start from a model that solves some prompts)")
+    state = {"best_eval": float("-inf"), "bad_evals": 0, "cursor": 0, "guard": {}, "low_tool": 0}  # cursor: draws
+    step, state = common.resume(engine, cfg.resume, cfg.output_dir, state, log, strict=not cfg.lora)
+    state["cursor"] = state["cursor"] or step  # a checkpoint older than the cursor: one draw per step
+    best = common.read_best(cfg.output_dir)  # best/ may be newer than the checkpoint: never make it worse
+    state["best_eval"] = state["best_eval"] if best is None else max(state["best_eval"], best)
+    guard.load_state_dict(state["guard"], engine.skipped_steps)
+    if rank == 0:
+        common.write_run_config(cfg, cfg.output_dir)
+        report.drop_after(os.path.join(cfg.output_dir, "rollouts"), step)  # a resumed run writes its pages again
+    metrics = common.Metrics(cfg, rank, "grpo")  # metrics.jsonl, tensorboard / wandb when asked (rank 0)
     reference = "none" if cfg.beta == 0 else "adapters disabled" if cfg.lora else "frozen copy"
+    recorded = f" | from its training record: {', '.join(f'{k} {getattr(cfg, k)}' for k in from_record)}" \
+        if from_record else ""
     log(f"grpo: {cfg.model_path or path}{' + ' + cfg.adapter if cfg.adapter else ''}, {n_train / 1e6:.2f}M trainable "
         f"({'LoRA' if cfg.lora else cfg.train_modules}), reference {reference} | {len(prompts)} prompts, "
         f"{len(eval_prompts)} eval prompts, {total} steps of {world} ranks x {cfg.prompts_per_rank} prompts x {G} "
         f"completions, {gas} micro-batches | attention "
-        f"{ovis.attention_paths(cfg.attn_implementation, dtype=torch.bfloat16 if cfg.bf16 else None)}")
+        f"{ovis.attention_paths(cfg.attn_implementation, dtype=torch.bfloat16 if cfg.bf16 else None)}{recorded}")
 
-    def write(rec: dict):  # one log line and one metrics.jsonl record (strict JSON), on rank 0
-        if rank == 0:
-            shown = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k != "step")
-            print(("eval | " if "eval_reward" in rec else "") + f"step {rec['step']}/{total} | " + " | ".join(shown),
-                  flush=True)
-            with open(metrics_path, "a") as f:
-                f.write(common.metrics_line(rec))
-            for k, v in rec.items():
-                tb and isinstance(v, (int, float)) and np.isfinite(v) and tb.add_scalar(f"grpo/{k}", v, rec["step"])
-            wb and wb.log(rec, step=rec["step"])
-
-    def evaluate() -> bool:
-        """The held-out prompts, sharded over ranks; best/ kept by eval_metric. True: early stopping says stop."""
-        engine.eval()
-        mine, n = eval_prompts[rank::world], cfg.eval_num_generations
-        rec = {"step": step, **rollout_metrics(score(roller(mine, n, greedy=n == 1), mine, reward_fns, n), "eval_")}
-        value = rec[f"eval_{cfg.eval_metric}"] if rec[f"eval_{cfg.eval_metric}"] is not None else float("-inf")
-        if value > state["best_eval"] + cfg.early_stopping_min_delta:
-            state.update(best_eval=value, bad_evals=0)
-            export(engine, model, cfg, os.path.join(cfg.output_dir, "best"), rank)
-            rank == 0 and common.best_score(cfg.output_dir, value, step)
-        else:
-            state["bad_evals"] += 1
-        write(rec)
-        return 0 < cfg.early_stopping_patience <= state["bad_evals"]
-
-    stop = bool(eval_prompts and cfg.eval_interval and step == 0 and evaluate())  # the start is on the curve
+    stop = False
+    if eval_prompts and cfg.eval_interval and step == 0:  # the start is on the curve
+        rec = evaluate(run, eval_prompts, step, state)
+        log(log_line(rec, total))
+        metrics.write(rec)
+        stop = 0 < cfg.early_stopping_patience <= state["bad_evals"]
     while step < total and not stop:
-        # 1. rollouts (the completions of a prompt share its prefill); dynamic_sampling: groups without reward
-        #    variance are replaced by fresh prompts' groups, every rank in step (collectives must not hang)
+        # 1. rollouts (the completions of a prompt share its prefill), 2. scoring; dynamic_sampling refills groups
+        #    without reward variance with fresh prompts' groups
         t0 = time.time()
         engine.eval()
         batch = draw(prompts, state["cursor"], cfg, rank, world, draws)
@@ -493,33 +479,22 @@ def main(cfg: Config):
             break
         state["cursor"] += 1
         try:
-            groups = score(roller(batch, G), batch, reward_fns, G)  # 2. scoring (named block)
-            rounds, drawn, ran_out = 0, len(batch), False
-            while cfg.dynamic_sampling and rounds < cfg.max_refill_rounds:
-                flat = [i for i, g in enumerate(groups) if g["reward"].std() == 0]
-                need = torch.tensor(float(len(flat)), device=dev)
-                dist.all_reduce(need, op=dist.ReduceOp.MAX)  # any rank short: every rank draws again
-                more = draw(prompts, state["cursor"], cfg, rank, world, draws) if need.item() else None
-                if more is None:
-                    ran_out = need.item() > 0
-                    break
-                state["cursor"], rounds, drawn = state["cursor"] + 1, rounds + 1, drawn + len(more)
-                fresh = [g for g in score(roller(more, G), more, reward_fns, G) if g["reward"].std() > 0]
-                for i, g in zip(flat, fresh):
-                    groups[i] = g
+            groups = score(rollout(run, batch, G), batch, reward_fns, G)
+            rounds, drawn, ran_out = refill(run, groups, prompts, state, draws) if cfg.dynamic_sampling else \
+                (0, 0, False)
         except FloatingPointError as e:  # the last update left non-finite weights
             raise common.RunError(guard.stop(step + 1, f"{e}: the run diverged")) from e
         if ran_out:
             log(f"step {step + 1}: the prompts ran out while refilling: training on what there is")
         t_roll = time.time() - t0
 
-        # 2. group advantages, the loss normalisers over the global batch
+        # 3. group advantages, the loss normalisers over the global batch
         rolls = [r for g in groups for r in g["rolls"]]
         reward = torch.stack([g["reward"] for g in groups])  # (P, G)
+        signal = reward.std(1) > 0  # (P,) groups whose rewards vary: the only ones with a nonzero advantage
         adv = group_advantages(reward, cfg.scale_rewards).view(-1)  # (P*G,)
-        keep = (reward.std(1) > 0 if cfg.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool))
-        keep = keep.repeat_interleave(G)  # (P*G,)
-        n_gen = torch.tensor([sum(r.gen_mask) for r in rolls])  # generated tokens per completion
+        keep = (signal if cfg.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)).repeat_interleave(G)
+        n_gen = torch.tensor([sum(r.gen_mask) for r in rolls])  # (P*G,) generated tokens per completion
         tot = torch.tensor([float(keep.sum()), float((n_gen * keep).sum())], device=dev, dtype=torch.float64)
         dist.all_reduce(tot)  # kept sequences and their tokens over all ranks: the loss denominators
         w = torch.tensor(token_weights(n_gen.tolist(), cfg.loss_type, max(tot[0].item(), 1), max(tot[1].item(), 1),
@@ -528,7 +503,7 @@ def main(cfg: Config):
         adv_tok = adv.repeat_interleave(n_gen).to(dev).split(mb_tok)  # per micro-batch, (n,) each
         w_tok = w.repeat_interleave(n_gen).to(dev).split(mb_tok)
 
-        # 3. old and reference log-probs (no grad), then num_iterations clipped updates on the same rollouts
+        # 4. old and reference log-probs (no grad), then num_iterations clipped updates on the same rollouts
         t1 = time.time()
         mbs = [pack_rollouts(rolls[k:k + cfg.micro_batch_size], dev) for k in range(0, n_local, cfg.micro_batch_size)]
         with torch.no_grad():
@@ -537,12 +512,12 @@ def main(cfg: Config):
                 refs = [token_logps(engine if cfg.lora else ref, mb, cfg.temperature) if cfg.beta > 0 else None
                         for mb in mbs]
         engine.train()
-        st_sum, grad_norm = torch.zeros(4, device=dev, dtype=torch.float64), None  # clipped, kl sum, tokens, loss
+        sums, grad_norm = torch.zeros(4, device=dev, dtype=torch.float64), None  # clipped, kl sum, tokens, loss
         for _ in range(cfg.num_iterations):
             for b, mb in enumerate(mbs):
                 logp = token_logps(engine, mb, cfg.temperature)
-                loss, st = policy_loss(logp, logp.detach() if old[b] is None else old[b], refs[b], adv_tok[b],
-                                       w_tok[b], cfg)
+                loss, parts = policy_loss(logp, logp.detach() if old[b] is None else old[b], refs[b], adv_tok[b],
+                                          w_tok[b], cfg)
                 # the weights already divide by the global normaliser; engine.backward divides by gas and the
                 # gradient all-reduce averages over ranks, so multiply both back. Never divide again.
                 engine.backward(loss * gas * world)
@@ -550,47 +525,60 @@ def main(cfg: Config):
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
                                                               if p.grad is not None]).item()
                 engine.step()
-                st_sum += torch.stack([st["clipped"].sum(), st.get("kl", logp.new_zeros(1)).sum(),
-                                       torch.tensor(logp.numel()), loss.detach()]).double()
+                sums += torch.stack([parts["clipped"].sum(), parts.get("kl", logp.new_zeros(1)).sum(),
+                                     torch.tensor(logp.numel()), loss.detach()]).double()
         t_train = time.time() - t1
         step += 1
 
-        # 4. metrics (named block): every reward component, accuracy, tool use, lengths, KL, clipping, refills, time
-        more = torch.tensor([float(keep.sum()), float(reward.std(1).sum()), len(groups), drawn, float(n_gen.sum())],
-                            device=dev, dtype=torch.float64)
-        dist.all_reduce(st_sum)
-        dist.all_reduce(more)
-        n_tok = max(st_sum[2].item(), 1)
+        # 5. metrics: every reward component, accuracy, tool use, lengths, KL, clipping, refills, time; the guard
+        totals = torch.tensor([float(keep.sum()), float(reward.std(1).sum()), len(groups), len(batch) + drawn,
+                               float(n_gen.sum()), float((n_gen.view(len(groups), G).sum(1) * signal).sum())],
+                              device=dev, dtype=torch.float64)
+        dist.all_reduce(sums)
+        dist.all_reduce(totals)
+        n_tok = max(sums[2].item(), 1)
         rec = {"step": step, "epoch": (state["cursor"] - 1) // steps_per_epoch, **rollout_metrics(groups),
-               "kept_frac": more[0].item() / (more[2].item() * G), "group_reward_std": more[1].item() / more[2].item(),
-               "refill_rounds": rounds, "prompts_drawn": int(more[3]), "kl": st_sum[1].item() / n_tok,
-               "clip_frac": st_sum[0].item() / n_tok, "loss": st_sum[3].item() / cfg.num_iterations,
-               "lr": sched.get_last_lr()[0],
+               "kept_frac": totals[0].item() / (totals[2].item() * G),
+               "group_reward_std": totals[1].item() / totals[2].item(), "refill_rounds": rounds,
+               "prompts_drawn": int(totals[3]), "kl": sums[1].item() / n_tok, "clip_frac": sums[0].item() / n_tok,
+               "loss": sums[3].item() / cfg.num_iterations, "lr": sched.get_last_lr()[0],
                "grad_norm": grad_norm if grad_norm is not None else float(engine.get_global_grad_norm() or 0),
-               "rollout_s": t_roll, "train_s": t_train, "rollout_tok_per_s": more[4].item() / world / max(t_roll, 1e-9),
-               "targets": int(more[4])}
+               "rollout_s": t_roll, "train_s": t_train,
+               "rollout_tok_per_s": totals[4].item() / world / max(t_roll, 1e-9), "gen_tokens": int(totals[4]),
+               "targets": int(totals[5])}  # targets: generated tokens of groups with a learning signal
         failure = guard.check(step, rec, engine.skipped_steps)  # "" = healthy; else never eval, save or export
-        write(rec)
+        log(log_line(rec, total))
+        metrics.write(rec)
         if failure:
             raise common.RunError(failure)
+        state["low_tool"] = state["low_tool"] + 1 if rec["tool_rate"] < cfg.min_tool_rate else 0
+        if state["low_tool"] >= cfg.tool_collapse_patience:  # the most reported failure of tool RL: caught early
+            why = (f"tool use collapsed: {rec['tool_rate']:.0%} of the rollouts call a tool (min_tool_rate "
+                   f"{cfg.min_tool_rate:g}) for {state['low_tool']} steps in a row; see {cfg.output_dir}/rollouts")
+            if cfg.on_tool_collapse == "stop":
+                raise common.RunError(guard.stop(step, why))
+            log(f"WARNING step {step}: {why} (raise the tool reward, lower lr, or on_tool_collapse=stop)")
+        if rank == 0 and cfg.log_rollouts_interval and step % cfg.log_rollouts_interval == 0:
+            report.write_groups(os.path.join(cfg.output_dir, "rollouts"), step, groups, adv, cfg.log_rollouts_count)
         if eval_prompts and cfg.eval_interval and step % cfg.eval_interval == 0:
-            stop = evaluate()
+            rec = evaluate(run, eval_prompts, step, state)
+            log(log_line(rec, total))
+            metrics.write(rec)
+            stop = 0 < cfg.early_stopping_patience <= state["bad_evals"]
         if step % cfg.save_interval == 0 or step == total or stop:
-            guard.last_good = save_resumable(engine, cfg, step, state, rank)
+            state["guard"] = guard.state_dict()
+            guard.last_good = common.save_resumable(engine, cfg.output_dir, step, state, cfg.keep_last, rank,
+                                                    exclude_frozen=cfg.lora)
     if stop:
         log(f"early stopping at step {step}: no eval improvement in {state['bad_evals']} evals "
             f"(best {cfg.eval_metric} {state['best_eval']:.4f}, kept in {cfg.output_dir}/best)")
-    export(engine, model, cfg, os.path.join(cfg.output_dir, "final"), rank)
-    log(f"done: {'adapter' if cfg.lora else 'model'} in {cfg.output_dir}/final")
-    tb and tb.close()
-    wb and wb.finish()
+    export(run, os.path.join(cfg.output_dir, "final"))
+    log(f"done: {'adapter' if cfg.lora else 'model'} in {cfg.output_dir}/final{guard.summary()}")
+    metrics.close()
     if owns_group:
         dist.destroy_process_group()
     return model
 
 
 if __name__ == "__main__":
-    try:
-        main(common.load_config(Config))
-    except common.RunError as e:  # diverged, or nothing to train on: say so, exit non-zero, no final/
-        sys.exit(f"grpo.py: error: {e}")
+    common.run_cli(main, Config, __file__)  # a mistake to fix or a stopped run: one line, exit 1; Ctrl-C: exit 130

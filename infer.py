@@ -1,15 +1,20 @@
 """Ask a (fine-tuned) Ovis2.5 questions about images; its Crop / Identify calls run automatically (tools.run_tool_loop).
 
 Launch:
-    python infer.py --model DIR --image a.jpg --prompt "What is written on the sign?" --think --tools
+    python infer.py --model DIR --image a.jpg --prompt "What is written on the sign?" --enable-thinking --tools
     python infer.py --model DIR --input q.jsonl --output a.jsonl --image-dir data/demo --tools --batch-size 8
     python infer.py --adapter out/demo_lora/final --image a.jpg --prompt "..." --greedy    # base read from the adapter
-Batch input: JSONL lines `{"id", "image": path | [paths], "prompt"}`, `{"id", "messages": [...]}` or data samples
-(`{"id", "image", "conversations"}`: the turns before the first gpt turn); paths relative to --image-dir. Output:
-JSONL `{"id", "answer", "thinking", "text", "tool_calls", "n_generated", "finish"}`, appended batch by batch; ids
-already in --output are skipped, so an interrupted run resumes. A request that cannot be answered (missing image, bad
-messages) gets `{"id", "error"}` naming its field, the rest go on, the exit code is 1; --retry-errors asks again.
-Sampling defaults: the checkpoint's generation_config.json; --greedy, --temperature etc. override.
+Batch input: JSONL lines `{"id", "image": path | [paths], "prompt"}` (or `video_frames` / `video` for a video),
+`{"id", "messages": [...]}` or data samples (`{"id", "image", "conversations"}`: the turns before the first gpt turn,
+or `question`); paths relative to --image-dir; `answer` / `bbox` are the gold of --score; any other key is an error.
+Output: JSONL `{"id", "answer", "thinking", "text", "tool_calls", "n_generated", "finish", "seconds"}`, appended batch
+by batch; ids already in --output are skipped, so an interrupted run resumes. A request that cannot be answered
+(missing image, bad messages, a gold answer that cannot be scored) gets `{"id", "error"}` naming its file, line and
+field, the rest go on, the exit code is 1; --retry-errors asks again.
+Defaults: budgets, tools, thinking and tool-call budget from the checkpoint's training record (ovis_tune.json, written
+by sft / lora / grpo exports; the `model:` line says which), sampling from its generation_config.json; flags win.
+Flags are the stage configs' keys in kebab case (--single-image-min-pixels ...); --think, --identify, --min-pixels and
+--max-pixels are the older spellings of --enable-thinking, --identify-map and --single-image-min/max-pixels.
 
 Python:
     import infer
@@ -19,8 +24,11 @@ Python:
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +38,16 @@ from PIL import Image
 
 import common
 import data
+import evalsets
 import model as ovis
+import scoring
 import tools
+
+# what infer.py runs with when neither a flag nor the checkpoint's training record says otherwise
+DEFAULTS = {"enable_thinking": False, "thinking_budget": 0, "max_tool_calls": 5, "bbox_format": "pixel",
+            "tools": "Crop|Identify", **dataclasses.asdict(data.Budgets())}
+REQUEST_KEYS = ("id", "image", "video", "video_frames", "prompt", "question", "messages", "conversations", "answer",
+                "bbox", "bench")
 
 
 @dataclass
@@ -40,6 +56,15 @@ class Session:
     model: ovis.Ovis25
     tokenizer: object
     sampling: dict = field(default_factory=dict)  # generate() keywords from generation_config.json
+    record: dict = field(default_factory=dict)  # its training record (common.RECORD_FILE): budgets, tools, thinking
+
+    def setting(self, key: str, value=None):
+        """A setting: as given, else the training record's, else DEFAULTS'."""
+        return value if value is not None else self.record.get(key, DEFAULTS[key])
+
+    @property
+    def geometry(self) -> dict:
+        return self.model.config.geometry
 
 
 def load(model_path: str | None, adapter: str | None = None, dtype=None, device=None,
@@ -49,52 +74,83 @@ def load(model_path: str | None, adapter: str | None = None, dtype=None, device=
     bf16, else fp32."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model_path = common.resolve_checkpoint(model_path or ovis.adapter_base(adapter))  # a dir or a Hub id
+    model_path = common.resolve_checkpoint(model_path or common.adapter_base(adapter))  # a dir or a Hub id
     m = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     m.eval()
     if adapter:
-        m = ovis.load_adapter(m, adapter).merge_and_unload()
-    gen, path = {}, os.path.join(model_path, "generation_config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            g = json.load(f)
-        gen = {k: g[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty") if k in g}
-        eos = g.get("eos_token_id")
-        if eos is not None:
-            gen["eos_token_ids"] = tuple(eos if isinstance(eos, list) else [eos])
-    return Session(m, ovis.load_tokenizer(model_path), gen)
+        m = common.load_adapter(m, adapter).merge_and_unload()
+    return Session(m, ovis.load_tokenizer(model_path), generation_defaults(model_path),
+                   common.read_record(adapter or model_path))
 
 
-def _request(req: dict, image_dir: str = ".") -> tuple[list, list, list]:
-    """A request ({"messages"} | {"image", "prompt"} | a data sample) -> (chat messages, its images, their keys).
-    Keys (what an Identify map is indexed by) are the paths as written in the request, relative to image_dir. A bad
-    request raises data.SampleError naming the file, line, id and field."""
-    def bad(field, why):
-        return data.SampleError(req.get("_file", "request"), req.get("_index", 0), req.get("id"), field, why)
+def generation_defaults(model_path: str) -> dict:
+    """generate() keywords from a checkpoint's generation_config.json (sampling, eos ids)."""
+    path = os.path.join(model_path, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    g = common.read_json(path, "generation config")
+    gen = {k: g[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty") if k in g}
+    eos = g.get("eos_token_id")
+    if eos is not None:
+        gen["eos_token_ids"] = tuple(eos if isinstance(eos, list) else [eos])
+    return gen
 
-    imgs = req.get("image") or []
-    imgs = [("image", i) for i in (imgs if isinstance(imgs, list) else [imgs])]
+
+def _request(req: dict, image_dir: str, budgets: data.Budgets) -> tuple[list, list, list]:
+    """A request ({"messages"} | {"image" / "video" / "video_frames", "prompt"} | a data sample) -> (chat messages, its
+    images, their keys). Keys (what an Identify map is indexed by) are the paths as written in the request. Every
+    media key is read; a bad request raises data.SampleError naming the file, line, id and field."""
+    def bad(fld, why):
+        return data.SampleError(req.get("_file", "request"), req.get("_index", 1), req.get("id"), fld, why)
+
+    unknown = [k for k in req if not k.startswith("_") and k not in REQUEST_KEYS]
+    if unknown:
+        raise bad(unknown[0], f"unknown key {unknown[0]!r}; a request holds {', '.join(REQUEST_KEYS)}")
     if "messages" in req:
-        msgs, image_dir = req["messages"], "."  # paths as written in the messages
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
-            raise bad("messages", "must be a list of {role, content} messages")
-        imgs = [(f"messages[{i}].content[{j}].image", it.get("image")) for i, m in enumerate(msgs)
-                if not isinstance(m["content"], str) for j, it in enumerate(m["content"]) if it.get("type") == "image"]
-    elif "conversations" not in req and not isinstance(req.get("prompt"), str):
-        raise bad("prompt", "a request needs a text prompt (or messages, or conversations)")
+        return _messages(req, bad)
+    sample = req
+    if "conversations" not in req:  # {"prompt"} / {"question"}: one human turn, its media placed as training does
+        text = req.get("prompt", req.get("question"))
+        if not isinstance(text, str):
+            raise bad("prompt", "a request needs a text prompt (or messages, or conversations)")
+        sample = {**req, "conversations": [{"from": "human", "value": text}]}
+    msgs = data.prompt_messages(sample, image_dir, budgets)  # validates turns, media keys; decodes a video's frames
+    paths = [sample["image"]] if isinstance(sample.get("image"), str) else list(sample.get("image") or [])
     opened = []
-    for fld, i in imgs:
+    for p in paths:
         try:
-            opened.append(i if isinstance(i, Image.Image) else _rgb(Path(image_dir) / i))
-        except (OSError, TypeError) as e:
-            raise bad(fld, f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} image "
-                           f"{Path(image_dir) / str(i)} ({type(e).__name__})") from e
-    if "conversations" in req:
-        msgs = data.prompt_messages(req, image_dir)
-    elif "messages" not in req:
-        msgs = [{"role": "user", "content": [{"type": "image", "image": i} for i in opened] +
-                 [{"type": "text", "text": req["prompt"]}]}]
-    return msgs, opened, [i if isinstance(i, str) else "" for _, i in imgs]
+            opened.append(_rgb(Path(image_dir) / p))
+        except OSError as e:
+            raise bad("image", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} image "
+                               f"{Path(image_dir) / p} ({type(e).__name__})") from e
+    items = iter(opened)  # the messages' image items get the opened images: each file is read once
+    for m in msgs:
+        for it in m["content"]:
+            if it["type"] == "image":
+                it["image"] = next(items)
+    return msgs, opened, paths
+
+
+def _messages(req: dict, bad) -> tuple[list, list, list]:
+    """A {"messages"} request: chat messages whose image items hold paths (as written) or PIL images."""
+    msgs = req["messages"]
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
+        raise bad("messages", "must be a list of {role, content} messages")
+    media = [k for k in ("image", "video", "video_frames", "prompt", "conversations") if k in req]
+    if media:
+        raise bad(media[0], "a messages request carries its images inside the messages")
+    opened, keys = [], []
+    for i, m in enumerate(msgs):
+        for j, it in enumerate([] if isinstance(m["content"], str) else m["content"]):
+            if it.get("type") == "image":
+                try:
+                    opened.append(it["image"] if isinstance(it["image"], Image.Image) else _rgb(it["image"]))
+                except (OSError, TypeError, KeyError) as e:
+                    raise bad(f"messages[{i}].content[{j}].image", f"unreadable image {it.get('image')} "
+                                                                   f"({type(e).__name__})") from e
+                keys.append(it["image"] if isinstance(it["image"], str) else "")
+                it["image"] = opened[-1]
+    return msgs, opened, keys
 
 
 def _rgb(path) -> Image.Image:
@@ -102,49 +158,71 @@ def _rgb(path) -> Image.Image:
         return im.convert("RGB")
 
 
-def chat_batch(session: Session, requests: list, image_dir: str = ".", *, enable_thinking: bool = False,
+def registry_for(session: Session, use_tools, identify_map=None, bbox_format=None) -> "tools.Registry | None":
+    """use_tools: True = the trained tools (the record's, else Crop + Identify), a tools spec ("Crop|mypkg.ocr:OCR"),
+    a Registry, or False (none)."""
+    if isinstance(use_tools, tools.Registry) or not use_tools:
+        return use_tools or None
+    spec = session.setting("tools") if use_tools is True else use_tools
+    return tools.load_tools(spec, session.setting("bbox_format", bbox_format), identify_map)
+
+
+def chat_batch(session: Session, requests: list, image_dir: str = ".", *, enable_thinking: bool | None = None,
                thinking_budget: int | None = None, use_tools: "bool | str | tools.Registry" = False,
-               max_tool_calls: int = 5, identify=None, bbox_format: str = "pixel", max_new_tokens: int = 2048,
-               min_pixels: int = data.Budgets.single_image_min_pixels,
-               max_pixels: int = data.Budgets.single_image_max_pixels, crop_min_pixels: int | None = None,
-               crop_max_pixels: int | None = None, **sampling) -> list:
-    """Requests (see _request) -> one tools.Rollout each, generated as one left-padded batch. use_tools: True = Crop +
-    Identify (`identify`: its map file / dict / callable), a tools spec ("Crop|mypkg.ocr:OCR") or a Registry; its
-    system prompt is added when a request has none. thinking_budget applies with enable_thinking only; `sampling`
-    overrides session.sampling (generate keywords)."""
-    registry = use_tools if isinstance(use_tools, tools.Registry) else tools.load_tools(
-        "Crop|Identify" if use_tools is True else use_tools, bbox_format, identify) if use_tools else None
+               max_tool_calls: int | None = None, identify_map=None, bbox_format: str | None = None,
+               max_new_tokens: int = 2048, budgets: data.Budgets | None = None, **sampling) -> list:
+    """Requests (see _request) -> one tools.Rollout each, generated as one left-padded batch. use_tools: see
+    registry_for (`identify_map`: Identify's map file / dict / callable); its system prompt is added when a request
+    has none. Settings left None come from the session's training record (Session.setting); `budgets` (default: the
+    record's) may also be given field by field as keywords (single_image_min_pixels=...); `sampling` overrides
+    session.sampling (generate keywords). thinking_budget applies with thinking on only (0: none)."""
+    bfields = {f.name for f in dataclasses.fields(data.Budgets)}
+    budgets = dataclasses.replace(budgets or session_budgets(session),
+                                  **{k: sampling.pop(k) for k in list(sampling) if k in bfields})
+    registry = registry_for(session, use_tools, identify_map, bbox_format)
+    think = session.setting("enable_thinking", enable_thinking)
     prompts, images, keys = [], [], []
     for req in requests:
-        msgs, imgs, k = _request(req, image_dir)
+        msgs, imgs, k = _request(req, image_dir, budgets)
         if registry and not any(m["role"] == "system" for m in msgs):
             msgs = [{"role": "system", "content": registry.system_prompt()}] + msgs
+        video = any(it.get("type") == "video" for m in msgs if not isinstance(m["content"], str) for it in m["content"])
+        lo, hi = budgets.originals(len(imgs), video)
         try:
-            prompts.append(ovis.build_inputs(msgs, session.tokenizer, enable_thinking, True, min_pixels, max_pixels))
+            prompts.append(ovis.build_inputs(msgs, session.tokenizer, think, True, lo, hi, **session.geometry))
         except ValueError as e:  # an invalid message, or an image too small / thin for the pixel budget
-            raise data.SampleError(req.get("_file", "request"), req.get("_index", 0), req.get("id"),
+            raise data.SampleError(req.get("_file", "request"), req.get("_index", 1), req.get("id"),
                                    "messages" if "messages" in req else "image", str(e)) from e
         images.append(imgs)
         keys.append(k)
+    budget = session.setting("thinking_budget", thinking_budget) if think else 0
     return tools.run_tool_loop(
-        session.model, session.tokenizer, prompts, images, keys, registry, max_tool_calls, max_new_tokens,
-        thinking_budget if enable_thinking else None, crop_min_pixels=crop_min_pixels,
-        crop_max_pixels=crop_max_pixels, **{**session.sampling, **sampling})
+        session.model, session.tokenizer, prompts, images=images, keys=keys, registry=registry,
+        max_tool_calls=session.setting("max_tool_calls", max_tool_calls), max_new_tokens=max_new_tokens,
+        thinking_budget=budget or None, crop_min_pixels=budgets.crop_min_pixels,
+        crop_max_pixels=budgets.crop_max_pixels, **{**session.sampling, **sampling})
+
+
+def session_budgets(session: Session) -> data.Budgets:
+    """The budgets the model was trained with (its record), else data.Budgets' defaults."""
+    return data.Budgets(**{f.name: session.setting(f.name) for f in dataclasses.fields(data.Budgets)
+                           if f.name in DEFAULTS})
 
 
 def chat(session: Session, messages: list | None = None, image=None, prompt: str | None = None, **kw):
     """One conversation: `messages` (chat format, image items hold a path or a PIL image) or `image`(s) + `prompt`.
     Keywords as chat_batch (enable_thinking, thinking_budget, use_tools, max_tool_calls, do_sample, ...)."""
-    return chat_batch(session, [{"messages": messages} if messages else {"image": image, "prompt": prompt}], **kw)[0]
+    req = {"messages": messages} if messages else {"prompt": prompt, **({"image": image} if image else {})}
+    return chat_batch(session, [req], **kw)[0]
 
 
-def record(req: dict, r, scorers=()) -> dict:
-    """One output line. With scorers (tools.parse_scorers): each one's score against the request's answer / bbox,
-    and the trajectory's counts (tools.trajectory_stats) that the summary adds up."""
+def record(req: dict, r, scorers=(), seconds: float = 0.0) -> dict:
+    """One output line. With scorers (scoring.parse_scorers): each one's score against the request's answer / bbox,
+    and the trajectory's counts (scoring.trajectory_stats) that the summary adds up."""
     rec = {"id": req["id"], "answer": r.answer, "thinking": r.thinking, "text": r.text, "tool_calls": r.tool_calls,
-           "n_generated": r.n_generated, "finish": r.finish}
+           "n_generated": r.n_generated, "finish": r.finish, "seconds": round(seconds, 3)}
     if scorers:
-        rec.update(scores={n: float(fn(r, req)) for n, _, fn in scorers}, stats=dict(tools.trajectory_stats(r, req)))
+        rec.update(scores={n: float(fn(r, req)) for n, _, fn in scorers}, stats=dict(scoring.trajectory_stats(r, req)))
     return rec
 
 
@@ -164,7 +242,7 @@ def summary(path: str, scorers) -> dict:
     """Accuracy, format rate, tool calls per question, valid-crop rate, mean crop IoU, mean generated tokens, finish
     reasons, calls per tool and each scorer's mean over every scored record of `path` (earlier runs included)."""
     recs = [r for r in map(json.loads, Path(path).read_text(encoding="utf-8").splitlines()) if "stats" in r]
-    out = tools.summarize(sum((Counter(r["stats"]) for r in recs), Counter()))
+    out = scoring.summarize(sum((Counter(r["stats"]) for r in recs), Counter()))
     out["scores"] = {n: sum(r["scores"][n] for r in recs) / max(len(recs), 1) for n, _, _ in scorers}
     return out
 
@@ -182,7 +260,7 @@ def done_ids(path: str, retry_errors: bool = False) -> dict:
     return {r["id"]: "error" in r for r in map(json.loads, keep)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint dir or Hub id (default with --adapter: the base recorded in it)")
     ap.add_argument("--adapter", help="LoRA dir from lora.py, merged at load")
@@ -192,76 +270,142 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output")
     ap.add_argument("--retry-errors", action="store_true", help="ask again the requests --output holds errors for")
     ap.add_argument("--score", nargs="?", const="accuracy|format|iou|tool", help="score each answer against the "
-                    "request's answer (and bbox) with tools.py scorers (dotted paths for yours); writes a summary")
+                    "request's answer (and bbox) with scoring.py scorers (dotted paths for yours); writes a summary")
+    ap.add_argument("--bench", choices=evalsets.BENCHES, help="a benchmark in its published layout (--data PATH): "
+                    "prompted and scored as its own evaluation code does; writes <output>.summary.json")
+    ap.add_argument("--data", help="the benchmark's folder or file as downloaded from the Hub (with --bench)")
+    ap.add_argument("--compare", nargs="+", metavar="SUMMARY", help="side-by-side markdown table of --bench "
+                    "summaries (the first is the baseline); needs no model")
+    ap.add_argument("--report", action="store_true", help="also write <output>.html: the answers with each crop box "
+                    "and the gold box drawn (report.py)")
     ap.add_argument("--image-dir", default=".")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--think", action="store_true", help="enable thinking")
-    ap.add_argument("--thinking-budget", type=int)
-    ap.add_argument("--tools", nargs="?", const="Crop|Identify", help="run tool calls: Crop|Identify (no value), or "
-                    "names / module:Class, e.g. \"Crop|mypkg.ocr:OCR\"")
-    ap.add_argument("--identify", help="Identify map: JSON {image_key: [{bbox, name}]}")
-    ap.add_argument("--bbox-format", default="pixel", choices=tools.BBOX_FORMATS)
-    ap.add_argument("--max-tool-calls", type=int, default=5)
+    ap.add_argument("--enable-thinking", "--think", action=argparse.BooleanOptionalAction, help="open a thinking turn")
+    ap.add_argument("--thinking-budget", type=int, help="force the end of thinking after this many tokens; 0: none")
+    ap.add_argument("--tools", nargs="?", const=True, help="run tool calls: the trained ones (no value; the record's, "
+                    "else Crop|Identify), or names / module:Class, e.g. \"Crop|mypkg.ocr:OCR\"")
+    ap.add_argument("--identify-map", "--identify", help="Identify map: JSON {image_key: [{bbox, name}]}")
+    ap.add_argument("--bbox-format", choices=tools.BBOX_FORMATS)
+    ap.add_argument("--max-tool-calls", type=int)
     ap.add_argument("--max-new-tokens", type=int, default=2048)
     ap.add_argument("--greedy", action="store_true")
     for k in ("temperature", "top_p", "repetition_penalty"):
         ap.add_argument("--" + k.replace("_", "-"), type=float)
     ap.add_argument("--top-k", type=int)
-    for k in ("min_pixels", "max_pixels", "crop_min_pixels", "crop_max_pixels"):  # image budgets (crops: data.py's)
-        ap.add_argument("--" + k.replace("_", "-"), type=int)
+    for f in dataclasses.fields(data.Budgets):  # image / video / crop budgets, as the stage configs spell them
+        if f.name in DEFAULTS:
+            old = {"single_image_min_pixels": ["--min-pixels"], "single_image_max_pixels": ["--max-pixels"]}
+            ap.add_argument("--" + f.name.replace("_", "-"), *old.get(f.name, []), type=int, dest=f.name)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--attn-implementation", default="", choices=ovis.ATTN_CHOICES, help="see README (Attention)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = arguments()
     a = ap.parse_args(argv)
+    if a.compare:
+        print(evalsets.compare(a.compare))
+        return 0
     if not (a.model or a.adapter):
         ap.error("give --model, --adapter or both")
-    if bool(a.input) == bool(a.prompt) or bool(a.input) != bool(a.output):
-        ap.error("give --prompt (one question) or --input and --output (a batch)")
-    session = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device, a.attn_implementation)
+    if bool(a.bench) != bool(a.data):
+        ap.error("--bench NAME goes with --data PATH")
+    if len([x for x in (a.input, a.prompt, a.bench) if x]) != 1 or bool(a.input or a.bench) != bool(a.output):
+        ap.error("give --prompt (one question), --input and --output (a batch) or --bench, --data and --output")
+    # everything that can be checked is checked before the model loads: the record's defaults, tools, scorers, images
+    try:
+        path = common.resolve_checkpoint(a.model or common.adapter_base(a.adapter))
+        session = Session(None, ovis.load_tokenizer(path), record=common.read_record(a.adapter or path))
+        given = {k: getattr(a, k) for k in DEFAULTS if getattr(a, k, None) is not None}
+        taken = sorted(k for k in session.record if k in DEFAULTS and k not in given and (k != "tools" or a.tools))
+        registry = registry_for(session, a.tools or False, a.identify_map, a.bbox_format)
+        scorers = scoring.parse_scorers(a.score, "--score") if a.score else ()
+        budgets = dataclasses.replace(session_budgets(session), **{k: v for k, v in given.items()
+                                                                   if k in data.Budgets.__dataclass_fields__})
+        if a.prompt:
+            _request({"prompt": a.prompt, **({"image": a.image} if a.image else {})}, a.image_dir, budgets)
+    except (ValueError, FileNotFoundError) as e:
+        ap.exit(2, f"infer.py: error: {e}\n")
+    loaded = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device, a.attn_implementation)
+    session.model, session.sampling = loaded.model, loaded.sampling
+    p = next(session.model.parameters())
+    recorded = f" | from its training record ({common.RECORD_FILE}, {session.record.get('trained_by', '?')}): " + \
+        ", ".join(f"{k} {session.record[k]}" for k in taken) if taken else ""
+    print(f"model: {a.model or path}{' + ' + a.adapter if a.adapter else ''} | {p.dtype} on {p.device} | tools "
+          f"{', '.join(registry.names()) if registry else 'off'}{recorded}", file=sys.stderr)
     torch.manual_seed(a.seed)
-    kw = dict(enable_thinking=a.think, thinking_budget=a.thinking_budget, use_tools=a.tools or False,
-              identify=a.identify, bbox_format=a.bbox_format, max_tool_calls=a.max_tool_calls,
-              max_new_tokens=a.max_new_tokens)
-    kw.update({k: getattr(a, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "min_pixels",
-                                          "max_pixels", "crop_min_pixels", "crop_max_pixels")
+    kw = dict(enable_thinking=a.enable_thinking, thinking_budget=a.thinking_budget, use_tools=registry or False,
+              max_tool_calls=a.max_tool_calls, max_new_tokens=a.max_new_tokens, budgets=budgets)
+    kw.update({k: getattr(a, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
                if getattr(a, k) is not None}, **({"do_sample": False} if a.greedy else {}))
     if a.prompt:
-        r = chat_batch(session, [{"image": a.image, "prompt": a.prompt}], a.image_dir, **kw)[0]
+        r = chat_batch(session, [{"prompt": a.prompt, **({"image": a.image} if a.image else {})}], a.image_dir, **kw)[0]
         for c in r.tool_calls:
             print(f"[tool] {c['name']} {c['args']} -> {'ok' if c['ok'] else 'error'}: {c['result'] or '<image>'}")
         print(f"[thinking]\n{r.thinking}\n" if r.thinking else "", f"[answer]\n{r.answer}", sep="")
         return 0
-    return run_batch(session, a, kw)
+    return run_batch(session, a, kw, scorers)
 
 
-def run_batch(session: Session, a, kw: dict) -> int:
-    """The --input / --output CLI: resumable, error records, optional scores and summary. Returns the exit code."""
+def batch_requests(a) -> tuple[list, list]:
+    """--input (JSONL / JSON of requests; ids default to the line) or --bench NAME --data PATH (evalsets.load) ->
+    (requests, error records of what could not be read: a broken line, an unreadable benchmark row)."""
+    if a.bench:
+        return evalsets.load(a.bench, a.data)
+    bad_lines = []
+    reqs = [{**r, "id": r.get("id", r["_index"])} for r in data.load_samples(a.input, bad_lines)]  # id: its line
+    return reqs, [{"id": f"{a.input}:{e.index}", "error": str(e)} for e in bad_lines]
+
+
+def run_batch(session: Session, a, kw: dict, scorers) -> int:
+    """The --input / --bench CLI: resumable, error records, optional scores, benchmark summary and report page.
+    Returns the exit code."""
     from tqdm import tqdm
 
-    scorers, bad_lines = tools.parse_scorers(a.score, "--score") if a.score else (), []
-    reqs = [{**r, "id": r.get("id", r["_index"])} for r in data.load_samples(a.input, bad_lines)]  # id: line
+    reqs, unread = batch_requests(a)
     seen = done_ids(a.output, a.retry_errors)
-    todo, n_failed = [r for r in reqs if r["id"] not in seen], 0
-    bad = [{"id": f"{a.input}:{e.index}", "error": str(e)} for e in bad_lines if f"{a.input}:{e.index}" not in seen]
+    bad = [b for b in unread if b["id"] not in seen]
+    fmt = session.setting("bbox_format", a.bbox_format)
+    for r in [r for r in reqs if r["id"] not in seen] if scorers else ():  # gold that cannot be scored: an error
+        problem = scoring.gold_problem(r, fmt)
+        if problem:
+            bad.append({"id": r["id"], "error": str(data.SampleError(r["_file"], r["_index"], r["id"], *problem))})
+    todo, n_failed = [r for r in reqs if r["id"] not in seen and r["id"] not in {b["id"] for b in bad}], 0
     with open(a.output, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="infer", unit="q") as bar:
-        f.writelines(json.dumps(rec) + "\n" for rec in bad)  # a line that is no JSON object (id: file:line)
+        f.writelines(json.dumps(rec) + "\n" for rec in bad)
         for s in range(0, len(todo), a.batch_size):
-            batch = todo[s:s + a.batch_size]
+            batch, t0 = todo[s:s + a.batch_size], time.time()
             for req, r in zip(batch, answer(session, batch, a.image_dir, **kw)):
-                n_failed += isinstance(r, str)
-                rec = {"id": req["id"], "error": r} if isinstance(r, str) else record(req, r, scorers)
+                try:
+                    rec = {"id": req["id"], "error": r} if isinstance(r, str) else \
+                        record(req, r, scorers, (time.time() - t0) / len(batch))
+                except Exception as e:  # a scorer that fails on this record: its error, the run goes on
+                    where = f"{req.get('_file', a.input)}:{req.get('_index', '?')}"
+                    rec = {"id": req["id"], "error": f"{where} id={req['id']} field=scores: {type(e).__name__}: {e}"}
+                rec.update({"bench": req["bench"]} if "bench" in req else {})
+                n_failed += "error" in rec
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(batch))
     n_err, n_old = n_failed + len(bad), sum(seen.values())
-    print(f"{len(todo) - n_failed} answered, {n_err} errors, {len(reqs) - len(todo)} already in {a.output}"
-          + (f" ({n_old} of them errors)" if n_old else "")
+    print(f"{len(todo) - n_failed} answered, {n_err} errors, {sum(r['id'] in seen for r in reqs)} already in "
+          f"{a.output}" + (f" ({n_old} of them errors)" if n_old else "")
           + (" | each error record names its field; --retry-errors asks them again" if n_err + n_old else ""))
-    if scorers:
-        out = {**summary(a.output, scorers), "errors": n_err + n_old}
-        Path(os.path.splitext(a.output)[0] + ".summary.json").write_text(json.dumps(out, indent=2) + "\n")
-        print("summary:", json.dumps(out))
+    records = [json.loads(x) for x in Path(a.output).read_text(encoding="utf-8").splitlines()]
+    stem = os.path.splitext(a.output)[0]
+    if scorers or a.bench:  # every record of the output, earlier runs included
+        out = evalsets.summarize(records) if a.bench else {**summary(a.output, scorers), "errors": n_err + n_old}
+        Path(stem + ".summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(evalsets.table(out) if a.bench else "summary: " + json.dumps(out))
+    if a.report:
+        import report  # imported only when asked for
+
+        page = report.write_inference_report(stem + ".html", reqs, records, a.image_dir, fmt,
+                                             title=f"{a.bench or a.input} on {a.model or a.adapter}")
+        print(f"report: {page}")
     return 1 if n_err + n_old else 0  # finished, but not every request has an answer
 
 

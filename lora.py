@@ -18,13 +18,10 @@ Algorithm choices:
   output_dir/final and output_dir/best; with init_random the random base is written to output_dir/base.
 """
 
-import json
 import math
 import os
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import deepspeed
@@ -102,6 +99,8 @@ class Config:
     # --- when to stop a run that went wrong (never ends "done" on garbage)
     max_skipped_steps: int = 3  # fp16: more overflow-skipped steps in a row stop the run
     max_empty_step_frac: float = 0.1  # more steps than this share without any target token (all ranks) stop it
+    max_dead_steps: int = 3  # this many steps in a row with a zero gradient norm (or a loss blown up) stop it
+    max_loss_ratio: float = 4.0  # a loss above this many times its start is blown up; 0 = never
 
     def __post_init__(self):
         common.check_choices(self)  # Literal fields: a typo such as overlong="truncat" is an error
@@ -109,6 +108,9 @@ class Config:
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
+
+SCRIPT = os.path.basename(__file__)  # named in messages: a copy of this script names itself
+
 
 SAVE_MODULES = ("visual_tokenizer.head", "visual_tokenizer.vit.last_block", "vte")  # small: trained in full beside
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the adapters
@@ -119,8 +121,8 @@ def save_modules(cfg: Config, config: ovis.OvisConfig) -> dict:
     """modules_to_save -> {official module name: lr}."""
     mods = ovis.parse_modules(cfg.modules_to_save, cfg.lr, SAVE_MODULES, "modules_to_save")
     if cfg.lora_vit and any(m == "visual_tokenizer.vit.last_block" for m, _ in mods):
-        raise ValueError("modules_to_save: visual_tokenizer.vit.last_block is trained in full, so it cannot also "
-                         "carry ViT adapters (lora_vit); choose one")
+        raise common.ConfigError("modules_to_save: visual_tokenizer.vit.last_block is trained in full, so it cannot "
+                                 "also carry ViT adapters (lora_vit); choose one")
     return {ovis.module_prefix(config, m): lr for m, lr in mods}
 
 
@@ -129,7 +131,7 @@ def lora_config(cfg: Config, config: ovis.OvisConfig) -> LoraConfig:
     LLM's q_proj and never the ViT's. Adapter keys are then the official module names (base_model.model.<name>)."""
     llm = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     if not llm or set(llm) - set(LLM_TARGETS):
-        raise ValueError(f"lora_targets: {cfg.lora_targets!r}; choose from {', '.join(LLM_TARGETS)}")
+        raise common.ConfigError(f"lora_targets: {cfg.lora_targets!r}; choose from {', '.join(LLM_TARGETS)}")
     pattern = rf"llm\.model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(llm)})"
     if cfg.lora_vit:
         vit = r"visual_tokenizer\.vit\.vision_model\.encoder\.layers\.\d+\.(self_attn|mlp)"
@@ -139,17 +141,25 @@ def lora_config(cfg: Config, config: ovis.OvisConfig) -> LoraConfig:
                       modules_to_save=list(save_modules(cfg, config)) or None)
 
 
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """peft froze the base; adapters train at cfg.lr, each modules_to_save copy at its own lr. Norm weights and
-    biases (1-D) get no weight decay."""
-    own = save_modules(cfg, model.get_base_model().config)
-    groups: dict = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            mod = next((m for m in own if f".{m}.modules_to_save." in name), None)
-            lr, wd = own[mod] if mod else cfg.lr, 0.0 if p.ndim < 2 else cfg.weight_decay
-            groups.setdefault((lr, wd), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+def trainable(cfg: Config, model):
+    """peft froze the base -> lr_of(parameter name): adapters at cfg.lr, each modules_to_save copy at its own lr,
+    None (frozen) for the rest."""
+    own, chosen = save_modules(cfg, model.get_base_model().config), {n for n, p in model.named_parameters()
+                                                                     if p.requires_grad}
+    mod = lambda name: next((m for m in own if f".{m}.modules_to_save." in name), None)  # noqa: E731
+    return lambda name: (own[mod(name)] if mod(name) else cfg.lr) if name in chosen else None
+
+
+def adapter_base(cfg: Config, model: ovis.Ovis25, rank: int) -> str:
+    """The base an adapter records: the Hub id, the dir, or output_dir/base where a random base is written (demos)."""
+    if not cfg.init_random:
+        return cfg.model_path if not os.path.isdir(cfg.model_path) else model.source_dir  # a Hub id stays an id
+    base = os.path.abspath(os.path.join(cfg.output_dir, "base"))
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=hasattr(model.vte.weight, "ds_id")):
+        if rank == 0:
+            model.save_pretrained(base)
+    dist.barrier()
+    return base
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -167,72 +177,6 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
-def load_model(cfg: Config, path: str, ds_config: dict, rank: int) -> tuple[ovis.Ovis25, str]:
-    """Under ZeRO-3 the model is built partitioned (deepspeed.zero.Init) and filled tensor by tensor from rank 0,
-    so no rank ever holds a full replica; otherwise a plain load. `path`: cfg.model_path resolved to a local dir.
-    Returns the model and the base an adapter records: the Hub id, the dir, or output_dir/base for a random base."""
-    with open(os.path.join(path, "config.json")) as f:
-        mcfg = ovis.OvisConfig.from_dict(json.load(f))
-    attn = cfg.attn_implementation or None
-    if ds_config["zero_optimization"].get("stage", 0) == 3:
-        # zero.Init skips the Qwen3 init: a random model is built plainly (tiny ones) and copied in
-        src = ovis.Ovis25.from_config(mcfg, attn_implementation=attn).state_dict() if cfg.init_random else None
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            m = ovis.Ovis25(mcfg, attn)
-        def copy(p, t):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if rank == 0:
-                    p.data.copy_(t)
-        if src is not None:
-            for name, p in m.named_parameters():
-                copy(p, src[name])
-        else:
-            ovis.load_weights(m, path, copy)
-    elif cfg.init_random:
-        m = ovis.Ovis25.from_config(mcfg, attn_implementation=attn)
-    else:
-        m = ovis.Ovis25.from_pretrained(path, attn_implementation=attn)
-    m.source_dir = os.path.abspath(path)  # exports copy its config.json keys, tokenizer and code files
-    base = cfg.model_path if not os.path.isdir(cfg.model_path) else m.source_dir  # a Hub id stays an id
-    if cfg.init_random:
-        base = os.path.abspath(os.path.join(cfg.output_dir, "base"))
-        with deepspeed.zero.GatheredParameters(list(m.parameters()), enabled=hasattr(m.vte.weight, "ds_id")):
-            if rank == 0:
-                m.save_pretrained(base)
-        dist.barrier()
-    return m, base
-
-
-def export(engine, model, out_dir: str, rank: int):
-    """The adapter in the standard peft layout, base path recorded. Under ZeRO-3 only the trainable parameters
-    are gathered (a collective: every rank calls this)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(trainable, enabled=engine.zero_optimization_stage() == 3):
-        if rank == 0:  # into a temp dir, then renamed: a crash never leaves half an adapter
-            shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
-            model.save_pretrained(out_dir + ".tmp", save_embedding_layers=False)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(out_dir + ".tmp", out_dir)
-    dist.barrier()
-
-
-def save_resumable(engine, cfg: Config, step: int, state: dict, rank: int):
-    ckpt = os.path.join(cfg.output_dir, "checkpoints")
-    tag = f"step{step:07d}"
-    state = {**state, "step": step, "rng": common.rng_state()}
-    engine.save_checkpoint(ckpt, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=True)
-    dist.barrier()
-    if rank == 0:  # `latest` flips atomically only once every rank has written its shard
-        with open(os.path.join(ckpt, "latest.tmp"), "w") as f:
-            f.write(tag)
-        os.replace(os.path.join(ckpt, "latest.tmp"), os.path.join(ckpt, "latest"))
-        tags = sorted(d for d in os.listdir(ckpt) if d.startswith("step"))
-        for old in tags[:-cfg.keep_last] if cfg.keep_last > 0 else []:
-            shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
-    dist.barrier()
-    return os.path.join(ckpt, tag)
-
-
 def to_device(mb: dict, device) -> dict:
     keys = ("input_ids", "labels", "position_ids", "pixel_values", "grid_thws")
     return {k: mb[k].to(device) if mb[k] is not None else None for k in keys}
@@ -241,16 +185,13 @@ def to_device(mb: dict, device) -> dict:
 @torch.no_grad()
 def evaluate(engine, eval_ds, cfg: Config, rank: int, world: int) -> float:
     """Token-weighted eval loss over the whole eval set, reduced across ranks. Every rank runs the same number of
-    forwards (ZeRO-3 gathers are collectives); a rank without a row left re-runs a row with weight 0."""
+    forwards (ZeRO-3 gathers are collectives): the packing route fills the last step with empty rows."""
     engine.eval()
-    rows = common.pack(eval_ds.lengths, cfg.max_tokens, cfg.seed, 0)
+    loader, _ = data.micro_batches(eval_ds, cfg.max_tokens, rank, world, 1, cfg.seed, fill="empty")
     tot = torch.zeros(2, device=engine.device, dtype=torch.float64)  # (loss sum, target tokens)
-    for i in range(-(-len(rows) // world)):
-        j = i * world + rank
-        mb = data.collate([[eval_ds[k] for k in rows[min(j, len(rows) - 1)]]])
+    for mb in loader:
         out = engine(**to_device(mb, engine.device), loss_reduction="sum")
-        if j < len(rows):
-            tot += torch.stack([out.loss.double(), torch.tensor(float(out.n_targets), device=engine.device)])
+        tot += torch.stack([out.loss.double(), torch.tensor(float(out.n_targets), device=engine.device)])
     dist.all_reduce(tot)
     engine.train()
     return (tot[0] / tot[1].clamp(min=1)).item()
@@ -271,92 +212,60 @@ def main(cfg: Config):
     common.seed_all(cfg.seed)
     log = print if rank == 0 else (lambda *a, **k: None)
     if not cfg.model_path or not cfg.data_path:
-        raise ValueError("model_path and data_path are required")
+        raise common.ConfigError("model_path and data_path are required")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-
-    # engine policy from the zero config; the script owns batch sizes, optimizer and schedule
-    with open(cfg.zero_config) as f:
-        ds_config = json.load(f)
-    for k in ("optimizer", "scheduler"):
-        if k in ds_config:
-            raise ValueError(f"{cfg.zero_config}: remove {k!r}; lora.py builds the optimizer and LR schedule itself")
-    ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                     train_batch_size=cfg.gradient_accumulation_steps * world)
-    ds_config["bf16"] = {"enabled": cfg.bf16}
+    gas = cfg.gradient_accumulation_steps
+    ds_config = common.engine_config(cfg.zero_config, SCRIPT, gas, world, cfg.bf16)  # + batch sizes, bf16
 
     # data first: a run with nothing to train on stops here, before a model is loaded. Sizes are known before
     # training, so the schedule covers exactly the steps that will run
     path = common.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
-    tokenizer = ovis.load_tokenizer(path)
-    enc = dict(budgets=data.Budgets.of(cfg), registry=tools.load_tools(cfg.tools, cfg.bbox_format),
-               **ovis.patch_geometry(path))  # the checkpoint's own patch size and merge stride
+    mcfg, tokenizer = ovis.read_config(path), ovis.load_tokenizer(path)  # the config: parsed once, geometry and model
+    enc = dict(budgets=data.Budgets.of(cfg), registry=tools.load_tools(cfg.tools, cfg.bbox_format), **mcfg.geometry)
     train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log, required="data_path", **enc)
     eval_ds = data.SFTDataset(cfg.eval_data_path.split(","), tokenizer, cfg.eval_image_dir or cfg.image_dir, log,
                               required="eval_data_path", **enc) if cfg.eval_data_path else None
-    gas = cfg.gradient_accumulation_steps
-    steps_per_epoch = len(common.plan_epoch(train_ds.lengths, cfg.max_tokens, world, gas, cfg.seed, 0))
+    _, steps_per_epoch = data.micro_batches(train_ds, cfg.max_tokens, rank, world, gas, cfg.seed)  # refuses samples
+    if eval_ds is not None:  # longer than max_tokens, before any model loads
+        data.micro_batches(eval_ds, cfg.max_tokens, rank, world)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     if total_steps <= 0:
         raise common.RunError(f"0 training steps (epochs={cfg.epochs}, max_steps={cfg.max_steps}): nothing would train")
     eval_every = cfg.eval_interval or steps_per_epoch
     save_every = cfg.save_interval or steps_per_epoch
 
-    # model, trainable parameters
-    base, base_name = load_model(cfg, path, ds_config, rank)
+    # model, trainable parameters, optimizer and schedule, engine
+    base = ovis.load_for_training(path, mcfg, ds_config, rank, cfg.init_random, cfg.attn_implementation or None)
+    base_name = adapter_base(cfg, base, rank)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     torch.manual_seed(cfg.seed)  # the same adapter init at every ZeRO stage (zero.Init draws random numbers)
     model = get_peft_model(base, lora_config(cfg, base.config))  # freezes the base, adds adapters (+ copies)
     pc = model.peft_config["default"]  # what peft readers load the adapter onto: a dir, or a Hub id + revision
     pc.base_model_name_or_path, pc.revision = common.split_hub_id(base_name)
-    groups = param_groups(model, cfg)
+    groups = common.param_groups(model, trainable(cfg, model), cfg.weight_decay)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
     n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log(f"model: {cfg.model_path} | trainable {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M params | LoRA r "
         f"{cfg.lora_r} alpha {cfg.lora_alpha} on {cfg.lora_targets}{' + ViT' if cfg.lora_vit else ''}"
         f"{' | modules_to_save ' + cfg.modules_to_save if cfg.modules_to_save else ''} | attention "
         f"{ovis.attention_paths(cfg.attn_implementation, dtype=torch.bfloat16 if cfg.bf16 else None)}")
-
-    betas = tuple(cfg.adam_betas or (0.9, 0.999))
-    if ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload needs DeepSpeed's CPU Adam
-        opt = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, adamw_mode=True)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=torch.cuda.is_available())
+    opt = common.optimizer(groups, ds_config, cfg.lr, tuple(cfg.adam_betas or (0.9, 0.999)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))  # keeps per-group lrs
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
 
-    # resume: engine state, step, early-stopping state, RNG
-    state = {"best_eval": float("inf"), "bad_evals": 0}
-    step, metrics_path = 0, os.path.join(cfg.output_dir, "metrics.jsonl")
-    guard = common.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir)
-    if cfg.resume:
-        ckpt = os.path.join(cfg.output_dir, "checkpoints") if cfg.resume == "auto" else os.path.dirname(
-            cfg.resume.rstrip("/"))
-        tag = None if cfg.resume == "auto" else os.path.basename(cfg.resume.rstrip("/"))
-        if cfg.resume == "auto" and os.path.exists(os.path.join(ckpt, "latest")):
-            with open(os.path.join(ckpt, "latest")) as f:
-                tag = f.read().strip()
-        if tag is not None:
-            _, client = engine.load_checkpoint(ckpt, tag=tag, load_module_strict=False)  # frozen base not saved
-            if client is None:
-                raise FileNotFoundError(f"could not load checkpoint {ckpt}/{tag}")
-            step = client["step"]
-            state = {k: client[k] for k in state}
-            common.set_rng_state(client["rng"])
-            best = common.best_score(cfg.output_dir)  # best/ may be newer than this checkpoint: never make it worse
-            state["best_eval"] = state["best_eval"] if best is None else min(state["best_eval"], best)
-            guard.last_good, guard.seen_skips = os.path.join(ckpt, tag), engine.skipped_steps
-            if rank == 0:
-                common.trim_metrics(metrics_path, step)  # the steps after the checkpoint are run (and logged) again
-            log(f"resumed from {ckpt}/{tag} at step {step}")
-        else:
-            log("resume=auto: no checkpoint yet, starting fresh")
-
-    tb, wb = common.loggers(cfg, rank)  # tensorboard / wandb writers when the config asks for them (rank 0)
+    # resume: engine state, step, early-stopping and guard state, RNG; then the run is on record
+    guard = common.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir,
+                            cfg.max_dead_steps, cfg.max_loss_ratio, mcfg.llm.vocab_size)
+    step, state = common.resume(engine, cfg.resume, cfg.output_dir, {"best_eval": math.inf, "bad_evals": 0,
+                                                                     "guard": {}}, log, strict=False)
+    best = common.read_best(cfg.output_dir)  # best/ may be newer than the checkpoint: never make it worse
+    state["best_eval"] = state["best_eval"] if best is None else min(state["best_eval"], best)
+    guard.load_state_dict(state["guard"], engine.skipped_steps)
+    record = common.training_record(cfg, SCRIPT, data.RECORDED)  # what exports carry: budgets, tools
+    if rank == 0:
+        common.write_run_config(cfg, cfg.output_dir)
+    metrics = common.Metrics(cfg, rank)  # metrics.jsonl, tensorboard / wandb when asked (rank 0)
     log(f"training: {len(train_ds)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, {world} ranks x "
         f"{gas} micro-batches of <= {cfg.max_tokens} tokens")
 
@@ -365,8 +274,8 @@ def main(cfg: Config):
     stop = False
     while step < total_steps and not stop:
         epoch, start = divmod(step, steps_per_epoch)
-        loader = data.micro_batches(train_ds, cfg.max_tokens, rank, world, gas, cfg.seed, epoch, start,
-                                    cfg.num_workers)
+        loader, _ = data.micro_batches(train_ds, cfg.max_tokens, rank, world, gas, cfg.seed, epoch, start,
+                                       cfg.num_workers)
         batches = iter(loader)
         for _ in range(start, steps_per_epoch):
             t0 = time.time()
@@ -403,45 +312,39 @@ def main(cfg: Config):
                 rec["eval_loss"] = evaluate(engine, eval_ds, cfg, rank, world)
                 if rec["eval_loss"] < state["best_eval"] - cfg.early_stopping_min_delta:
                     state.update(best_eval=rec["eval_loss"], bad_evals=0)
-                    export(engine, model, os.path.join(cfg.output_dir, "best"), rank)
-                    rank == 0 and common.best_score(cfg.output_dir, rec["eval_loss"], step)
+                    common.export_adapter(engine, model, os.path.join(cfg.output_dir, "best"), rank, record)
+                    if rank == 0:
+                        common.write_best(cfg.output_dir, rec["eval_loss"], step)
                 else:
                     state["bad_evals"] += 1
                     stop = 0 < cfg.early_stopping_patience <= state["bad_evals"]
-            if rank == 0:
-                if step % cfg.log_interval == 0 or step == total_steps or "eval_loss" in rec or failure:
-                    print(f"step {step}/{total_steps} | epoch {epoch} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
-                          f" | grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f} | real "
-                          f"{rec['real_token_frac']:.1%} | mem {rec['mem_gb']:.2f}GB"
-                          + (f" | eval_loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else "")
-                          + (f" | {rec['load_failures']} samples failed to load" if rec["load_failures"] else ""),
-                          flush=True)
-                with open(metrics_path, "a") as f:
-                    f.write(common.metrics_line(rec))  # strict JSON: NaN / inf become null, named in "nonfinite"
-                for k, v in rec.items():
-                    tb and math.isfinite(v) and tb.add_scalar(f"train/{k}", v, step)
-                wb and wb.log(rec, step=step)
+            if rank == 0 and (step % cfg.log_interval == 0 or step == total_steps or "eval_loss" in rec or failure):
+                print(f"step {step}/{total_steps} | epoch {epoch} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                      f"grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f} | real "
+                      f"{rec['real_token_frac']:.1%} | mem {rec['mem_gb']:.2f}GB"
+                      + (f" | eval_loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else "")
+                      + (f" | {rec['load_failures']} samples failed to load" if rec["load_failures"] else ""),
+                      flush=True)
+            metrics.write(rec)  # every step: strict JSON (NaN / inf become null, named in "nonfinite")
             if failure:
                 raise common.RunError(failure)
             if step % save_every == 0 or step == total_steps or stop:
-                guard.last_good = save_resumable(engine, cfg, step, state, rank)
+                state["guard"] = guard.state_dict()
+                guard.last_good = common.save_resumable(engine, cfg.output_dir, step, state, cfg.keep_last, rank,
+                                                        exclude_frozen=True)  # the frozen base is not saved
             if step >= total_steps or stop:
                 break
     if stop:
         log(f"early stopping at step {step}: no eval improvement in {state['bad_evals']} evals "
             f"(best {state['best_eval']:.4f}, kept in {cfg.output_dir}/best)")
-    export(engine, model, os.path.join(cfg.output_dir, "final"), rank)
+    common.export_adapter(engine, model, os.path.join(cfg.output_dir, "final"), rank, record)
     log(f"done: adapter in {cfg.output_dir}/final (base {base_name}){guard.summary()}; merge: python merge_lora.py "
         f"--adapter {cfg.output_dir}/final --out {cfg.output_dir}/merged")
-    tb and tb.close()
-    wb and wb.finish()
+    metrics.close()
     if owns_group:
         dist.destroy_process_group()
     return model  # the trained PeftModel (tests compare it with the export); partitioned under ZeRO-3
 
 
 if __name__ == "__main__":
-    try:
-        main(common.load_config(Config))
-    except common.RunError as e:  # diverged, or nothing to train on: say so, exit non-zero, no final/
-        sys.exit(f"lora.py: error: {e}")
+    common.run_cli(main, Config, __file__)  # a mistake to fix or a stopped run: one line, exit 1; Ctrl-C: exit 130

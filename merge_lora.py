@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if os.path.exists(a.out):
         raise SystemExit(f"merge_lora: {a.out} exists; choose a new --out (nothing is overwritten)")
-    recorded = ovis.adapter_base(a.adapter)
+    recorded = common.adapter_base(a.adapter)
     same = lambda x, y: x == y or (os.path.isdir(x) and os.path.isdir(y) and os.path.samefile(x, y))
     if a.base and not same(a.base, recorded) and not a.force:
         raise SystemExit(f"merge_lora: --base {a.base} is not the base the adapter was trained on ({recorded}, "
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     model = ovis.Ovis25.from_pretrained(base, dtype=torch.float32, device=a.device).eval()
     keys = set(model.state_dict())
-    peft_model = ovis.load_adapter(model, a.adapter)
+    peft_model = common.load_adapter(model, a.adapter)
     print(f"loaded {base} + {a.adapter} in {time.time() - t0:.0f}s")
 
     probe = probe_inputs(ovis.load_tokenizer(base), a.device)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(merged.state_dict()) != keys:
         raise SystemExit(f"merge_lora: the merged key set differs from the base's: "
                          f"{sorted(set(merged.state_dict()) ^ keys)[:5]}")
-    merged.save_pretrained(a.out, dtype=DTYPES[a.dtype], source_dir=base)
+    merged.save_pretrained(a.out, dtype=DTYPES[a.dtype], source_dir=base, record=common.read_record(a.adapter))
     print(f"wrote {a.out} ({a.dtype}, official layout, files copied from {base})")
     return 0
 

@@ -15,6 +15,7 @@ budget, and `GenState` to continue a finished generation from its KV cache (the 
 import copy
 import fnmatch
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -48,9 +49,11 @@ EOS_IDS = (IM_END_ID, PAD_ID)  # generation_config.json of the released checkpoi
 # \n</think>\n\n" tokenized: forced when the thinking budget runs out (spec 10.2)
 THINK_EARLY_STOP_IDS = (271, 82796, 279, 7199, 882, 553, 279, 1196, 11, 358, 614, 311, 2968, 279, 6291, 3118, 389,
                         279, 7274, 5961, 1431, 624, 151668, 271)
+# the KV cache keyword of Qwen3ForCausalLM.forward: `cache` since transformers 5.2x, `past_key_values` before
+CACHE_KW = "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
 # files of a checkpoint directory that are not weights nor config.json: an export copies them byte for byte
 AUX_FILES = ("tokenizer*", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "chat_template*",
-             "preprocessor_config.json", "processor_config.json", "generation_config.json", "*.py")
+             "preprocessor_config.json", "processor_config.json", "generation_config.json", "*.py", common.RECORD_FILE)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: parsed from the official config.json; unknown keys are kept and written back on save
@@ -121,6 +124,11 @@ class OvisConfig:
                           f"{rope_theta(llm):g}. Exports of this model write rope_theta.", stacklevel=3)
         return cls(vit=vit, llm=llm, hidden_size=hidden, visual_vocab_size=int(d.get("visual_vocab_size", 65536)),
                    raw=d)
+
+    @property
+    def geometry(self) -> dict:
+        """How this checkpoint cuts images: build_inputs / encode_sample / tool_result_pixels take these keywords."""
+        return {"patch_size": self.vit.patch_size, "hidden_stride": self.vit.hidden_stride}
 
     def to_dict(self, dtype: torch.dtype | None = None) -> dict:
         """config.json of an export: the source's JSON as read, so every reader (official remote code, vLLM, 5.x)
@@ -596,11 +604,10 @@ class VisualTokenizer(nn.Module):
 # Checkpoint reading (shared by from_pretrained and the ZeRO-3 loader of the training scripts)
 
 
-def patch_geometry(path: str) -> dict:
-    """patch_size and hidden_stride of a checkpoint's ViT: the data path cuts images as that checkpoint sees them."""
+def read_config(path: str) -> "OvisConfig":
+    """A checkpoint dir's config.json, parsed once per run: the data path (geometry) and the model build share it."""
     with open(os.path.join(path, "config.json")) as f:
-        v = json.load(f).get("vit_config") or {}
-    return {"patch_size": v.get("patch_size", 16), "hidden_stride": v.get("hidden_stride", 2)}
+        return OvisConfig.from_dict(json.load(f))
 
 
 def iter_checkpoint(path: str):
@@ -638,48 +645,34 @@ def load_weights(model: nn.Module, path: str, copy=None) -> set:
     return loaded
 
 
-def adapter_base(adapter_dir: str) -> str:
-    """The base an adapter dir records, as common.resolve_checkpoint takes it: "org/name@rev", "org/name" or a dir."""
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, not a peft LoRA adapter (lora.py writes one "
-                                "to output_dir/final)")
-    with open(path) as f:
-        cfg = json.load(f)
-    base, revision = cfg.get("base_model_name_or_path"), cfg.get("revision")
-    if not base:
-        raise ValueError(f"{path}: base_model_name_or_path is empty; pass the base checkpoint explicitly")
-    return f"{base}@{revision}" if revision and not os.path.isdir(base) else base
+def load_for_training(path: str, config: "OvisConfig", ds_config: dict, rank: int, init_random: bool = False,
+                      attn_implementation: str | None = None) -> "Ovis25":
+    """The model a stage script trains. Under ZeRO-3 it is built partitioned (deepspeed.zero.Init) and filled tensor
+    by tensor from rank 0, so no rank ever holds a full replica; otherwise a plain load. init_random: random weights
+    of `config` (demos, tests). `path`: a local checkpoint dir, whose tokenizer and code files exports copy."""
+    if ds_config["zero_optimization"].get("stage", 0) == 3:
+        import deepspeed
 
+        # zero.Init skips the Qwen3 init: a random model is built plainly (tiny ones) and copied in
+        src = Ovis25(config, attn_implementation).state_dict() if init_random else None
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            m = Ovis25(config, attn_implementation)
 
-def load_adapter(model: nn.Module, adapter_dir: str):
-    """A peft LoRA dir written by lora.py -> a PeftModel around `model`. Every tensor is checked against the base
-    first, so an adapter of another model fails naming the tensor and both shapes."""
-    from peft import PeftModel
-    from safetensors import safe_open
-
-    adapter_base(adapter_dir)  # a clear error when it is no adapter dir
-    path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
-    modules, params = dict(model.named_modules()), dict(model.named_parameters())
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            shape, name = tuple(f.get_slice(key).get_shape()), key.removeprefix("base_model.model.")
-            if ".lora_A." in name or ".lora_B." in name:
-                target, ab = name.split(".lora_")[0], name.split(".lora_")[1][0]
-                lin = modules.get(target)
-                if not isinstance(lin, nn.Linear):
-                    raise ValueError(f"{path}: {key}: the base has no linear layer {target!r}")
-                want, got = (lin.in_features, shape[1]) if ab == "A" else (lin.out_features, shape[0])
-            else:  # a modules_to_save tensor: a full copy of the base's
-                if name not in params:
-                    raise ValueError(f"{path}: {key}: the base has no parameter {name!r}")
-                want, got = tuple(params[name].shape), shape
-            if want != got:
-                raise ValueError(f"{path}: {key} has shape {shape}, which does not fit the base ({want} expected): "
-                                 "the adapter was trained on another model")
-    return PeftModel.from_pretrained(model, adapter_dir)
+        def copy(p, t):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(t)
+        if src is not None:
+            for name, p in m.named_parameters():
+                copy(p, src[name])
+        else:
+            load_weights(m, path, copy)
+    elif init_random:
+        m = Ovis25.from_config(config, attn_implementation=attn_implementation)
+    else:
+        m = Ovis25.from_pretrained(path, attn_implementation=attn_implementation)
+    m.source_dir = os.path.abspath(path)
+    return m
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -898,8 +891,9 @@ class Ovis25(nn.Module):
     def _last_logits(self, x: torch.Tensor, st: GenState) -> torch.Tensor:
         """(B, T, H) new input embeddings -> (B, vocab) fp32 logits at the last position; the cache grows by T."""
         pos = (st.mask.cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1]:]
-        return self.llm(inputs_embeds=x, attention_mask=st.mask, position_ids=pos, cache=st.cache, use_cache=True,
-                        logits_to_keep=1).logits[:, -1].float()
+        kw = {CACHE_KW: st.cache}  # the KV cache, under the name this transformers version takes
+        return self.llm(inputs_embeds=x, attention_mask=st.mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                        **kw).logits[:, -1].float()
 
     @staticmethod
     def _next_token(logits, seen, do_sample, temperature, top_p, top_k, repetition_penalty, generator):
@@ -937,8 +931,7 @@ class Ovis25(nn.Module):
         """Official checkpoint dir (config.json + model.safetensors or a sharded index) or Hub id. Built on the meta
         device and filled from the files, so a 9B model never holds two copies of its weights."""
         path = common.resolve_checkpoint(path)
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = OvisConfig.from_dict(json.load(f))
+        cfg = read_config(path)
         with torch.device("meta"):
             model = cls(cfg, attn_implementation)
         model = model.to(dtype=dtype).to_empty(device=device)
@@ -952,11 +945,12 @@ class Ovis25(nn.Module):
         model.source_dir = os.path.abspath(path)
         return model
 
-    def save_pretrained(self, out_dir: str, state_dict: dict | None = None, dtype=None,
-                        max_shard_bytes: int = 5 * 1024 ** 3, source_dir: str | None = None):
+    def save_pretrained(self, out_dir: str, state_dict: dict | None = None, dtype=None, max_shard_bytes: int = 5 << 30,
+                        source_dir: str | None = None, record: dict | None = None):
         """Official layout: config.json (OvisConfig.to_dict), model.safetensors or shards + index (no lm_head when tied)
         and the AUX_FILES of `source_dir` (default: where we were loaded from), via a temp dir renamed at the end (a
-        crash never leaves half a checkpoint). ZeRO-3: pass state_dict=engine._zero3_consolidated_16bit_state_dict()."""
+        crash never leaves half a checkpoint). ZeRO-3: pass state_dict=engine._zero3_consolidated_16bit_state_dict().
+        `record`: the training record (common.RECORD_FILE, ignored by the official code) in place of the source's."""
         from safetensors.torch import save_file
 
         sd = state_dict if state_dict is not None else self.state_dict()
@@ -991,6 +985,9 @@ class Ovis25(nn.Module):
         for name in sorted(os.listdir(src)) if src else ():
             if name != "config.json" and any(fnmatch.fnmatch(name, p) for p in AUX_FILES):
                 shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))  # follows hub-cache symlinks
+        if record is not None:
+            with open(os.path.join(tmp, common.RECORD_FILE), "w") as f:
+                json.dump(record, f, indent=2)
         if os.path.exists(out_dir):  # swap in the new dir, then drop the old one
             os.replace(out_dir, out_dir + ".old")
             os.replace(tmp, out_dir)

@@ -1,5 +1,6 @@
-"""The tools the model may call while it thinks (Crop returns an image, Identify a text, yours: `load_tools`), the
-tool loop of inference and GRPO rollouts (`run_tool_loop`), and the scoring of a trajectory (`SCORERS`).
+"""The tools the model may call while it thinks (Crop returns an image, Identify a text, yours: `load_tools`) and the
+tool loop of inference and GRPO rollouts (`ToolLoop`: what both engines share; `run_tool_loop`: on model.generate).
+Scoring a trajectory is in scoring.py.
 
 Call convention (spec 14, the seed's format): `<tool_call>Crop [x1, y1, x2, y2]</tool_call>` in the model's own turn
 (or the Qwen3 JSON form); the result follows as one image's visual tokens or `<tool_response>text</tool_response>`,
@@ -13,8 +14,8 @@ import inspect
 import json
 import math
 import re
-from collections import Counter
-from collections.abc import Callable
+import sys
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -240,6 +241,7 @@ class Registry:
 
     def __init__(self, tools: list[Tool] = ()):
         self.tools: dict[str, Tool] = {t.name.lower(): t for t in tools}
+        self.crashed: set = set()  # (tool, exception type) whose traceback was logged
 
     def get(self, name: str) -> Tool | None:
         return self.tools.get(str(name).lower())
@@ -260,8 +262,15 @@ class Registry:
             if tool is None:
                 return _err(call.name, f"unknown tool {call.name!r}; available: {', '.join(self.names())}")
             return tool.run(call.args, list(images), list(keys))
-        except Exception as e:  # a tool failure is something the model reads, not a crash
+        except ValueError as e:  # a call the tool cannot serve (a box outside the image...): the model reads why
             return _err(getattr(call, "name", "?") or "?", str(e) or type(e).__name__)
+        except Exception as e:  # a tool that crashed: the model reads the error, the log gets its first traceback
+            name = getattr(call, "name", "?") or "?"
+            if (name, type(e).__name__) not in self.crashed:
+                self.crashed.add((name, type(e).__name__))
+                print(f"warning: tool {name} raised {type(e).__name__} (answered as an error; each tool's first such "
+                      f"traceback is shown):\n{traceback.format_exc()}", file=sys.stderr, end="")
+            return _err(name, f"{type(e).__name__}: {e}")
 
     def names(self) -> list[str]:
         return [t.name for t in self.tools.values()]
@@ -317,6 +326,7 @@ class Rollout:
     thinking_on: bool = False  # the prompt opened a thinking turn
     image_size: tuple | None = None  # (W, H) of the first image: what tool boxes refer to
     bbox_format: str = "pixel"  # of the tool boxes (the registry's Crop)
+    logprobs: list | None = None  # vLLM: the sampling log-prob of each sampled token (gen_mask 1), in order
 
 
 def split_output(text: str) -> tuple[str, str]:
@@ -327,224 +337,151 @@ def split_output(text: str) -> tuple[str, str]:
     return (head.split("<think>", 1)[1].strip() if "<think>" in head else ""), (m.group(1) if m else rest).strip()
 
 
-def run_tool_loop(model, tokenizer, prompts: list, images: list | None = None, keys: list | None = None,
+@dataclass
+class Row:
+    """One trajectory while a loop runs it: its Rollout so far and what its tools and the model read."""
+    out: Rollout
+    images: list  # the conversation's original images (what its tools run on)
+    keys: list  # their names in the data (what an Identify map is indexed by)
+    visuals: list  # (pixel_values (N, D), grid_thws (1, 3)) of every image in out.token_ids, in order
+
+    def add(self, ids: list[int], sampled: bool, counted: bool | None = None):
+        """Append ids; sampled: the model chose them (gen_mask 1); counted: against max_new_tokens (default: sampled;
+        forced thinking-budget text counts, a tool's result does not)."""
+        self.out.token_ids = self.out.token_ids + ids
+        self.out.gen_mask = self.out.gen_mask + [int(sampled)] * len(ids)
+        self.out.n_generated += len(ids) if (sampled if counted is None else counted) else 0
+
+
+@dataclass
+class ToolLoop:
+    """What both engines' tool loops share (model.generate: run_tool_loop below; vLLM: vllm_engine.py): the settings,
+    what one finished round means for a row (its tool call runs, the result is appended as training renders it), and
+    the finished Rollout. `geometry`: the checkpoint's patch_size / hidden_stride (OvisConfig.geometry)."""
+    tokenizer: object
+    registry: Registry | None
+    geometry: dict
+    max_tool_calls: int = 8
+    max_new_tokens: int = 1024
+    crop_pixels: tuple = (CROP_MIN_PIXELS, CROP_MAX_PIXELS)  # (min, max) of an image tool's result
+    eos: tuple = ovis.EOS_IDS
+
+    @property
+    def stop(self) -> tuple:  # a row stops for its tool at `</tool_call>` (no registry: plain generation)
+        return (ovis.TOOL_CALL_END_ID,) if self.registry else ()
+
+    def start(self, prompt: dict, images: list, keys: list) -> Row:
+        """A model.build_inputs prompt and its conversation's images -> a row that has generated nothing yet."""
+        ids = prompt["input_ids"].reshape(-1).tolist()
+        seen = [(prompt["pixel_values"], prompt["grid_thws"])] if prompt.get("grid_thws") is not None else []
+        return Row(Rollout(token_ids=ids, gen_mask=[0] * len(ids), prompt_len=len(ids)), list(images), list(keys), seen)
+
+    def after_round(self, row: Row, toks: list[int]) -> list[int] | None:
+        """A row's tokens of one round (ending with its eos or stop id unless its budget ran out), already added ->
+        the ids it continues with (its tool call's result, never learned), or None: the row is done."""
+        o, ended = row.out, bool(toks) and toks[-1] in self.eos
+        said = self.tokenizer.decode(toks[:-1] if ended else toks)
+        o.text += said
+        if not (toks and toks[-1] in self.stop and o.n_generated < self.max_new_tokens):
+            o.finish = "eos" if ended else "length"
+            return None
+        call = parse_tool_call(said) if "<tool_call>" in said else ToolCall(error="</tool_call> without a start")
+        over = len(o.tool_calls) >= self.max_tool_calls and (call.error or self.registry.get(call.name) is not None)
+        if over:  # (an unknown tool says so, even past the budget: the format reward relies on it)
+            res = ToolResult(name=call.name, text=NO_MORE_TOOLS, error=True)
+        else:
+            res = self.registry.execute(call, row.images, row.keys)
+        try:  # a crop too thin for the pixel budget is an error the model reads, not a crash
+            pv, grid = tool_result_pixels(res, *self.crop_pixels, **self.geometry)
+        except ValueError:
+            why = f"the {res.image.width}x{res.image.height} crop is too thin to show; use a less elongated box"
+            res, pv, grid = _err(res.name, why), None, None
+        o.tool_calls.append({"name": res.name, "args": call.args, "ok": not res.error, "result": res.text})
+        add = tool_result_ids(res, self.tokenizer)
+        if grid is not None:  # an image: its placeholder expanded to the crop's visual tokens
+            add = ovis.expand_placeholders(add, grid, self.geometry["hidden_stride"])
+            o.crops.append(res.image)
+            row.visuals.append((pv, grid))
+        o.text += "<image>" if grid is not None else self.tokenizer.decode(add)
+        row.add(add, sampled=False)
+        return add
+
+    def finish(self, row: Row) -> Rollout:
+        """The finished row's Rollout: thinking / answer split, the model's own text, every image in token order."""
+        o = row.out
+        o.thinking, o.answer = split_output(o.text)
+        o.model_text = self.tokenizer.decode([t for t, m in zip(o.token_ids, o.gen_mask) if m and t not in self.eos])
+        o.thinking_on = o.token_ids[max(0, o.prompt_len - 4):o.prompt_len] != list(ovis.EMPTY_THINK_IDS)
+        o.image_size = row.images[0].size if row.images else None
+        o.bbox_format = getattr(self.registry and self.registry.get("crop"), "bbox_format", "pixel")
+        o.pixel_values, o.grid_thws = (torch.cat([x[k] for x in row.visuals]) if row.visuals else None for k in (0, 1))
+        return o
+
+
+def thinking_budget_for(thinking_budget: int | None, max_new_tokens: int) -> int | None:
+    """The budget a loop runs with: shrunk so the forced end of thinking and one answer token still fit."""
+    if thinking_budget is None:
+        return None
+    return max(0, min(thinking_budget, max_new_tokens - len(ovis.THINK_EARLY_STOP_IDS) - 1))
+
+
+def run_tool_loop(model, tokenizer, prompts: list, *, images: list | None = None, keys: list | None = None,
                   registry: "Registry | None" = None, max_tool_calls: int = 8, max_new_tokens: int = 1024,
                   thinking_budget: int | None = None, kv_cache: bool = True, crop_min_pixels: int | None = None,
                   crop_max_pixels: int | None = None, group: int = 1, **sampling) -> list[Rollout]:
-    """Generate for model.build_inputs prompts, running tool calls as they come: a round decodes the running rows until
-    `</tool_call>` or an eos; `registry` (None: no tools) runs each call on its row's `images` (`keys`: their names),
-    the result is appended as training renders it. max_new_tokens / thinking_budget count a row's model tokens over
-    all rounds; `group` rollouts per prompt (GRPO), row-major, as if each came `group` times; `sampling`: generate's."""
+    """Generate for model.build_inputs prompts with model.generate, running tool calls as they come: a round decodes
+    the running rows until `</tool_call>` or an eos; `registry` (None: no tools) runs each call on its row's `images`
+    (`keys`: their names) and the result is appended as training renders it, decoding goes on from the KV cache.
+    max_new_tokens / thinking_budget count a row's model tokens over all rounds; `group` rollouts per prompt (GRPO),
+    row-major, as if each prompt came `group` times (its ViT pass and prefill run once); `sampling`: generate's."""
     if thinking_budget is not None and not kv_cache:
         raise ValueError("thinking_budget needs kv_cache=True (it counts tokens over all rounds)")
-    vit, dev, forced = model.config.vit, next(model.parameters()).device, len(ovis.THINK_EARLY_STOP_IDS)
+    loop = ToolLoop(tokenizer, registry, {"patch_size": model.config.vit.patch_size,
+                                          "hidden_stride": model.config.vit.hidden_stride},
+                    max_tool_calls, max_new_tokens, (crop_min_pixels or CROP_MIN_PIXELS,
+                                                     crop_max_pixels or CROP_MAX_PIXELS),
+                    tuple(sampling.pop("eos_token_ids", ovis.EOS_IDS)))
+    dev, forced = next(model.parameters()).device, len(ovis.THINK_EARLY_STOP_IDS)
+    budget = thinking_budget_for(thinking_budget, max_new_tokens)
     images, keys = images or [[] for _ in prompts], keys or [[] for _ in prompts]
-    prompts, images, keys = ([x for x in v for _ in range(group)] for v in (prompts, images, keys))
-    crop_px = (crop_min_pixels or CROP_MIN_PIXELS, crop_max_pixels or CROP_MAX_PIXELS)
-    eos, stop = tuple(sampling.pop("eos_token_ids", ovis.EOS_IDS)), (ovis.TOOL_CALL_END_ID,) if registry else ()
-    budget = None if thinking_budget is None else max(0, min(thinking_budget, max_new_tokens - forced - 1))
-    outs = [Rollout(token_ids=t, gen_mask=[0] * len(t), prompt_len=len(t))
-            for t in (p["input_ids"].reshape(-1).tolist() for p in prompts)]
-    pix = [[(p["pixel_values"], p["grid_thws"])] if p.get("grid_thws") is not None else [] for p in prompts]
-    active, st, repeat = list(range(len(prompts))), None, group if kv_cache else 1
-    chunk, new_pix = [o.token_ids for o in outs[::repeat]], [x for p in pix[::repeat] for x in p]
+    rows = [loop.start(p, im, k) for p, im, k in zip(prompts, images, keys) for _ in range(group)]
+    active, state, repeat = list(range(len(rows))), None, group if kv_cache else 1
+    chunks = [r.out.token_ids for r in rows[::repeat]]  # what each running row feeds the model next (B lists)
+    new_visuals = [v for r in rows[::repeat] for v in r.visuals]  # the images those chunks hold, in order
     while active:
-        left = [max_new_tokens - outs[i].n_generated for i in active]
+        left = [max_new_tokens - rows[i].out.n_generated for i in active]
         n = max(left)  # generate shrinks a thinking budget to fit its own max_new_tokens: give a thinker room
-        if budget is not None and st is not None and bool((~st.think_closed & (st.n_generated <= budget)).any()):
+        if budget is not None and state is not None and bool((~state.think_closed & (state.n_generated <= budget))
+                                                             .any()):
             n = max(n, budget + forced + 1)
         if not kv_cache:  # the reference: re-prefill all running rows each round
-            chunk, new_pix, st = [outs[i].token_ids for i in active], [x for i in active for x in pix[i]], None
-        n_pad = max(map(len, chunk))
-        ids = torch.tensor([[ovis.PAD_ID] * (n_pad - len(c)) + c for c in chunk], device=dev)
-        pv, g = (torch.cat([x[k] for x in new_pix]).to(dev) if new_pix else None for k in (0, 1))
-        new, st = model.generate(ids, pv, g, max_new_tokens=n, eos_token_ids=eos, stop_token_ids=stop,
-                                 thinking_budget=budget, state=st, return_state=True, repeat=repeat, **sampling)
+            chunks, new_visuals, state = [rows[i].out.token_ids for i in active], \
+                [v for i in active for v in rows[i].visuals], None
+        width = max(map(len, chunks))
+        ids = torch.tensor([[ovis.PAD_ID] * (width - len(c)) + c for c in chunks], device=dev)  # (B, width)
+        pv, grids = (torch.cat([v[k] for v in new_visuals]).to(dev) if new_visuals else None for k in (0, 1))
+        new, state = model.generate(ids, pv, grids, max_new_tokens=n, eos_token_ids=loop.eos,
+                                    stop_token_ids=loop.stop, thinking_budget=budget, state=state, return_state=True,
+                                    repeat=repeat, **sampling)  # new: (B * repeat, n) tokens, PAD after a row ended
         repeat = 1  # a group shares only the prompt: one ViT pass and prefill, then copies of its KV cache
-        keep, chunk, new_pix = [], [], []
+        keep, chunks, new_visuals = [], [], []
         for j, i in enumerate(active):
-            o, toks = outs[i], new[j].tolist()
-            end = next((k + 1 for k, t in enumerate(toks) if t in eos or t in stop), len(toks))
+            toks = new[j].tolist()
+            end = next((k + 1 for k, t in enumerate(toks) if t in loop.eos or t in loop.stop), len(toks))
             toks = toks[:min(end, left[j])]  # a row past its own budget is cut (and leaves the batch)
-            o.token_ids, o.gen_mask, o.n_generated = o.token_ids + toks, o.gen_mask + [1] * len(toks), \
-                o.n_generated + len(toks)
-            said = tokenizer.decode(toks[:-1] if toks and toks[-1] in eos else toks)
-            o.text += said
-            if not (toks and toks[-1] in stop and o.n_generated < max_new_tokens):
-                o.finish = "eos" if toks and toks[-1] in eos else "length"
-                continue
-            call = parse_tool_call(said) if "<tool_call>" in said else ToolCall(error="</tool_call> without a start")
-            over = len(o.tool_calls) >= max_tool_calls and (call.error or registry.get(call.name) is not None)
-            res = ToolResult(name=call.name, text=NO_MORE_TOOLS, error=True) if over else \
-                registry.execute(call, images[i], keys[i])  # (an unknown tool says so, even past the budget)
-            try:  # a crop too thin for the pixel budget is an error the model reads, not a crash
-                p, g = tool_result_pixels(res, *crop_px, vit.patch_size, vit.hidden_stride)
-            except ValueError:
-                res, p, g = _err(res.name, f"the {res.image.width}x{res.image.height} crop is too thin to show; use "
-                                 "a less elongated box"), None, None
-            o.tool_calls.append({"name": res.name, "args": call.args, "ok": not res.error, "result": res.text})
-            add = tool_result_ids(res, tokenizer)
-            if g is not None:
-                add = ovis.expand_placeholders(add, g, vit.hidden_stride)
-                o.crops, pix[i], new_pix = o.crops + [res.image], pix[i] + [(p, g)], new_pix + [(p, g)]
-            o.text += "<image>" if g is not None else tokenizer.decode(add)
-            o.token_ids, o.gen_mask, keep, chunk = o.token_ids + add, o.gen_mask + [0] * len(add), keep + [j], \
-                chunk + [add]
+            rows[i].add(toks, sampled=True)
+            more = loop.after_round(rows[i], toks)
+            if more is not None:
+                keep.append(j)
+                chunks.append(more)
+                if ovis.VISUAL_ATOM_ID in more:  # a crop: its pixels go with this chunk
+                    new_visuals.append(rows[i].visuals[-1])
         if kv_cache and 0 < len(keep) < len(active):
-            st.keep(keep)  # finished rows leave the batch and its KV cache
+            state.keep(keep)  # finished rows leave the batch and its KV cache
         active = [active[j] for j in keep]
-    fmt = getattr(registry and registry.get("crop"), "bbox_format", "pixel")
-    for o, px, imgs in zip(outs, pix, images):
-        gen = [k for k, v in enumerate(o.gen_mask) if v]
-        if budget is not None and ovis.THINK_END_ID not in [o.token_ids[k] for k in gen[:budget]]:
-            for k in gen[budget:budget + forced]:  # forced at exactly `budget` generated tokens: not sampled
-                o.gen_mask[k] = 0
-        o.thinking, o.answer = split_output(o.text)
-        o.model_text = tokenizer.decode([t for t, m in zip(o.token_ids, o.gen_mask) if m and t not in eos])
-        o.thinking_on = o.token_ids[max(0, o.prompt_len - 4):o.prompt_len] != list(ovis.EMPTY_THINK_IDS)
-        o.image_size, o.bbox_format = (imgs[0].size if imgs else None), fmt
-        o.pixel_values, o.grid_thws = (torch.cat([x[k] for x in px]) if px else None for k in (0, 1))
-    return outs
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring a tool trajectory: fn(rollout, sample) -> float, one definition for GRPO's rewards and `infer.py --score`.
-# `sample` holds the gold `answer` (a string, number or list) and optionally the gold `bbox` (rollout.bbox_format).
-
-def _norm(s) -> str:  # lower case, no punctuation, no articles
-    return " ".join(w for w in re.sub(r"[^\w\s%-]", " ", str(s).lower()).split() if w not in ("a", "an", "the"))
-
-
-def _number(s) -> float | None:
-    nums = re.findall(r"-?\d+(?:\.\d+)?", str(s).replace(",", ""))
-    return float(nums[0]) if len(nums) == 1 else None
-
-
-def score_accuracy(r: Rollout, sample: dict) -> float:
-    """1 if r.answer matches sample["answer"] (or one of a list): by value for a number, else as _norm'd text."""
-    gold, pred = sample.get("answer"), r.answer
-    for g in (gold if isinstance(gold, list) else [gold]) if gold is not None and pred else []:
-        if re.fullmatch(r"\s*-?[\d,]+(\.\d+)?\s*", str(g)):  # a number: compare values ("3.0", "3 squares")
-            if _number(pred) is not None and abs(_number(pred) - _number(g)) <= 1e-6 * max(1.0, abs(_number(g))):
-                return 1.0
-        elif _norm(pred) == _norm(g):
-            return 1.0
-    return 0.0
-
-
-def score_format(r: Rollout, sample: dict) -> float:
-    """1 if the trajectory is well-formed (the rules below), else 0."""
-    t, said = r.text.strip(), r.model_text
-    if "<tool_response>" in said or "</tool_response>" in said:  # the model wrote tool output itself
-        return 0.0
-    if r.thinking_on:  # one <think>...</think> holding every tool call, then <answer>...</answer> to the end
-        m = re.fullmatch(r"<think>(.*?)</think>\s*<answer>(.+?)</answer>", t, re.DOTALL)
-        if not m or "<think>" in m.group(1) or "<tool_call>" in t[m.end(1):]:
-            return 0.0
-    elif not re.search(r"<answer>.+?</answer>$", t, re.DOTALL):  # no thinking: the answer block closes the text
-        return 0.0
-    calls = re.findall(r"<tool_call>.*?</tool_call>", said, re.DOTALL)
-    if len(calls) != said.count("<tool_call>") or len(calls) != said.count("</tool_call>"):
-        return 0.0
-    known = {c["name"].lower() for c in r.tool_calls if "unknown tool" not in str(c.get("result"))}  # by the loop
-    try:  # every call parses, a Crop/Identify box is well-formed (whether it hits the image is iou's business)
-        return float(all(not p.error and (bbox_args(p.args) if p.name.lower() in ("crop", "identify") else
-                                          p.name.lower() in known) for p in map(parse_tool_call, calls)))
-    except ValueError:
-        return 0.0
-
-
-def score_iou(r: Rollout, sample: dict) -> float:
-    """Mean IoU of the Crop calls' boxes with sample["bbox"] (a failed crop counts 0); 0 without a crop."""
-    gt, crops = sample.get("bbox"), [t for t in r.tool_calls if t["name"].lower() == "crop"]
-    if gt is None or not crops or r.image_size is None:
-        return 0.0
-    gt = to_pixels(gt, r.image_size, r.bbox_format)
-    return sum(iou(to_pixels(t["args"], r.image_size, r.bbox_format), gt) for t in crops if t["ok"]) / len(crops)
-
-
-def score_tool(r: Rollout, sample: dict) -> float:
-    """Tool use paid only when it helped: the answer is right and at least one Crop actually ran."""
-    return float(score_accuracy(r, sample) == 1.0 and any(t["ok"] and t["name"].lower() == "crop"
-                                                          for t in r.tool_calls))
-
-
-# The seed's three rewards (seed-behaviour 6.3), rule for rule, on the text with the real tool results.
-STRICT_CALL = re.compile(r"<tool_call>(Crop|Identify) \[([\d.,\s]+)\]</tool_call>")
-KEYWORDS = "who|identify|person|people|crop|examine|look at|focus on|region|area|section".split("|")
-
-
-def score_tool_usage(r: Rollout, sample: dict) -> float:
-    t = r.text
-    calls = [m for m in STRICT_CALL.finditer(t) if len(re.findall(r"\d+(?:\.\d*)?|\.\d+", m.group(2))) == 4]
-    if not calls:
-        return 0.0 if any(k in t.lower() for k in KEYWORDS) else 0.5
-    score, ident = 0.3, [m for m in calls if m.group(1) == "Identify"]
-    if ident:
-        score += 0.4 * sum(bool(re.match(r"\s*<tool_response>[^<]", t[m.end():])) for m in ident) / len(ident)
-    think = re.search(r"<think>.*?</think>", t, re.DOTALL)
-    if think and all(think.start() <= m.start() and m.end() <= think.end() for m in calls):
-        score += 0.3
-    return min(score, 1.0)
-
-
-def score_bbox_validity(r: Rollout, sample: dict) -> float:
-    boxes = re.findall(r"\[(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?)\]", r.text)
-    bad = sum(float(b[0]) >= float(b[2]) or float(b[1]) >= float(b[3]) for b in boxes)
-    return 1.0 - bad / len(boxes) if boxes else 1.0
-
-
-def score_reasoning_quality(r: Rollout, sample: dict) -> float:
-    t = r.text
-    score = 0.3 * ("<think>" in t and "</think>" in t) + 0.3 * ("<answer>" in t and "</answer>" in t)
-    think = re.search(r"<think>(.*?)</think>", t, re.DOTALL)
-    if think and "<tool_call>" in think.group(1):
-        score += 0.2 * (len(think.group(1).split("<tool_call>")[0].split()) > 10)
-    n_words = len(t.split())
-    score *= 0.5 if n_words < 20 else 0.8 if n_words > 1000 else 1.0
-    if "<tool_response>" in t:
-        gaps = re.findall(r"</tool_response>(.*?)(?=<tool_call>|</think>)", t, re.DOTALL)
-        score += 0.2 * any(len(g.split()) > 5 for g in gaps)
-    return min(score, 1.0)
-
-
-SCORERS = {"format": score_format, "accuracy": score_accuracy, "iou": score_iou, "tool": score_tool,
-           "tool_usage": score_tool_usage, "bbox_validity": score_bbox_validity,
-           "reasoning_quality": score_reasoning_quality}
-
-
-def parse_scorers(spec: str, key: str = "rewards") -> list[tuple[str, float, Callable]]:
-    """"format:0.5|accuracy|mypkg.scores.f:0.3" -> [(name, weight, fn)]; a dotted name is imported."""
-    out = []
-    for part in filter(None, (p.strip() for p in spec.split("|"))):
-        name, _, w = part.partition(":")
-        if "." not in name and name not in SCORERS:
-            raise ValueError(f"{key}: unknown scorer {name!r}; built-in: {', '.join(SCORERS)}, or a dotted path")
-        fn = common.import_object(name, key) if "." in name else SCORERS[name]
-        out.append((name, float(w) if w else 1.0, fn))
-    if not out:
-        raise ValueError(f"{key} is empty")
-    return out
-
-
-def trajectory_stats(r: Rollout, sample: dict) -> Counter:
-    """Counts of one trajectory that add up over a set (and over ranks); `summarize` turns their sums into rates."""
-    crops = [t for t in r.tool_calls if t["name"].lower() == "crop"]
-    n_iou = len(crops) if sample.get("bbox") is not None and r.image_size is not None else 0
-    out = Counter(questions=1, accuracy=score_accuracy(r, sample), format=score_format(r, sample),
-                  tool_calls=len(r.tool_calls), crops=len(crops), crops_ok=sum(t["ok"] for t in crops),
-                  iou_sum=score_iou(r, sample) * n_iou, iou_n=n_iou, gen_tokens=r.n_generated)
-    out.update([f"finish.{r.finish}"] + [f"tool.{t['name']}" for t in r.tool_calls])
-    return out
-
-
-def summarize(totals: Counter) -> dict:
-    """Summed trajectory_stats -> the rates and means below (None: nothing to measure), finishes, calls per tool."""
-    n = max(totals["questions"], 1)
-    return {"questions": totals["questions"], "accuracy": totals["accuracy"] / n, "format_rate": totals["format"] / n,
-            "tool_calls_per_question": totals["tool_calls"] / n,
-            "valid_crop_rate": totals["crops_ok"] / totals["crops"] if totals["crops"] else None,
-            "mean_crop_iou": totals["iou_sum"] / totals["iou_n"] if totals["iou_n"] else None,
-            "mean_generated_tokens": totals["gen_tokens"] / n,
-            "finish": {k[7:]: v for k, v in sorted(totals.items()) if k.startswith("finish.")},
-            "tools": {k[5:]: v for k, v in sorted(totals.items()) if k.startswith("tool.")}}
+    for r in rows:  # forced at exactly `budget` generated tokens, by generate: not sampled, never learned
+        gen = [k for k, m in enumerate(r.out.gen_mask) if m]
+        if budget is not None and ovis.THINK_END_ID not in [r.out.token_ids[k] for k in gen[:budget]]:
+            for k in gen[budget:budget + forced]:
+                r.out.gen_mask[k] = 0
+    return [loop.finish(r) for r in rows]

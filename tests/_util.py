@@ -147,9 +147,12 @@ def check_export(out, source, dtype: str):
         return {f.name for f in d.iterdir() if f.is_file() and not f.name.endswith(".safetensors")
                 and f.name not in ("config.json", "model.safetensors.index.json")}
 
-    assert aux(out) == aux(source), aux(out) ^ aux(source)
-    for name in aux(source):
+    record = "ovis_tune.json"  # our training record beside config.json (the official code never reads it)
+    assert aux(out) - {record} == aux(source) - {record}, aux(out) ^ aux(source)
+    for name in aux(source) - {record}:
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    if (out / record).exists():
+        assert json.loads((out / record).read_text())["trained_by"].endswith(".py")
     dtypes = weight_dtypes(out)
     assert set(dtypes) == official_keys(src), set(dtypes) ^ official_keys(src)
     assert set(dtypes.values()) == {ST_DTYPES[dtype]}, set(dtypes.values())

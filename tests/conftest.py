@@ -11,6 +11,16 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
+def world_one():
+    """One process group (one rank) for every in-process engine of the session: DeepSpeed caches its groups, and
+    re-creating them breaks it. Modules that run engines in process use it (`pytestmark`)."""
+    import common
+
+    common.setup_distributed(120)
+    yield
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     """The real Qwen3/Ovis2.5 tokenizer; building the fast tokenizer from vocab+merges takes seconds: load once."""
     import model as M

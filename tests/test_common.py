@@ -82,8 +82,9 @@ def test_metrics_lines_are_strict_json_and_trimmed_on_resume(tmp_path):
 
 
 def test_resume_state(tmp_path):
-    assert common.best_score(str(tmp_path)) is None
-    assert common.best_score(str(tmp_path), 0.25, step=7) == 0.25 and common.best_score(str(tmp_path)) == 0.25
+    assert common.read_best(str(tmp_path)) is None
+    common.write_best(str(tmp_path), 0.25, step=7)
+    assert common.read_best(str(tmp_path)) == 0.25
     assert json.loads((tmp_path / "best.json").read_text()) == {"value": 0.25, "step": 7}
     common.seed_all(3)
     first = (random.random(), torch.rand(2).tolist())

@@ -282,10 +282,12 @@ def test_dataset_skips_and_counts(tokenizer):
     assert ds.skipped == {"json": 1, "image": 1, "conversations": 4, "over-long": 1}
     assert "skipped 7" in logs[-1]
     assert ds[1] is None  # corrupt pixels: None, never a crash; collate counts it
-    batches = list(data.micro_batches(ds, max_tokens=256, grad_accum=1))
-    assert len(batches) == len(common.plan_epoch(ds.lengths, 256)) and sum(b["n_samples"] for b in batches) == 2
+    loader, n_steps = data.micro_batches(ds, max_tokens=256, grad_accum=1)
+    batches = list(loader)
+    assert len(batches) == n_steps == len(common.plan_epoch(ds.lengths, 256)) and \
+        sum(b["n_samples"] for b in batches) == 2
     assert sum(b["n_failed"] for b in batches) == 1
-    resumed = data.micro_batches(ds, max_tokens=256, start_step=1)
+    resumed, _ = data.micro_batches(ds, max_tokens=256, start_step=1)
     assert [b["input_ids"].tolist() for b in resumed] == [b["input_ids"].tolist() for b in batches[1:]]
 
 
@@ -293,7 +295,7 @@ def test_check_report(capsys):
     rc = data.check(["--data", str(DATA / "bad.jsonl"), "--image_dir", str(FIX), "--max_length", "300"])
     out = capsys.readouterr().out
     bad = {line.split(" id=")[1].split()[0]: line for line in out.splitlines() if line.startswith("BAD ")}
-    assert rc == 1 and "bad.jsonl:1 id=None field=json" in out
+    assert rc == 1 and "bad.jsonl:2 id=None field=json" in out  # the line an editor shows
     for sid, fld in [("missing_image", "image"), ("corrupt_image", "image"), ("bad_bbox", "conversations[1].value"),
                      ("bad_bbox_text", "conversations[1].value"), ("unknown_tool", "conversations[1].value"),
                      ("no_gpt_turn", "conversations"), ("over_long", "length")]:
@@ -334,7 +336,7 @@ def test_check_config_uses_eval_image_dir_and_validates_grpo_prompts(tmp_path, c
     (tmp_path / "bad.json").write_text(json.dumps([bad]))
     (tmp_path / "run.json").write_text(json.dumps({**cfg, "data_path": str(tmp_path / "bad.json")}))
     assert data.check(["--config", str(tmp_path / "run.json")]) == 1
-    assert "bad.json:0 id=g0 field=bbox" in capsys.readouterr().out
+    assert "bad.json:1 id=g0 field=bbox" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,6 +353,6 @@ def test_load_samples_formats(tmp_path):
     errors = []
     assert data.load_samples(tmp_path / "broken.json", errors) == [] and errors[0].field == "json"
     got = data.load_samples(tmp_path / "mixed.jsonl", errors)
-    assert [s["_index"] for s in got] == [0, 3] and "not an object" in errors[1].why
+    assert [s["_index"] for s in got] == [1, 4] and "not an object" in errors[1].why  # lines from 1
     with pytest.raises(data.SampleError):
         data.load_samples(tmp_path / "mixed.jsonl")

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen3Config
 
-import common
 import merge_lora
 import model as M
 import sft
@@ -27,10 +26,7 @@ CFG_9B = ROOT / "configs" / "ovis25_9b_config.json"
 TF4 = Path(os.environ.get("OVIS_TF4_DIR", ROOT / ".venv" / "readers" / "tf451"))  # tests/readers_tf451.txt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_one():
-    common.setup_distributed(120)
-    yield
+pytestmark = pytest.mark.usefixtures("world_one")  # one process group for in-process engines (conftest)
 
 
 def test_golden_export_is_the_official_checkpoint(tmp_path):

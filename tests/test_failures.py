@@ -3,26 +3,32 @@ of garbage. Divergence, no usable data, samples failing at load, dead samples, c
 request. Real engines on the tiny model, CPU."""
 
 import json
+import math
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from PIL import Image
 
 import common
 import data
 import grpo
 import infer
 import lora
+import model as M
 import sft
+import tools
 from _util import DEMO, ROOT, cfg_for, metrics, run_script
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_one():
-    common.setup_distributed(120)
-    yield
+pytestmark = pytest.mark.usefixtures("world_one")  # one process group for in-process engines (conftest)
 
 
 def test_divergence_stops_the_cli_without_final(base, small_data, tmp_path):
@@ -56,8 +62,9 @@ def test_divergence_bf16_sft_lora_and_grpo(base, small_data, tmp_path):
         assert not (tmp_path / mod.__name__ / "final").exists()
     g = {"model_path": base, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO),
          "output_dir": str(tmp_path / "grpo"), "zero_config": str(ROOT / "zero_configs" / "zero2.json"),
-         "prompts_per_rank": 1, "num_generations": 4, "micro_batch_size": 4, "max_new_tokens": 8, "min_pixels": 4096,
-         "max_pixels": 8192, "bf16": False, "gradient_checkpointing": False, "lr": 1e20, "enable_thinking": False,
+         "prompts_per_rank": 1, "num_generations": 4, "micro_batch_size": 4, "max_new_tokens": 8,
+         "single_image_min_pixels": 4096, "single_image_max_pixels": 8192, "bf16": False,
+         "gradient_checkpointing": False, "lr": 1e20, "enable_thinking": False,
          "rewards": "tests.grpo_rewards.even_ids:1", "max_steps": 6, "save_interval": 1}
     # GRPO: the update of step 1 leaves non-finite weights; the rollout of step 2 finds out and stops
     with pytest.raises(common.RunError, match=r"step 2: generate: the model's next-token logits are not finite "
@@ -161,23 +168,264 @@ def test_infer_batch_answers_around_bad_requests(base, tmp_path, capsys):
              json.dumps({"id": "missing", "image": str(tmp_path / "later.png"), "prompt": "And this?"}),
              '{"id": "torn", "prompt": ',
              json.dumps({"id": "bad_messages", "messages": "hello"}),
-             json.dumps({"prompt": "Say hi."})]  # no id: its line number, 4 (not its place among good lines)
+             json.dumps({"prompt": "Say hi."})]  # no id: its line number, 5 (from 1; not its place among good lines)
     q, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     q.write_text("\n".join(lines) + "\n")
     args = ["--model", base, "--input", str(q), "--output", str(out), "--greedy", "--max-new-tokens", "4",
             "--min-pixels", "4096", "--max-pixels", "8192", "--device", "cpu"]
     assert infer.main(args) == 1  # finished, but says something went wrong
     recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert "answer" in recs["ok1"] and "answer" in recs[4] and recs["ok1"]["n_generated"] == 4
-    assert re.fullmatch(rf"{q}:1 id=missing field=image: missing image {tmp_path}/later\.png \(FileNotFoundError\)",
+    assert "answer" in recs["ok1"] and "answer" in recs[5] and recs["ok1"]["n_generated"] == 4
+    assert re.fullmatch(rf"{q}:2 id=missing field=image: missing image {tmp_path}/later\.png \(FileNotFoundError\)",
                         recs["missing"]["error"])
     assert "field=messages: must be a list" in recs["bad_messages"]["error"]
-    assert recs[f"{q}:2"]["error"].startswith(f"{q}:2 id=None field=json: invalid JSON")
+    assert recs[f"{q}:3"]["error"].startswith(f"{q}:3 id=None field=json: invalid JSON")
     assert "2 answered, 3 errors, 0 already in" in capsys.readouterr().out
     shutil.copy(img, tmp_path / "later.png")  # fix one cause, ask the errors again: only those run
     assert infer.main(args + ["--retry-errors"]) == 1
     recs = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["id"] for r in recs if "error" not in r] == ["ok1", 4, "missing"]
-    assert sorted(r["id"] for r in recs if "error" in r) == sorted([f"{q}:2", "bad_messages"])
+    assert [r["id"] for r in recs if "error" not in r] == ["ok1", 5, "missing"]
+    assert sorted(r["id"] for r in recs if "error" in r) == sorted([f"{q}:3", "bad_messages"])
     assert "1 answered, 2 errors, 2 already in" in capsys.readouterr().out
     assert infer.main(args) == 1 and "0 answered, 0 errors, 4 already in" in capsys.readouterr().out  # 2 left
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Round 3: runs that train nothing or die finite never end "done"; scoring and requests never drop or crash silently
+
+
+def grpo_cfg(base, out, **kw):
+    return {"model_path": base, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO), "output_dir": str(out),
+            "zero_config": str(ROOT / "zero_configs" / "zero2.json"), "prompts_per_rank": 1, "num_generations": 4,
+            "micro_batch_size": 4, "max_new_tokens": 8, "single_image_min_pixels": 4096,
+            "single_image_max_pixels": 8192, "bf16": False, "gradient_checkpointing": False,
+            "enable_thinking": False, **kw}
+
+
+def test_grpo_without_reward_variance_stops(base, tmp_path):
+    """Probe 1: a weak start model scores 0 on every completion (no group varies): kept_frac 0, loss 0 every step.
+    The run stops at step 2 naming why, exit 1, and never exports the unchanged start model as final/."""
+    out = tmp_path / "flat"
+    r = run_script("grpo.py", grpo_cfg(base, out, rewards="accuracy:1", max_steps=2), tmp_path)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"grpo\.py: error: step 2: 2 of 2 steps had no learning signal: no group's rewards varied",
+                     r.stderr), r.stderr[-2000:]
+    assert not (out / "final").exists() and "done:" not in r.stdout
+    assert [x["targets"] for x in metrics(out)] == [0, 0] and all(x["kept_frac"] == 1.0 for x in metrics(out))
+    ok = tmp_path / "even"  # the same run with a reward that varies ends done
+    r = run_script("grpo.py", grpo_cfg(base, ok, rewards="tests.grpo_rewards.even_ids:1", max_steps=2), tmp_path)
+    assert r.returncode == 0 and (ok / "final").exists(), r.stderr[-2000:]
+
+
+def test_a_run_that_dies_finite_stops(base, small_data, tmp_path):
+    """Probe 2: lora.py at lr 1e6 saturates: loss stuck at ln(vocab) = 11.9312 with a zero gradient norm. The guard
+    stops it after max_dead_steps such steps; no final/ adapter."""
+    out = tmp_path / "dead"
+    c = cfg_for(base, small_data, out, lr=1e6, warmup_ratio=0.0, schedule="constant", max_steps=8, lora_r=4,
+                save_interval=1)
+    r = run_script("lora.py", {k: v for k, v in c.items() if k in lora.Config.__dataclass_fields__}, tmp_path)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    m = re.search(r"lora\.py: error: step (\d+): gradient norm 0 on 3 steps in a row with \d+ target tokens \(loss "
+                  r"11\.93\d\d = ln\(vocab 151936\): uniform logits\): the weights saturated", r.stderr)
+    assert m, r.stderr[-2000:]
+    rec = metrics(out)
+    assert [x["grad_norm"] for x in rec[-3:]] == [0.0] * 3 and not (out / "final").exists()
+    assert f"Last good checkpoint: {out / 'checkpoints' / f'step{int(m.group(1)) - 1:07d}'}" in r.stderr
+
+
+def test_guard_stops_a_loss_that_blew_up(tmp_path):
+    """A finite loss far above where it began (max_loss_ratio x the first 3 steps' mean, max_dead steps in a row);
+    a noisy loss that comes back down is fine. ln(vocab) is named when the logits are uniform."""
+    g = common.RunGuard(2, 1.0, False, str(tmp_path), max_dead=3, max_loss_ratio=4.0)
+    losses = [1.0, 1.2, 0.8, 5.0, 0.9, 4.5, 4.2, 4.1]
+    why = [g.check(s, {"loss": v, "grad_norm": 1.0, "targets": 10}, 0) for s, v in enumerate(losses, 1)]
+    assert why[:7] == [""] * 7
+    assert why[7].startswith("step 8: loss 4.1000 above 4x its start (1.0000, the first 3 steps' mean) on 3 steps")
+    g = common.RunGuard(2, 1.0, False, str(tmp_path), max_dead=2, vocab_size=151936)
+    assert g.check(1, {"loss": 11.9, "grad_norm": 0.0, "targets": 0}, 0) == ""  # no targets: not a dead gradient
+    assert g.check(2, {"loss": math.log(151936), "grad_norm": 0.0, "targets": 5}, 0) == ""
+    assert "= ln(vocab 151936): uniform logits" in g.check(3, {"loss": math.log(151936), "grad_norm": 0.0,
+                                                               "targets": 5}, 0)
+
+
+def test_score_refuses_gold_it_cannot_score(tool_ckpt, tmp_path, capsys):
+    """Probes 3 and 5: a dict gold answer and a 3-number gold bbox (with a Crop that really ran) are each that record's
+    error naming id and field; the others are scored, the summary is written and counts only scored records; a resume
+    does not crash on them."""
+    prompts = json.loads((DEMO / "grpo.json").read_text())
+    reqs = [{**prompts[0], "id": "dict", "answer": {"color": "red circle"}},
+            {**prompts[0], "id": "box3", "bbox": [274, 99, 286]},
+            {**prompts[0], "id": "ok"}]
+    q, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    args = ["--model", tool_ckpt, "--input", str(q), "--output", str(out), "--image-dir", str(DEMO), "--tools",
+            "--enable-thinking", "--greedy", "--max-new-tokens", "80", "--single-image-min-pixels", "4096",
+            "--single-image-max-pixels", "8192", "--crop-min-pixels", "4096", "--crop-max-pixels", "8192", "--score"]
+    assert infer.main(args) == 1
+    recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert re.fullmatch(rf"{q}:1 id=dict field=answer: \{{'color': 'red circle'\}} is not a string, a number or a "
+                        r"list of them", recs["dict"]["error"])
+    assert re.fullmatch(rf"{q}:2 id=box3 field=bbox: \[274, 99, 286\] is not \[x1, y1, x2, y2\].*",
+                        recs["box3"]["error"])
+    assert recs["ok"]["tool_calls"][0]["name"] == "Crop" and recs["ok"]["tool_calls"][0]["ok"]
+    summary = json.loads((tmp_path / "a.summary.json").read_text())
+    assert summary["questions"] == 1 and summary["errors"] == 2
+    capsys.readouterr()
+    assert infer.main(args) == 1 and "0 answered, 0 errors, 3 already in" in capsys.readouterr().out
+
+
+def test_infer_reads_every_media_key_or_says_why(base, tmp_path):
+    """Probe 4: {"prompt"} requests with video_frames / video are answered with the video (its frames reach the
+    prompt); a missing frame, a fake .mp4, image + video together and an unknown key (`images`) are error records."""
+    frames = [f"f{i}.png" for i in range(3)]
+    for i, f in enumerate(frames):
+        Image.new("RGB", (64, 64), (40 * i, 100, 200)).save(tmp_path / f)
+    (tmp_path / "fake.mp4").write_text("not a video")
+    img = "images/syn_000.png"
+    shutil.copy(DEMO / img, tmp_path / "i.png")
+    reqs = [{"id": "frames", "video_frames": frames, "prompt": "What happens?"},
+            {"id": "missing_frame", "video_frames": [*frames[:2], "gone.png"], "prompt": "What happens?"},
+            {"id": "fake_mp4", "video": "fake.mp4", "prompt": "What happens?"},
+            {"id": "both", "image": "i.png", "video_frames": frames, "prompt": "What happens?"},
+            {"id": "plural", "images": ["i.png"], "prompt": "What is it?"}]
+    q, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    assert infer.main(["--model", base, "--input", str(q), "--output", str(out), "--image-dir", str(tmp_path),
+                       "--greedy", "--max-new-tokens", "2", "--video-min-pixels", "4096", "--video-max-pixels", "4096",
+                       "--min-frames", "2", "--max-frames", "4", "--device", "cpu"]) == 1
+    recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "answer" in recs["frames"] and recs["frames"]["n_generated"] == 2
+    assert re.search(rf"field=video_frames: missing video_frames {tmp_path}/gone\.png \(FileNotFoundError",
+                     recs["missing_frame"]["error"]), recs["missing_frame"]["error"]
+    assert f"field=video: unreadable video {tmp_path}/fake.mp4" in recs["fake_mp4"]["error"] or \
+        "needs PyAV" in recs["fake_mp4"]["error"]
+    assert "field=video: a sample has images or one video, not both" in recs["both"]["error"]
+    assert "field=images: unknown key 'images'; a request holds id, image, video" in recs["plural"]["error"]
+    # the video's frames reached the model: the prompt holds the video's visual tokens
+    session = infer.load(base, device="cpu")
+    r = infer.chat_batch(session, [{"video_frames": frames, "prompt": "What happens?"}], str(tmp_path),
+                         max_new_tokens=1,
+                         video_min_pixels=4096, video_max_pixels=4096, min_frames=2, max_frames=4, do_sample=False)[0]
+    assert r.token_ids[:r.prompt_len].count(M.INDICATOR_IDS[2]) == 1  # the video start indicator
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) to mount a small tmpfs")
+def test_disk_full_during_a_checkpoint_names_it(base, small_data, tmp_path):
+    """Probe 6: the output_dir on a small tmpfs (100 MB: two of this LoRA run's 38 MB checkpoints, DeepSpeed keeps the
+    tied embedding in them). The third save fills it: the run stops with "no space left on <path>", the checkpoints
+    already written stay whole, the half-written one is removed and `latest` names the last whole one."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    c = cfg_for(base, small_data, mnt / "run", lr=1e-3, max_steps=40, lora_r=4, save_interval=1, keep_last=0)
+    cfg_path = tmp_path / "c.json"
+    cfg_path.write_text(json.dumps({k: v for k, v in c.items() if k in lora.Config.__dataclass_fields__}))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    script = (f"mount -t tmpfs -o size=100m tmpfs {mnt} || exit 77; {sys.executable} {ROOT / 'lora.py'} --config "
+              f"{cfg_path}; rc=$?; ls {mnt}/run/checkpoints > {tmp_path}/ls.txt; cat {mnt}/run/checkpoints/latest "
+              f"> {tmp_path}/latest.txt; for d in {mnt}/run/checkpoints/step*; do ls $d | wc -l; done > "
+              f"{tmp_path}/files.txt; exit $rc")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env={**env, "DS_ACCELERATOR": "cpu",
+                       "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    if r.returncode == 77:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    assert re.search(rf"lora\.py: error: no space left on {mnt}\S* \(\d+\.\d MiB free\) while writing ", r.stderr), \
+        r.stderr[-2000:]
+    assert "basic_ios" not in r.stderr.splitlines()[-1]
+    kept = [x for x in (tmp_path / "ls.txt").read_text().split() if x.startswith("step")]
+    assert kept == ["step0000001", "step0000002"] and (tmp_path / "latest.txt").read_text().strip() == kept[-1]
+    assert len(set((tmp_path / "files.txt").read_text().split())) == 1  # every kept checkpoint has all its files
+
+
+def test_config_with_a_json_syntax_error_names_the_file(tmp_path):
+    """Probe 7: a trailing comma in a run config: sft / lora / grpo and data.py check say which file, line and
+    column, in one line, no traceback."""
+    bad = tmp_path / "run.json"
+    bad.write_text('{\n  "lr": 1e-5,\n  "epochs": 2,\n}\n')
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for cmd in (["sft.py"], ["lora.py"], ["grpo.py"], ["data.py", "check"]):
+        r = subprocess.run([sys.executable, *cmd, "--config", str(bad)], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        name = "data.py check" if cmd[0] == "data.py" else cmd[0]
+        assert r.stderr.strip() == f"{name}: error: config {bad}:4:1: not valid JSON: Expecting property name " \
+                                   "enclosed in double quotes", r.stderr
+
+
+def test_max_tokens_smaller_than_a_sample_is_refused(base, small_data, tmp_path):
+    """Probe 8: --max_tokens=10 would put whole ~270-token samples in each row, beyond the bound a GPU run is sized
+    by: refused at start, naming the longest sample and the smallest max_tokens that fits."""
+    out = tmp_path / "mt"
+    r = run_script("sft.py", cfg_for(base, small_data, out, max_tokens=10, max_steps=2), tmp_path)
+    assert r.returncode == 1
+    m = re.search(rf"sft\.py: error: max_tokens 10 is smaller than the longest sample \({small_data}:(\d+) id=(\S+), "
+                  r"(\d+) tokens\): a packed row holds whole samples\. Set max_tokens >= (\d+)", r.stderr)
+    assert m and m.group(3) == m.group(4) and int(m.group(3)) > 200, r.stderr[-2000:]
+    assert not (out / "checkpoints").exists() and "model:" not in r.stdout  # before any model loads
+
+
+def test_small_mends(base, small_data, tmp_path, tokenizer, capsys):
+    """Truncation is counted; infer checks --tools before it loads a model; a relaunch that fails its checks keeps
+    the recorded config.json; a user tool's crash keeps its type and logs one traceback; a video error names its path
+    once; a missing frame is caught by the length pass."""
+    logs = []
+    ds = data.SFTDataset(str(DEMO / "sft.json"), tokenizer, str(DEMO), log=logs.append, max_length=250,
+                         overlong="truncate", single_image_min_pixels=4096, single_image_max_pixels=20480,
+                         crop_min_pixels=4096, crop_max_pixels=8192)  # every demo sample: 267..275 tokens
+    assert ds.stats["truncated (overlong: truncate)"] == len(ds) == 48 and "'truncated (overlong: truncate)': 48" \
+        in logs[-1]
+    empty = tmp_path / "weightless"  # config and tokenizer, no weights: loading it would fail
+    shutil.copytree(ROOT / "assets" / "tiny", empty)
+    with pytest.raises(SystemExit):
+        infer.main(["--model", str(empty), "--prompt", "hi", "--tools", "Crop|nope.mod:Nope"])
+    assert "infer.py: error: tools: cannot import 'nope.mod:Nope'" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert run_script("sft.py", cfg_for(base, small_data, out, max_steps=1), tmp_path).returncode == 0
+    recorded = (out / "config.json").read_text()
+    r = run_script("sft.py", cfg_for(base, small_data, out, max_steps=2, resume="auto", tools="Crop|Nope"), tmp_path)
+    assert r.returncode == 1 and (out / "config.json").read_text() == recorded
+
+    class Broken(tools.Tool):
+        name = "Broken"
+
+        def run(self, args, images, keys):
+            raise KeyError("lost")
+
+    reg = tools.Registry([Broken()])
+    res = [reg.execute("<tool_call>Broken [1, 2, 3, 4]</tool_call>", [], []) for _ in range(2)]
+    assert res[0].error and res[0].text == "Error: KeyError: 'lost'" == res[1].text
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 1 and "warning: tool Broken raised KeyError" in err
+    need = data._need({"_file": "f.json", "_index": 3, "id": "v"})
+    with pytest.raises(data.SampleError) as e:
+        data._video({"video": "nope.mp4"}, str(tmp_path), data.Budgets(), False, need)
+    assert str(e.value).count(str(tmp_path / "nope.mp4")) == 1, str(e.value)
+    Image.new("RGB", (32, 32)).save(tmp_path / "f0.png")
+    vid = {"id": "v", "video_frames": ["f0.png", "gone.png"], "conversations": [
+        {"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "Nothing."}]}
+    (tmp_path / "v.json").write_text(json.dumps([vid]))
+    ds = data.SFTDataset(str(tmp_path / "v.json"), tokenizer, str(tmp_path), log=lambda *a: None, min_frames=2,
+                         max_frames=2, video_min_pixels=1024, video_max_pixels=4096)
+    assert len(ds) == 0 and ds.skipped == {"video_frames": 1} and "missing frame" in ds.errors[0].why
+
+
+def test_ctrl_c_names_the_last_checkpoint(base, small_data, tmp_path):
+    """KeyboardInterrupt: no traceback; the message names the last resumable checkpoint; exit code 130."""
+    out = tmp_path / "int"
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(cfg_for(base, small_data, out, max_steps=400, save_interval=1, keep_last=1)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    p = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), "--config", str(cfg)], cwd=ROOT,
+                         env={**env, "DS_ACCELERATOR": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    m = re.search(r"sft\.py: interrupted\. Last resumable checkpoint: (\S+) \(run again with --resume=auto", err)
+    assert m and os.path.isdir(m.group(1)) and m.group(1).startswith(str(out / "checkpoints" / "step")), err[-2000:]

@@ -7,19 +7,13 @@ import json
 import pytest
 import torch
 
-import common
 import data
 import model as M
 import sft
 from _util import DEMO, ROOT, cfg_for, metrics, varlen_reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def world_one():
-    common.setup_distributed(120)
-    yield
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("world_one")]  # one process group for in-process engines (conftest)
 CFG = json.loads((ROOT / "assets" / "tiny" / "config.json").read_text())
 PX = dict(single_image_min_pixels=4096, single_image_max_pixels=20480, crop_min_pixels=4096, crop_max_pixels=8192)
 

@@ -16,6 +16,7 @@ import common
 import data
 import grpo
 import model as M
+import scoring
 import tools
 from _util import DEMO, ROOT, check_adapter, check_export, launch, metrics
 
@@ -24,10 +25,7 @@ GOOD = ("<think>\nThe square is small, I will zoom in on it. <tool_call>Crop [27
 SAMPLE = {"id": "s", "answer": "green", "bbox": [274, 99, 286, 111]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_one():
-    common.setup_distributed(120)
-    yield
+pytestmark = pytest.mark.usefixtures("world_one")  # one process group for in-process engines (conftest)
 
 
 def comp(text, model_text=None, calls=(), sample=SAMPLE, thinking=True, fmt="pixel", size=(320, 240)):
@@ -43,7 +41,7 @@ def crop(box, ok=True):
 
 
 def test_format_reward_and_adversarial_texts():
-    f = tools.score_format
+    f = scoring.score_format
     assert f(*comp(GOOD)) == 1.0
     identify = "<think>\nWho? <tool_call>Identify [1, 2, 30, 40]</tool_call><tool_response>Theo</tool_response>\n" \
                "</think>\n\n<answer>Theo</answer>"
@@ -62,7 +60,7 @@ def test_format_reward_and_adversarial_texts():
 
 
 def test_accuracy_iou_and_tool_rewards():
-    acc = tools.score_accuracy
+    acc = scoring.score_accuracy
     assert acc(*comp(GOOD.replace(">green<", ">Green.<"))) == 1.0
     assert acc(*comp(GOOD.replace(">green<", ">the green<"))) == 1.0  # articles and punctuation do not count
     assert acc(*comp(GOOD.replace(">green<", ">It is green<"))) == 0.0
@@ -72,14 +70,14 @@ def test_accuracy_iou_and_tool_rewards():
     num = {**SAMPLE, "answer": "3"}
     assert [acc(*comp(GOOD.replace(">green<", f">{a}<"), sample=num)) for a in ("3 squares", "3.0", "4", "3 or 4")] \
         == [1.0, 1.0, 0.0, 0.0]
-    gt, iou = SAMPLE["bbox"], tools.score_iou
+    gt, iou = SAMPLE["bbox"], scoring.score_iou
     assert iou(*comp(GOOD, calls=[crop(gt)])) == 1.0
     assert iou(*comp(GOOD, calls=[crop(gt), crop([900, 900, 950, 950], ok=False)])) == 0.5  # outside: failed
     assert abs(iou(*comp(GOOD, calls=[crop([274, 99, 280, 111])])) - 0.5) < 1e-9  # half the box
     assert iou(*comp(GOOD)) == 0.0 and iou(*comp(GOOD, calls=[crop(gt)], sample={"answer": "x"})) == 0.0
     norm = {**SAMPLE, "bbox": [0.5, 0.5, 0.6, 0.6]}
     assert abs(iou(*comp(GOOD, calls=[crop([0.5, 0.5, 0.6, 0.6])], sample=norm, fmt="norm")) - 1.0) < 1e-9
-    tool = tools.score_tool
+    tool = scoring.score_tool
     assert tool(*comp(GOOD, calls=[crop(gt)])) == 1.0
     assert tool(*comp(GOOD)) == 0.0  # right without a crop
     assert tool(*comp(GOOD.replace(">green<", ">red<"), calls=[crop(gt)])) == 0.0  # a crop, wrong answer
@@ -87,17 +85,17 @@ def test_accuracy_iou_and_tool_rewards():
 
 
 def test_seed_rewards_follow_its_rules():
-    tu = tools.score_tool_usage
+    tu = scoring.score_tool_usage
     assert tu(*comp("I see a person.")) == 0.0 and tu(*comp("It is green.")) == 0.5  # keyword rule
     assert tu(*comp(GOOD)) == pytest.approx(0.6)  # Crop inside the think block: 0.3 + 0.3
     ident = "<think>Who is it <tool_call>Identify [1, 2, 30, 40]</tool_call>{}</think><answer>Theo</answer>"
     assert tu(*comp(ident.format("<tool_response>Theo</tool_response>"))) == pytest.approx(1.0)
     assert tu(*comp(ident.format(""))) == pytest.approx(0.6)
     assert tu(*comp("<tool_call>Crop [-1, 2, 30, 40]</tool_call>")) == 0.0  # not the strict syntax; "crop" keyword
-    bv = tools.score_bbox_validity
+    bv = scoring.score_bbox_validity
     assert bv(*comp("[10, 10, 5, 20] and [1, 1, 2, 2]")) == 0.5 and bv(*comp("[ 1, 2, 3, 4]")) == 1.0
     assert bv(*comp("no boxes")) == 1.0
-    rq = tools.score_reasoning_quality
+    rq = scoring.score_reasoning_quality
     long = ("<think>" + "word " * 11 + "<tool_call>Identify [1, 2, 3, 4]</tool_call><tool_response>Theo"
             "</tool_response> so this is clearly the person we want</think><answer>Theo</answer>")
     assert rq(*comp(long)) == pytest.approx(1.0)  # 0.3 + 0.3 + 0.2 + 0.2
@@ -105,13 +103,13 @@ def test_seed_rewards_follow_its_rules():
 
 
 def test_parse_rewards_custom_and_errors():
-    fns = tools.parse_scorers("format:0.5|tests.grpo_rewards.even_ids:2|accuracy")
+    fns = scoring.parse_scorers("format:0.5|tests.grpo_rewards.even_ids:2|accuracy")
     assert [(n, w) for n, w, _ in fns] == [("format", 0.5), ("tests.grpo_rewards.even_ids", 2.0), ("accuracy", 1.0)]
     assert fns[1][2](*comp("x", calls=[])) == 0.0
     with pytest.raises(ValueError, match="rewards: unknown scorer 'acuracy'"):
-        tools.parse_scorers("acuracy:1")
+        scoring.parse_scorers("acuracy:1")
     with pytest.raises(ValueError, match=r"rewards: cannot import 'no_such_module.f' \(ModuleNotFoundError"):
-        tools.parse_scorers("no_such_module.f:1")
+        scoring.parse_scorers("no_such_module.f:1")
     with pytest.raises(ValueError, match="loss_type"):
         grpo.token_weights([1], "ppo", 1, 1, 1)
 
@@ -150,13 +148,13 @@ def test_rollouts_mask_tool_outputs_and_match_the_training_encoding(tool_ckpt, t
     """Real rollouts with the Crop tool: the packed training row labels exactly the sampled tokens, the sequence is
     the SFT encoding of the same conversation, and the loss's gradient reaches only positions predicting them."""
     m = M.Ovis25.from_pretrained(tool_ckpt)
-    cfg = grpo.Config(image_dir=str(DEMO), min_pixels=4096, max_pixels=8192, crop_min_pixels=4096,
-                      crop_max_pixels=8192)
+    cfg = grpo.Config(image_dir=str(DEMO), single_image_min_pixels=4096, single_image_max_pixels=8192,
+                      crop_min_pixels=4096, crop_max_pixels=8192)
     sample = data.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
     reg = tools.load_tools()
     inp, images, keys = grpo.prompt_inputs(sample, cfg, tokenizer, reg)
     with torch.no_grad():
-        rolls = tools.run_tool_loop(m.eval(), tokenizer, [inp, inp], [images] * 2, [keys] * 2, reg,
+        rolls = tools.run_tool_loop(m.eval(), tokenizer, [inp, inp], images=[images] * 2, keys=[keys] * 2, registry=reg,
                                     max_new_tokens=80, crop_min_pixels=4096, crop_max_pixels=8192)
     r = rolls[0]
     assert [c["name"] for c in r.tool_calls] == ["Crop"] and r.tool_calls[0]["ok"] and r.finish == "eos"
@@ -189,7 +187,8 @@ def test_rollouts_mask_tool_outputs_and_match_the_training_encoding(tool_ckpt, t
 def even_cfg(base, out, **kw):
     return {"model_path": base, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO), "output_dir": str(out),
             "zero_config": str(ROOT / "zero_configs" / "zero0.json"), "prompts_per_rank": 2, "num_generations": 8,
-            "micro_batch_size": 8, "max_new_tokens": 12, "min_pixels": 4096, "max_pixels": 8192, "top_k": 8,
+            "micro_batch_size": 8, "max_new_tokens": 12, "single_image_min_pixels": 4096,
+            "single_image_max_pixels": 8192, "top_k": 8,
             "bf16": False, "gradient_checkpointing": False, "lr": 1e-2, "enable_thinking": False,
             "rewards": "tests.grpo_rewards.even_ids:1", "save_interval": 1000, **kw}
 
@@ -223,16 +222,17 @@ def test_shared_prompt_rollouts_equal_per_completion_prompts(tool_ckpt, tokenize
     """The G completions of a prompt share its ViT pass and prefill (the KV cache copied): greedy and sampled rollouts
     (the same generator state) are those of the prompt given G times, tool calls, masks and pixels included."""
     m = M.Ovis25.from_pretrained(tool_ckpt).eval()
-    cfg = grpo.Config(model_path=tool_ckpt, data_path="x", image_dir=str(DEMO), min_pixels=4096, max_pixels=8192,
-                      crop_min_pixels=4096, crop_max_pixels=8192)
+    cfg = grpo.Config(model_path=tool_ckpt, data_path="x", image_dir=str(DEMO), single_image_min_pixels=4096,
+                      single_image_max_pixels=8192, crop_min_pixels=4096, crop_max_pixels=8192)
     reg = tools.load_tools()
     inputs = [grpo.prompt_inputs(s, cfg, tokenizer, reg) for s in json.loads((DEMO / "grpo.json").read_text())[:2]]
     G, crops = 3, 0
     for kw in (dict(do_sample=False), dict(do_sample=True, temperature=1.0)):
         runs = []
         for group, rep in ((1, G), (G, 1)):  # today's path: each prompt G times; shared: group=G
-            args = ([x[k] for x in inputs for _ in range(rep)] for k in range(3))
-            runs.append(tools.run_tool_loop(m, tokenizer, *args, reg, max_new_tokens=60, crop_min_pixels=4096,
+            prompts, images, keys = ([x[k] for x in inputs for _ in range(rep)] for k in range(3))
+            runs.append(tools.run_tool_loop(m, tokenizer, prompts, images=images, keys=keys, registry=reg,
+                                            max_new_tokens=60, crop_min_pixels=4096,
                                             crop_max_pixels=8192, group=group,
                                             generator=torch.Generator().manual_seed(3), **kw))
         for a, b in zip(*runs):
@@ -303,7 +303,8 @@ def test_in_line_with_sft_offload_module_lrs_and_zero_config_checks(base, tmp_pa
     assert torch.equal(before["vte.weight"], after["vte.weight"])  # lr 0
     assert not torch.equal(before["llm.model.norm.weight"], after["llm.model.norm.weight"])
     m = M.Ovis25.from_pretrained(base)
-    groups = grpo.param_groups(m, grpo.Config(train_modules="llm:1e-6|visual_tokenizer.vit.last_block:5e-6"))
+    cfg = grpo.Config(train_modules="llm:1e-6|visual_tokenizer.vit.last_block:5e-6")
+    groups = common.param_groups(m, grpo.trainable(cfg, m.config), cfg.weight_decay)
     assert {g["lr"] for g in groups} == {1e-6, 5e-6} and not m.vte.weight.requires_grad
     (tmp_path / "bad.json").write_text(json.dumps({**z, "optimizer": {"type": "AdamW"}}))
     with pytest.raises(ValueError, match="remove 'optimizer'; grpo.py builds the optimizer"):
@@ -331,7 +332,8 @@ def test_two_ranks_zero3_lora_tool_rollouts(tool_ckpt, tmp_path):
     c = {"model_path": tool_ckpt, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO),
          "output_dir": str(out), "zero_config": str(ROOT / "zero_configs" / "zero3.json"), "lora": True,
          "lora_r": 4, "lr": 1e-3, "beta": 0.05, "num_iterations": 2, "prompts_per_rank": 1, "num_generations": 4,
-         "micro_batch_size": 2, "max_new_tokens": 60, "max_steps": 2, "min_pixels": 4096, "max_pixels": 8192,
+         "micro_batch_size": 2, "max_new_tokens": 60, "max_steps": 2, "single_image_min_pixels": 4096,
+         "single_image_max_pixels": 8192,
          "crop_min_pixels": 4096, "crop_max_pixels": 8192, "bf16": False, "gradient_checkpointing": True,
          "dynamic_sampling": True, "max_refill_rounds": 2, "eval_data_path": str(tmp_path / "eval.json"),
          "eval_interval": 2}
@@ -352,7 +354,7 @@ def test_shipped_grpo_configs_parse():
     for f in sorted((ROOT / "configs").glob("*grpo*.json")):
         c = common.load_config(grpo.Config, ["--config", str(f)])
         assert (ROOT / c.zero_config).exists(), f
-        assert [n for n, _, _ in tools.parse_scorers(c.rewards)] == [p.split(":")[0] for p in c.rewards.split("|")], f
+        assert [n for n, _, _ in scoring.parse_scorers(c.rewards)] == [p.split(":")[0] for p in c.rewards.split("|")], f
 
 
 def test_a_crop_too_thin_to_show_is_an_error_result(tool_ckpt, tokenizer):
@@ -365,11 +367,12 @@ def test_a_crop_too_thin_to_show_is_an_error_result(tool_ckpt, tokenizer):
             return tools.ToolResult(name="Crop", image=Image.new("RGB", (316, 32)))
 
     m = M.Ovis25.from_pretrained(tool_ckpt).eval()
-    cfg = grpo.Config(image_dir=str(DEMO), min_pixels=4096, max_pixels=8192)
+    cfg = grpo.Config(image_dir=str(DEMO), single_image_min_pixels=4096, single_image_max_pixels=8192)
     sample = data.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")[0]
     inp, images, keys = grpo.prompt_inputs(sample, cfg, tokenizer, tools.load_tools())
     with torch.no_grad():
-        r = tools.run_tool_loop(m, tokenizer, [inp], [images], [keys], tools.Registry([ThinCrop()]),
+        r = tools.run_tool_loop(m, tokenizer, [inp], images=[images], keys=[keys],
+                                registry=tools.Registry([ThinCrop()]),
                                 max_new_tokens=40, crop_min_pixels=4096, crop_max_pixels=8192)[0]
     assert r.tool_calls and not r.tool_calls[0]["ok"] and "316x32 crop is too thin" in r.tool_calls[0]["result"]
     assert "<tool_response>Error: the 316x32 crop is too thin" in r.text and r.crops == []

@@ -24,10 +24,7 @@ from _util import DEMO, ROOT, cfg_for, check_adapter, check_export, hub_cache, l
 MTS = "visual_tokenizer.head|vte:5e-3"  # modules trained in full beside the adapters in these runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_one():
-    common.setup_distributed(120)
-    yield
+pytestmark = pytest.mark.usefixtures("world_one")  # one process group for in-process engines (conftest)
 
 
 def lcfg(base, data_path, out, **kw):
@@ -98,7 +95,7 @@ def test_targets_only_the_llm_unless_lora_vit(base):
     cfg = lora.Config(lora_r=4, modules_to_save="visual_tokenizer.head:5e-5|vte|visual_tokenizer.vit.last_block:7e-5",
                       lr=1e-3, weight_decay=0.1)
     pm = get_peft_model(M.Ovis25.from_pretrained(base), lora.lora_config(cfg, m.config))
-    groups = lora.param_groups(pm, cfg)
+    groups = common.param_groups(pm, lora.trainable(cfg, pm), cfg.weight_decay)
     assert {(g["lr"], g["weight_decay"]) for g in groups} == {(1e-3, 0.1), (5e-5, 0.1), (5e-5, 0.0), (7e-5, 0.1),
                                                               (7e-5, 0.0)}
     head = {id(p) for n, p in pm.named_parameters() if "head.modules_to_save" in n}
@@ -169,7 +166,7 @@ def test_merge_equals_adapter_and_keeps_the_base_layout(runs, base, hub, tokeniz
     assert diff <= 1e-4
     check_export(out, base, "float32")  # the base's config.json, files and official key set
     merged = M.Ovis25.from_pretrained(str(out)).eval()  # a plain checkpoint for model.py
-    pm = M.load_adapter(M.Ovis25.from_pretrained(base).eval(), adapter)
+    pm = common.load_adapter(M.Ovis25.from_pretrained(base).eval(), adapter)
     eng = infer.load(None, adapter=adapter, device="cpu")  # infer merges at load, base read from the adapter
     with torch.no_grad():
         for i in (1, 5):

@@ -18,12 +18,7 @@ import sft
 import tools
 from _util import DEMO, ROOT, cfg_for, check_export, launch, metrics
 
-
-@pytest.fixture(scope="module", autouse=True)
-def world_one():
-    """One process group for all in-process runs (DeepSpeed caches groups; re-creating them breaks it)."""
-    common.setup_distributed(120)
-    yield
+pytestmark = pytest.mark.usefixtures("world_one")  # one process group for in-process engines (conftest)
 
 
 def run_inprocess(cfg: dict):
@@ -47,9 +42,9 @@ def test_config_errors_are_clear(base, small_data, tmp_path):
     assert c.lr == 3e-5 and c.bf16 is False  # CLI overrides JSON overrides defaults; launcher arg accepted
     m = M.Ovis25.from_pretrained(base)
     with pytest.raises(ValueError, match="train_modules: unknown module 'vision'; choose from all, llm"):
-        sft.param_groups(m, sft.Config(train_modules="llm|vision"))
+        sft.trainable(sft.Config(train_modules="llm|vision"), m.config)
     with pytest.raises(ValueError, match="train_modules is empty"):
-        sft.param_groups(m, sft.Config(train_modules=" | "))
+        sft.trainable(sft.Config(train_modules=" | "), m.config)
     with pytest.raises(ValueError, match="schedule"):
         sft.lr_lambda(sft.Config(schedule="cosin"), 10)
 
@@ -58,14 +53,15 @@ def test_lr_schedule_and_param_groups(base):
     f = sft.lr_lambda(sft.Config(schedule="cosine", warmup_ratio=0.1, min_lr_ratio=0.1), 100)
     assert f(0) < f(5) < f(9) <= 1.0 and abs(f(10) - 1.0) < 1e-9 and abs(f(100) - 0.1) < 1e-9
     m = M.Ovis25.from_pretrained(base)
-    groups = sft.param_groups(m, sft.Config(train_modules="llm:1e-4|visual_tokenizer.head:5e-5", lr=1e-3,
-                                            weight_decay=0.1))
+    cfg = sft.Config(train_modules="llm:1e-4|visual_tokenizer.head:5e-5", lr=1e-3, weight_decay=0.1)
+    groups = common.param_groups(m, sft.trainable(cfg, m.config), cfg.weight_decay)
     lrs = {(g["lr"], g["weight_decay"]) for g in groups}
     assert lrs == {(1e-4, 0.1), (1e-4, 0.0), (5e-5, 0.1), (5e-5, 0.0)}
     assert not any(p.requires_grad for p in m.visual_tokenizer.vit.parameters()) and not m.vte.weight.requires_grad
     assert all(p.requires_grad for p in m.llm.parameters())
     # visual_tokenizer.vit.last_block (the official trainer's name): the ViT's last encoder layer, and only it
-    sft.param_groups(m, sft.Config(train_modules="vte|visual_tokenizer.vit.last_block:1e-5"))
+    common.param_groups(m, sft.trainable(sft.Config(train_modules="vte|visual_tokenizer.vit.last_block:1e-5"),
+                                         m.config), 0.0)
     last = f"visual_tokenizer.vit.vision_model.encoder.layers.{m.config.vit.num_hidden_layers - 1}."
     on = {n for n, p in m.named_parameters() if p.requires_grad}
     assert on == {n for n, _ in m.named_parameters() if n.startswith(last) or n.startswith("vte.")} and len(on) == 17
@@ -235,3 +231,71 @@ def test_shipped_configs_parse():
     for f in sorted((ROOT / "zero_configs").glob("*.json")):
         assert '"auto"' not in f.read_text(), f  # concrete values only; the script owns optimizer and schedule
         assert not {"optimizer", "scheduler", "train_batch_size"} & set(json.loads(f.read_text())), f
+
+
+def test_every_stage_takes_the_same_zero_config_options(base, small_data, tmp_path):
+    """One plumbing (common.py) in sft / lora / grpo: a ZeRO-3 offload config that opts out of DeepSpeed's CPU Adam
+    (`zero_force_ds_cpu_optimizer: false`, never compiled by this suite) runs in all three; the optimizer choice
+    is common.optimizer's."""
+    import grpo
+    import lora
+
+    z = json.loads((ROOT / "zero_configs" / "zero3_offload.json").read_text())
+    (tmp_path / "off.json").write_text(json.dumps({**z, "zero_force_ds_cpu_optimizer": False}))
+    zc = str(tmp_path / "off.json")
+    p = [torch.nn.Parameter(torch.zeros(2, 2))]
+    opt = common.optimizer([{"params": p}], {**z, "zero_force_ds_cpu_optimizer": False}, 1e-3, (0.9, 0.99))
+    assert type(opt) is torch.optim.AdamW
+    for mod, extra in ((sft, {}), (lora, {"lora_r": 4})):
+        c = cfg_for(base, small_data, tmp_path / mod.__name__, max_steps=1, zero_config=zc, **extra)
+        mod.main(mod.Config(**{k: v for k, v in c.items() if k in mod.Config.__dataclass_fields__}))
+        assert metrics(tmp_path / mod.__name__)[0]["grad_norm"] > 0
+    g = {"model_path": base, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO), "zero_config": zc,
+         "output_dir": str(tmp_path / "grpo"), "prompts_per_rank": 1, "num_generations": 4, "micro_batch_size": 4,
+         "max_new_tokens": 8, "single_image_min_pixels": 4096, "single_image_max_pixels": 8192, "bf16": False,
+         "gradient_checkpointing": False, "enable_thinking": False, "rewards": "tests.grpo_rewards.even_ids:1",
+         "max_steps": 1, "lr": 1e-2}
+    grpo.main(grpo.Config(**g))
+    assert metrics(tmp_path / "grpo")[0]["grad_norm"] > 0
+
+
+def test_an_exports_training_record_reaches_infer_and_grpo(base, small_data, tmp_path, capsys):
+    """An sft.py export records the budgets and tools it trained with (ovis_tune.json beside config.json); infer.py
+    and grpo.py take them as defaults for what they are not told, and say so in their `model:` / `grpo:` line."""
+    import grpo
+    import infer
+
+    out = tmp_path / "rec"
+    run_inprocess(cfg_for(base, small_data, out, max_steps=1, tools="Crop"))
+    rec = json.loads((out / "final" / common.RECORD_FILE).read_text())
+    assert rec["trained_by"] == "sft.py" and rec["tools"] == "Crop" and rec["single_image_max_pixels"] == 20480
+    assert rec["crop_min_pixels"] == 4096 and "enable_thinking" not in rec  # sft.py has no such setting
+    img = str(DEMO / "images" / "syn_000.png")
+    args = ["--model", str(out / "final"), "--image", img, "--prompt", "What color?", "--greedy", "--max-new-tokens",
+            "1", "--tools"]
+    capsys.readouterr()
+    assert infer.main(args) == 0
+    said = capsys.readouterr().err
+    assert "tools Crop |" in said and "from its training record (ovis_tune.json, sft.py):" in said
+    assert "single_image_max_pixels 20480" in said and "crop_max_pixels 8192" in said
+    session = infer.load(str(out / "final"), device="cpu")
+    (r,) = infer.chat_batch(session, [{"image": img, "prompt": "What color?"}], max_new_tokens=1, do_sample=False)
+    want = M.build_inputs([{"role": "user", "content": [{"type": "image", "image": img},
+                                                        {"type": "text", "text": "What color?"}]}],
+                          session.tokenizer, min_pixels=4096, max_pixels=20480)["input_ids"][0].tolist()
+    assert r.token_ids[:r.prompt_len] == want  # the recorded budget, not data.Budgets' 448^2..1792^2
+    assert infer.main(args + ["--single-image-max-pixels", "8192"]) == 0  # a flag wins over the record
+    assert "single_image_max_pixels" not in capsys.readouterr().err.split("training record")[-1]
+    g = tmp_path / "g.json"
+    g.write_text(json.dumps({"model_path": str(out / "final"), "data_path": str(DEMO / "grpo.json"),
+                             "image_dir": str(DEMO), "output_dir": str(tmp_path / "grpo"), "prompts_per_rank": 1,
+                             "num_generations": 2, "micro_batch_size": 2, "max_new_tokens": 4, "max_steps": 1,
+                             "bf16": False, "gradient_checkpointing": False, "zero_config": str(ROOT / "zero_configs"
+                                                                                                / "zero0.json"),
+                             "rewards": "tests.grpo_rewards.even_ids:1", "crop_max_pixels": 16384}))
+    cfg = common.load_config(grpo.Config, ["--config", str(g)])
+    grpo.main(cfg)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("grpo:"))
+    assert "from its training record: single_image_min_pixels 4096, single_image_max_pixels 20480" in line
+    assert "crop_max_pixels" not in line.split("training record")[1] and cfg.crop_max_pixels == 16384  # told
+    assert cfg.tools == "Crop" and cfg.single_image_max_pixels == 20480

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import scoring
 import tools
 
 DATA = Path(__file__).parent / "fixtures" / "data"
@@ -167,10 +168,11 @@ def test_trajectory_stats_and_summary_by_hand():
                              "<tool_response>it</tool_response>"),
                 [{"name": "Identify", "args": [1, 1, 9, 9], "ok": True, "result": "it"}], "eos", 60),
            {"answer": "green"})]
-    stats = [tools.trajectory_stats(r, s) for r, s in rs]
+    stats = [scoring.trajectory_stats(r, s) for r, s in rs]
     assert [s["format"] for s in stats] == [1.0, 1.0, 1.0] and [s["accuracy"] for s in stats] == [1.0, 0.0, 1.0]
-    got = tools.summarize(sum(stats, tools.Counter()))
+    got = scoring.summarize(sum(stats, scoring.Counter()))
     assert got == {"questions": 3, "accuracy": 2 / 3, "format_rate": 1.0, "tool_calls_per_question": 1.0,
+                   "tool_rate": 2 / 3, "answer_rate": 1.0,
                    "valid_crop_rate": 0.5, "mean_crop_iou": 0.5, "mean_generated_tokens": 200 / 3,
                    "finish": {"eos": 2, "length": 1}, "tools": {"Crop": 2, "Identify": 1}}
-    assert tools.summarize(tools.Counter())["valid_crop_rate"] is None  # nothing to measure: None, not 0
+    assert scoring.summarize(scoring.Counter())["valid_crop_rate"] is None  # nothing to measure: None, not 0

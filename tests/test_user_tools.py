@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import data
 import grpo
 import infer
@@ -23,10 +22,7 @@ IMG, BOX = "images/syn_000.png", "[265, 90, 295, 120]"
 PX = dict(single_image_min_pixels=4096, single_image_max_pixels=20480, crop_min_pixels=4096, crop_max_pixels=8192)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_one():
-    common.setup_distributed(120)
-    yield
+pytestmark = pytest.mark.usefixtures("world_one")  # one process group for in-process engines (conftest)
 
 
 def test_user_tools_are_encoded_like_crop(tokenizer, tmp_path, capsys):
@@ -101,16 +97,19 @@ def test_train_infer_score_and_rollout_with_user_tools(base, tokenizer, tmp_path
     # token for token the training encoding; sampled tokens = learned tokens (tool results masked)
     session = infer.load(str(out / "final"), device="cpu")
     r = infer.chat_batch(session, [prompt], str(DEMO), enable_thinking=True, use_tools=USER, do_sample=False,
-                         max_new_tokens=200, min_pixels=4096, max_pixels=20480, crop_min_pixels=4096,
+                         max_new_tokens=200, single_image_min_pixels=4096, single_image_max_pixels=20480,
+                         crop_min_pixels=4096,
                          crop_max_pixels=8192)[0]
     enc = data.encode_sample(sample, tokenizer, DEMO, registry=reg, **PX)
     assert r.token_ids == enc["input_ids"].tolist()
     assert r.gen_mask == [int(x != M.IGNORE_ID) for x in enc["labels"].tolist()]
     # a GRPO rollout (grpo.py's own prompt and loop, sampling) runs both tools; only sampled tokens carry loss
     cfg = grpo.Config(model_path=str(out / "final"), data_path=str(q), image_dir=str(DEMO), tools=USER,
-                      min_pixels=4096, max_pixels=20480, crop_min_pixels=4096, crop_max_pixels=8192)
+                      single_image_min_pixels=4096, single_image_max_pixels=20480, crop_min_pixels=4096,
+                      crop_max_pixels=8192)
     inp, imgs, keys = grpo.prompt_inputs(prompt, cfg, tokenizer, reg)
-    rolls = tools.run_tool_loop(session.model, tokenizer, [inp] * 2, [imgs] * 2, [keys] * 2, reg, max_new_tokens=200,
+    rolls = tools.run_tool_loop(session.model, tokenizer, [inp] * 2, images=[imgs] * 2, keys=[keys] * 2, registry=reg,
+                                max_new_tokens=200,
                                 crop_min_pixels=4096, crop_max_pixels=8192, do_sample=True, temperature=0.05,
                                 generator=torch.Generator().manual_seed(0))
     for ro in rolls:
