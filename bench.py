@@ -222,7 +222,7 @@ def bench_rollout(group: int = 8, side: int = 1792, new_tokens: int = 64) -> flo
     def run(shared: bool):
         n, gen = (1, group) if shared else (group, 1)
         t0 = time.perf_counter()
-        out = tools.run_tool_loop(m, tok, [prompt] * n, [[img]] * n, [["img"]] * n, None, group=gen,
+        out = tools.run_tool_loop(m, tok, [prompt] * n, images=[[img]] * n, keys=[["img"]] * n, group=gen,
                                   generator=torch.Generator(dev).manual_seed(1), **kw)
         return time.perf_counter() - t0, [r.token_ids for r in out]
 
@@ -519,8 +519,8 @@ def bench_gpu(smoke: bool = False) -> dict:
         m.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
-            rolls = tools.run_tool_loop(m, tok, [cuda(inp)], [[img]], [["img"]], reg, group=8, do_sample=True,
-                                        max_new_tokens=32 if smoke else 128)
+            rolls = tools.run_tool_loop(m, tok, [cuda(inp)], images=[[img]], keys=[["img"]], registry=reg, group=8,
+                                        do_sample=True, max_new_tokens=32 if smoke else 128)
         t_roll = time.perf_counter() - t0
         m.train()
         opt = torch.optim.AdamW([p for p in m.llm.parameters()], lr=1e-6)

@@ -1,7 +1,7 @@
 """The plumbing every stage shares (nanochat's common.py): config loading and the command line, distributed setup,
-checkpoints by path or Hugging Face Hub id (and LoRA adapters on them), the epoch plan, the DeepSpeed engine's policy,
-optimizer, resumable checkpoints and exports, the guard that stops a run gone wrong, and the run's records. It knows
-nothing of Ovis2.5 and imports no module of ours: the bottom of common <- model <- tools <- data <- the scripts."""
+the epoch plan, the DeepSpeed engine's policy, optimizer, resumable checkpoints and exports, the guard that stops a run
+gone wrong, and the run's records. It knows nothing of Ovis2.5 and imports no module of ours: the bottom of
+common <- hub <- model <- tools <- scoring <- data <- the scripts."""
 
 import bisect
 import contextlib
@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import types
@@ -158,95 +157,7 @@ def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints by path or Hugging Face Hub id; peft LoRA adapters on them
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name or org/name@revision
-HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.py"]  # never pickled weights
-
-
-def split_hub_id(name: str) -> tuple[str, str | None]:
-    """"org/name@rev" -> ("org/name", "rev"); a local dir or a plain id -> (name, None)."""
-    if os.path.isdir(name) or not HUB_ID.match(name):
-        return name, None
-    repo, _, revision = name.partition("@")
-    return repo, revision or None
-
-
-def resolve_checkpoint(name: str) -> str:
-    """A checkpoint dir (as is) or a Hub id ("AIDC-AI/Ovis2.5-9B", "org/name@rev") fetched into the HF cache (HUB_FILES)
-    -> a local dir. Every rank calls it: local rank 0 downloads first, the others find the files after a barrier."""
-    if os.path.isdir(name):
-        return name
-    if not HUB_ID.match(name):
-        raise FileNotFoundError(f"{name}: no such checkpoint directory (a Hub id reads org/name or org/name@revision)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    repo, revision = split_hub_id(name)
-    together = torch.distributed.is_available() and torch.distributed.is_initialized()
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if together and not first:
-        torch.distributed.barrier()
-    try:
-        path, err = snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES), None
-    except Exception as e:  # noqa: BLE001 (re-raised below with what to do, after the barrier)
-        path, err = None, e
-    if together and first:
-        torch.distributed.barrier()  # reached on failure too: the other ranks must never hang
-    if err is not None:
-        offline = os.environ.get("HF_HUB_OFFLINE") or "unset"
-        why = ("the Hugging Face Hub has no such model or revision (or it is gated: run `hf auth login`)"
-               if isinstance(err, (RepositoryNotFoundError, RevisionNotFoundError))
-               else "it is not in the Hugging Face cache and the Hub cannot be reached")
-        get = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
-        raise FileNotFoundError(f"model {name!r} is not a local directory, and {why} (HF_HUB_OFFLINE={offline}). "
-                                f"Download it where there is network (`{get}` fills the same cache) or pass a "
-                                "local checkpoint directory instead.") from err
-    return path
-
-
-def adapter_base(adapter_dir: str) -> str:
-    """The base an adapter dir records, as resolve_checkpoint takes it: "org/name@rev", "org/name" or a dir."""
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, not a peft LoRA adapter (lora.py writes one "
-                                "to output_dir/final)")
-    cfg = read_json(path, "adapter config")
-    base, revision = cfg.get("base_model_name_or_path"), cfg.get("revision")
-    if not base:
-        raise ConfigError(f"{path}: base_model_name_or_path is empty; pass the base checkpoint explicitly")
-    return f"{base}@{revision}" if revision and not os.path.isdir(base) else base
-
-
-def load_adapter(model: torch.nn.Module, adapter_dir: str):
-    """A peft LoRA dir (lora.py, grpo.py) -> a PeftModel around `model`. Every tensor is checked against the base
-    first, so an adapter of another model fails naming the tensor and both shapes."""
-    from peft import PeftModel
-    from safetensors import safe_open
-
-    adapter_base(adapter_dir)  # a clear error when it is no adapter dir
-    path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
-    modules, params = dict(model.named_modules()), dict(model.named_parameters())
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            shape, name = tuple(f.get_slice(key).get_shape()), key.removeprefix("base_model.model.")
-            if ".lora_A." in name or ".lora_B." in name:
-                target, ab = name.split(".lora_")[0], name.split(".lora_")[1][0]
-                lin = modules.get(target)
-                if not isinstance(lin, torch.nn.Linear):
-                    raise ValueError(f"{path}: {key}: the base has no linear layer {target!r}")
-                want, got = (lin.in_features, shape[1]) if ab == "A" else (lin.out_features, shape[0])
-            else:  # a modules_to_save tensor: a full copy of the base's
-                if name not in params:
-                    raise ValueError(f"{path}: {key}: the base has no parameter {name!r}")
-                want, got = tuple(params[name].shape), shape
-            if want != got:
-                raise ValueError(f"{path}: {key} has shape {shape}, which does not fit the base ({want} expected): "
-                                 "the adapter was trained on another model")
-    return PeftModel.from_pretrained(model, adapter_dir)
+# What an export records of its run
 
 
 def read_record(checkpoint_dir: str) -> dict:

@@ -13,19 +13,16 @@ Tool turns (spec 14) in a gpt value: the `<tool_call>...</tool_call>` text is le
 * `<tool_call>Crop [x1, y1, x2, y2]</tool_call><image>`: the crop of the first image sits at `<image>`; a Crop
   without `<image>` (the seed's old format) gets one: inference always answers a Crop with an image.
 * any other call must be followed directly by its recorded `<tool_response>result</tool_response>`.
-Prompts (GRPO, inference): `prompt_messages`, then `model.build_inputs` (the checkpoint's own chat template).
-Over-long samples are never cut inside an image: `overlong` "drop" (SampleError) or "truncate" (official).
-Also: `SFTDataset` (bad samples skipped, counted), its micro-batches of packed rows, and `python data.py check`.
+Also: GRPO / inference prompts (`prompt_messages`, for `model.build_inputs`), `SFTDataset` and its micro-batches of
+packed rows, `python data.py check`. Over-long samples: `Budgets.overlong`, never cut inside an image.
 """
 
-import dataclasses
 import json
 import os
 import re
 import sys
-import typing
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -63,22 +60,20 @@ def _need(sample: dict):
 
 
 def load_samples(path, errors: list | None = None) -> list[dict]:
-    """Read a JSON list (or one sample, or the seed's `{"conversations": [samples]}`) or JSONL; each sample gets
-    `_file` and `_index`: the line it starts on, as an editor numbers lines (from 1). Bad JSON and non-objects raise
-    SampleError, or go to `errors` if a list is given."""
+    """A JSON list, one sample, the seed's `{"conversations": [samples]}` or JSONL; `_file` and `_index` (the line a
+    sample starts on, from 1) added. Bad JSON and non-objects raise SampleError, or go to `errors` if one is given."""
     path, text, out = str(path), Path(path).read_text(encoding="utf-8"), []
-    try:
-        items = json.loads(text)
-        conv = items.get("conversations") if isinstance(items, dict) else None
-        if conv and isinstance(conv[0], dict) and "conversations" in conv[0]:  # the seed's wrapper: element numbers
-            items = list(enumerate(conv, 1))
-        elif isinstance(items, list):
-            items = list(zip(_element_lines(text, len(items)), items))
-        else:
-            items = [(1, items)]
-    except json.JSONDecodeError as e:  # JSONL (a broken JSON list is one error, at the line the parser stopped)
-        items = [(e.lineno, e)] if text.lstrip().startswith("[") else [
+    items = _json(text)
+    conv = items.get("conversations") if isinstance(items, dict) else None
+    if isinstance(items, json.JSONDecodeError):  # JSONL (a broken JSON list: one error, at the line the parser stopped)
+        items = [(items.lineno, items)] if text.lstrip().startswith("[") else [
             (i, _json(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif conv and isinstance(conv[0], dict) and "conversations" in conv[0]:  # the seed's wrapper: element numbers
+        items = list(enumerate(conv, 1))
+    elif isinstance(items, list):
+        items = list(zip(_element_lines(text, len(items)), items))
+    else:
+        items = [(1, items)]
     for i, s in items:
         if isinstance(s, dict):
             out.append({**s, "_file": path, "_index": i})
@@ -101,9 +96,9 @@ def _element_lines(text: str, n: int) -> list[int]:
     return lines
 
 
-def _json(line: str):
+def _json(text: str):
     try:
-        return json.loads(line)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         return e
 
@@ -114,13 +109,13 @@ def _open(path: Path, decode: bool, need, field: str = "image"):
         with Image.open(path) as im:
             return im.convert("RGB") if decode else im.size  # convert() decodes: a truncated file raises here
     except Exception as e:
-        need(False, field, f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} {field} {path} "
-                           f"({_why(e)})")
+        _unreadable(need, field, path, e)
 
 
-def _why(e: Exception) -> str:
-    """An exception as a short cause, without the path an OSError repeats (the message names it already)."""
-    return f"{type(e).__name__}: {e.strerror}" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+def _unreadable(need, field: str, path, e: Exception):
+    """The sample is bad: `missing|unreadable {field} {path} (cause)`, without the path an OSError's cause repeats."""
+    why = f"{type(e).__name__}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+    need(False, field, f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} {field} {path} ({why})")
 
 
 def _assistant_tools(value: str, registry: tools.Registry, need) -> tuple[str, list, Counter, int]:
@@ -153,8 +148,7 @@ def _assistant_tools(value: str, registry: tools.Registry, need) -> tuple[str, l
 
 @dataclass
 class Budgets:
-    """How large a training sample may get: pixel budgets (spec 11.2; defaults = the official training arguments),
-    video frames, tool-result crops, length. One place for every stage script's defaults and `data.py check`."""
+    """How large a training sample may get (spec 11.2; defaults: the official training arguments), for every stage."""
     single_image_min_pixels: int = 448 * 448
     single_image_max_pixels: int = 1792 * 1792
     multiple_image_min_pixels: int = 448 * 448  # per image when a sample has several; negative: the single min
@@ -237,8 +231,7 @@ def _video(sample: dict, image_dir, b: Budgets, decode: bool, need) -> list:
             with av.open(str(path)) as c:
                 frames = [im for i, f in enumerate(c.decode(video=0)) if i in want for im in [f.to_image()] * want[i]]
     except Exception as e:
-        need(False, "video", f"{'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} video {path} "
-                             f"({_why(e)})")
+        _unreadable(need, "video", path, e)
     # a stream whose metadata overstates its frames (a truncated file) must not silently train on fewer frames
     need(n > 0 and len(frames) == sum(want.values()), "video", f"{path}: {n} frames in its metadata, "
          f"{len(frames)} of the {sum(want.values())} sampled frames decoded (truncated or empty video?)")
@@ -311,29 +304,28 @@ def _tokens_and_labels(turns: list, tokenizer, placeholder: str) -> tuple[list, 
 def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets, geo: dict, decode: bool, need):
     """Step 3: (pixels, grid) of each placeholder: an original image, the video (one grid [T, h, w]) or an image tool's
     result (the very call inference would run). decode=False: grids from image headers (or the tool's output_size)."""
-    video = "video" in sample or "video_frames" in sample
-    lo, hi = b.originals(len(paths), video)
+    originals = b.originals(len(paths), "video" in sample or "video_frames" in sample)  # (min, max) pixels
     imgs = [_open(Path(image_dir) / p, decode, need) for p in paths]  # RGB images, or only (W, H) from headers
     decoded = imgs if decode else None  # the length pass decodes only for a tool that cannot size its result
     out = []
     for x, fld in owners:
-        try:
+        budget = originals
+        try:  # frames: PIL images, or (decode=False) their (W, H); an image is a one-frame video (model.py)
             if x == "video":
                 frames = _video(sample, image_dir, b, decode, need)
-                pv, g = ovis.preprocess_video(frames, lo, hi, **geo) if decode else (None, ovis.image_grid(
-                    frames[0], lo, hi, **geo) * torch.tensor([[len(frames), 1, 1]]))
             elif isinstance(x, int):  # an original image
-                pv, g = ovis.preprocess_image(imgs[x], lo, hi, **geo) if decode else (None, ovis.image_grid(
-                    imgs[x], lo, hi, **geo))
+                frames = [imgs[x]]
             else:  # an image tool's result
+                budget = b.crop_min_pixels, b.crop_max_pixels
                 size = None if decode else registry.get(x.name).output_size(x.args, imgs[0])
                 if size is None:
                     decoded = decoded or [_open(Path(image_dir) / p, True, need) for p in paths]  # once a sample
                     res = registry.execute(x, decoded, paths)
                     if res.kind != "image":
                         raise ValueError(res.text)
-                pv, g = tools.tool_result_pixels(res, b.crop_min_pixels, b.crop_max_pixels, **geo) if decode else (
-                    None, ovis.image_grid(size or res.image.size, b.crop_min_pixels, b.crop_max_pixels, **geo))
+                frames = [res.image] if decode else [size or res.image.size]
+            pv, g = ovis.preprocess_video(frames, *budget, **geo) if decode else (None, ovis.image_grid(
+                frames[0], *budget, **geo) * torch.tensor([[len(frames), 1, 1]]))
         except SampleError:  # already names the sample and its field (a missing frame, say): as it is
             raise
         except ValueError as e:
@@ -345,17 +337,15 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
 def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | None = None, *,
                   registry: tools.Registry | None = None, bbox_format: str = "pixel", patch_size: int = 16,
                   hidden_stride: int = 2, with_pixels: bool = True, **overrides) -> dict:
-    """One training sample -> {input_ids (L,), labels (L,), pixel_values (N, 3*ps*ps) | None, grid_thws (n, 3) | None,
-    id, n_images, tool_calls, auto_crops} or a SampleError naming file, sample and field. `overrides`: Budgets fields;
-    with_pixels=False reads only image headers (the length pass: same ids and grids, no pixels). Four steps: render
-    the turns, tokens and labels, visuals, expand + truncate."""
-    b, need = dataclasses.replace(budgets or Budgets(), **overrides), _need(sample)
+    """One training sample (steps 1-4) -> {input_ids (L,), labels (L,), pixel_values (N, 3*ps*ps) | None, grid_thws
+    (n, 3) | None, id, n_images, tool_calls, auto_crops, truncated} or a SampleError naming file, sample and field.
+    `overrides`: Budgets fields; with_pixels=False reads only image headers (the length pass: same ids and grids)."""
+    b, need = replace(budgets or Budgets(), **overrides), _need(sample)
     registry = registry or tools.load_tools(bbox_format=bbox_format)
     turns, paths, crops, calls, auto = _render(sample, registry, need)
     need(any(r == "assistant" for r, _, _ in turns), "conversations", "no gpt turn: nothing to learn")
     video = "video" in sample or "video_frames" in sample
     ids, labels, by_tool = _tokens_and_labels(turns, tokenizer, "<video>" if video else "<image>")
-    need(PAD_ID not in ids, "conversations", f"text tokenizes to the pad id {PAD_ID}")
     originals, crop_it = iter([("video", "video")] if video else [(k, "image") for k in range(len(paths))]), iter(crops)
     owners = [next(crop_it) if t else next(originals) for t in by_tool]  # what fills each placeholder, its field
     geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
@@ -436,8 +426,7 @@ def load_prompts(paths: list[str], image_dir: str, bbox_format: str) -> list[dic
 
 class SFTDataset(torch.utils.data.Dataset):
     """Samples of files, encoded on access (**kw: encode_sample's). A length pass (image headers; decode=True: pixels)
-    drops bad samples and ones without a learned token, counted by reason (`skipped`, `errors`); `lengths` feed
-    plan_epoch; `required` (a config key): no usable sample is a RunError. A sample failing at load is None."""
+    drops bad samples and ones without a learned token, by reason (`skipped`, `errors`); `lengths` feed plan_epoch."""
 
     def __init__(self, paths, tokenizer, image_dir=".", log=print, decode: bool = False, required: str = "", **kw):
         from tqdm import tqdm
@@ -479,9 +468,8 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 def collate(rows: list[list[dict | None]]) -> dict:
-    """Rows of encoded samples (None: failed at load) -> one packed micro-batch: input_ids / labels / position_ids
-    (R, T), pixel_values | None (then the model runs its zero-weighted dummy image, spec 13), grid_thws, n_samples,
-    n_failed, n_target_tokens. position_ids restart at 0 per sample and padding: attention stays inside each."""
+    """Rows of encoded samples (None: failed at load) -> one packed micro-batch. pixel_values None: the model runs its
+    zero-weighted dummy image (spec 13); position_ids restart at 0 per sample and padding: attention stays in each."""
     n_failed = sum(s is None for r in rows for s in r)
     rows = [[s for s in r if s is not None] for r in rows]
     rows = [r for r in rows if r] or [[]]
@@ -489,20 +477,18 @@ def collate(rows: list[list[dict | None]]) -> dict:
     ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE_ID, dtype=torch.long)
     pos = torch.zeros((len(rows), T), dtype=torch.long)
-    pv, grids = [], []
     for r, row in enumerate(rows):
         off = 0
         for s in row:
             n = len(s["input_ids"])
             ids[r, off:off + n], labels[r, off:off + n] = s["input_ids"], s["labels"]
             pos[r, off:off + n] = torch.arange(n)
-            if s["grid_thws"] is not None:
-                pv.append(s["pixel_values"])
-                grids.append(s["grid_thws"])
             off += n
         pos[r, off:] = torch.arange(T - off)  # padding is a "sample" of its own
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "pixel_values": torch.cat(pv) if pv else None,
-            "grid_thws": torch.cat(grids) if grids else None, "n_samples": sum(len(r) for r in rows),
+    vis = [s for r in rows for s in r if s["grid_thws"] is not None]
+    return {"input_ids": ids, "labels": labels, "position_ids": pos,
+            "pixel_values": torch.cat([s["pixel_values"] for s in vis]) if vis else None,
+            "grid_thws": torch.cat([s["grid_thws"] for s in vis]) if vis else None, "n_samples": sum(map(len, rows)),
             "n_failed": n_failed,  # a sample's first token is never a target (nothing before it)
             "n_target_tokens": int(((labels != IGNORE_ID) & (pos != 0)).sum())}
 
@@ -512,9 +498,8 @@ def micro_batches(dataset: SFTDataset, max_tokens: int, rank: int = 0, world_siz
     """The one packing route of training and eval -> (this rank's micro-batches, one packed row each, of one epoch
     from optimizer step `start_step` on; the epoch's number of steps). fill="empty": eval, every sample counts once.
     A sample longer than max_tokens is refused: a row holds whole samples, and max_tokens is what memory is sized by."""
-    longest = max(range(len(dataset)), key=dataset.lengths.__getitem__)
-    if dataset.lengths[longest] > max_tokens:
-        s, n = dataset.samples[longest], dataset.lengths[longest]
+    n, s = max(zip(dataset.lengths, dataset.samples), key=lambda pair: pair[0])  # the longest sample
+    if n > max_tokens:
         raise common.RunError(f"max_tokens {max_tokens} is smaller than the longest sample ({s['_file']}:{s['_index']} "
                               f"id={s.get('id')}, {n} tokens): a packed row holds whole samples. Set max_tokens >= "
                               f"{n}, or max_length <= max_tokens to drop (overlong: drop) or cut (overlong: truncate) "
@@ -529,56 +514,7 @@ def collate_row(samples: list[dict | None]) -> dict:  # a module-level function:
     return collate([samples])
 
 
-# --- `python data.py check`: a run's data, as that run would read it ---
+if __name__ == "__main__":  # `python data.py check ...`: the checker lives in data_check.py (it builds on this module)
+    import data_check
 
-
-def check(argv: list[str]) -> int:
-    """`python data.py check (--config run.json | --data a.json,b.json) [--image_dir DIR] [--tokenizer DIR]
-    [--key=value]`: decode every image, print one line per bad sample, then totals; 1 if any sample is bad. With a run
-    config its data (eval files under eval_image_dir), budgets and tools are used, --key=value overriding them, so what
-    is reported bad is what that run would drop; a GRPO config's files are checked as the prompts grpo.py loads."""
-    cli = dict(common.cli_pairs(argv))
-    run = common.read_json(cli.pop("config")) if "config" in cli else {}
-    files, tok = cli.pop("data", None), cli.pop("tokenizer", None)
-    hints, known = typing.get_type_hints(Budgets), ("image_dir", "eval_image_dir", "bbox_format", "tools")
-    for k, v in cli.items():
-        if k not in hints and k not in known:
-            raise ValueError(f"unknown option --{k}; options: --config --data --tokenizer --{' --'.join(known)} "
-                             f"and the budgets --{' --'.join(hints)}")
-        run[k] = common.coerce(v, hints[k], k) if k in hints else v
-    img, ev_img = run.get("image_dir", "."), run.get("eval_image_dir") or run.get("image_dir", ".")
-    groups = [(files, img)] if files else [(run.get("data_path"), img), (run.get("eval_data_path"), ev_img)]
-    groups = [([f for f in str(fs).split(",") if f], d) for fs, d in groups if fs]  # (files, their image dir)
-    if not groups:
-        raise ValueError("give --data or a --config with data_path")
-    if "rewards" in run or "num_generations" in run:  # a GRPO config: prompts (image + question), not conversations
-        try:
-            print(f"prompts {sum(len(load_prompts(fs, d, run.get('bbox_format', 'pixel'))) for fs, d in groups)}: ok")
-            return 0
-        except (SampleError, common.RunError) as e:
-            print(f"BAD {e}")
-            return 1
-    tok = ovis.load_tokenizer(tok or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
-                                      str(Path(__file__).parent / "assets" / "tiny")))  # every Ovis2.5 shares it
-    registry = tools.load_tools(run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel"))
-    sets = [SFTDataset(fs, tok, d, log=lambda *_: None, decode=True, registry=registry,
-                       budgets=dataclasses.replace(Budgets(), **{k: v for k, v in run.items() if k in hints}))
-            for fs, d in groups]
-    errors = [e for ds in sets for e in ds.errors]
-    for e in sorted(errors, key=lambda e: (str(e.file), e.index if isinstance(e.index, int) else -1)):
-        print(f"BAD {e}")
-    q, n_ok = sorted(n for ds in sets for n in ds.lengths) or [0], sum(map(len, sets))
-    stats = sum((ds.stats for ds in sets), Counter())
-    print(f"samples {n_ok + len(errors)}: ok {n_ok}, bad {len(errors)}, over-long "
-          f"{sum(ds.skipped['over-long'] for ds in sets)} | {', '.join(f'{k} {v}' for k, v in stats.items())}")
-    print("tokens per sample:", *(f"p{p} {q[min(len(q) - 1, p * len(q) // 100)]}" for p in (50, 90, 99)), "max", q[-1])
-    return 1 if errors else 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["check"]:
-        sys.exit("usage: python data.py check (--config run.json | --data x.json) [--image_dir DIR] [--key=value]")
-    try:
-        sys.exit(check(sys.argv[2:]))
-    except ValueError as e:
-        sys.exit(f"data.py check: error: {e}")
+    data_check.cli(sys.argv[1:])

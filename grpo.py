@@ -44,6 +44,7 @@ from PIL import Image
 
 import common
 import data
+import hub
 import model as ovis
 import report
 import scoring
@@ -384,7 +385,7 @@ def main(cfg: Config):
 
     # prompts first: a run with nothing to train on stops here, before a model is loaded. The start model's
     # training record gives the budgets, tools and thinking the config leaves unset
-    path = common.resolve_checkpoint(cfg.model_path or common.adapter_base(cfg.adapter))  # Hub ids: once per node
+    path = hub.resolve_checkpoint(cfg.model_path or hub.adapter_base(cfg.adapter))  # Hub ids: once per node
     start_record = common.read_record(cfg.adapter or path)
     from_record = common.apply_record(cfg, start_record, data.RECORDED)
     mcfg, tokenizer = ovis.read_config(path), ovis.load_tokenizer(path)
@@ -405,13 +406,13 @@ def main(cfg: Config):
     attn = cfg.attn_implementation or None
     model = ovis.load_for_training(path, mcfg, ds_config, rank, attn_implementation=attn)
     if cfg.adapter:
-        model = common.load_adapter(model, cfg.adapter).merge_and_unload()
+        model = hub.load_adapter(model, cfg.adapter).merge_and_unload()
     ref = None  # KL reference: a frozen copy (an engine without optimizer: partitioned under ZeRO-3, bf16 cast)
     if cfg.beta > 0 and not cfg.lora:  # LoRA: the policy's own weights with adapters disabled, no copy
         ref_cfg = ds_config if z3 else {**ds_config, "zero_optimization": {"stage": 0}}  # ZeRO-1/2 need an optimizer
         ref_model = ovis.load_for_training(path, mcfg, ds_config, rank, attn_implementation=attn)
         if cfg.adapter:
-            ref_model = common.load_adapter(ref_model, cfg.adapter).merge_and_unload()
+            ref_model = hub.load_adapter(ref_model, cfg.adapter).merge_and_unload()
         ref = deepspeed.initialize(model=ref_model.requires_grad_(False), config=ref_cfg)[0]
         ref.eval()  # (DeepSpeedEngine.eval returns None)
     if cfg.gradient_checkpointing:
@@ -426,7 +427,7 @@ def main(cfg: Config):
             dist.barrier()
         model = get_peft_model(model, lora_config(cfg))
         pc = model.peft_config["default"]  # what peft readers load the adapter onto: a dir, or a Hub id + revision
-        pc.base_model_name_or_path, pc.revision = common.split_hub_id(base_name)
+        pc.base_model_name_or_path, pc.revision = hub.split_hub_id(base_name)
     policy = model.get_base_model() if cfg.lora else model  # Ovis25 (with live adapters in LoRA mode)
     groups = common.param_groups(model, trainable(cfg, mcfg), cfg.weight_decay)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])

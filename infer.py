@@ -39,6 +39,7 @@ from PIL import Image
 import common
 import data
 import evalsets
+import hub
 import model as ovis
 import scoring
 import tools
@@ -74,11 +75,11 @@ def load(model_path: str | None, adapter: str | None = None, dtype=None, device=
     bf16, else fp32."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model_path = common.resolve_checkpoint(model_path or common.adapter_base(adapter))  # a dir or a Hub id
+    model_path = hub.resolve_checkpoint(model_path or hub.adapter_base(adapter))  # a dir or a Hub id
     m = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     m.eval()
     if adapter:
-        m = common.load_adapter(m, adapter).merge_and_unload()
+        m = hub.load_adapter(m, adapter).merge_and_unload()
     return Session(m, ovis.load_tokenizer(model_path), generation_defaults(model_path),
                    common.read_record(adapter or model_path))
 
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --prompt (one question), --input and --output (a batch) or --bench, --data and --output")
     # everything that can be checked is checked before the model loads: the record's defaults, tools, scorers, images
     try:
-        path = common.resolve_checkpoint(a.model or common.adapter_base(a.adapter))
+        path = hub.resolve_checkpoint(a.model or hub.adapter_base(a.adapter))
         session = Session(None, ovis.load_tokenizer(path), record=common.read_record(a.adapter or path))
         given = {k: getattr(a, k) for k in DEFAULTS if getattr(a, k, None) is not None}
         taken = sorted(k for k in session.record if k in DEFAULTS and k not in given and (k != "tools" or a.tools))

@@ -31,6 +31,7 @@ from peft import LoraConfig, get_peft_model
 
 import common
 import data
+import hub
 import model as ovis
 import tools
 
@@ -219,7 +220,7 @@ def main(cfg: Config):
 
     # data first: a run with nothing to train on stops here, before a model is loaded. Sizes are known before
     # training, so the schedule covers exactly the steps that will run
-    path = common.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
+    path = hub.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
     mcfg, tokenizer = ovis.read_config(path), ovis.load_tokenizer(path)  # the config: parsed once, geometry and model
     enc = dict(budgets=data.Budgets.of(cfg), registry=tools.load_tools(cfg.tools, cfg.bbox_format), **mcfg.geometry)
     train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log, required="data_path", **enc)
@@ -242,7 +243,7 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)  # the same adapter init at every ZeRO stage (zero.Init draws random numbers)
     model = get_peft_model(base, lora_config(cfg, base.config))  # freezes the base, adds adapters (+ copies)
     pc = model.peft_config["default"]  # what peft readers load the adapter onto: a dir, or a Hub id + revision
-    pc.base_model_name_or_path, pc.revision = common.split_hub_id(base_name)
+    pc.base_model_name_or_path, pc.revision = hub.split_hub_id(base_name)
     groups = common.param_groups(model, trainable(cfg, model), cfg.weight_decay)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
     n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import common
+import hub
 import model as ovis
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,16 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if os.path.exists(a.out):
         raise SystemExit(f"merge_lora: {a.out} exists; choose a new --out (nothing is overwritten)")
-    recorded = common.adapter_base(a.adapter)
+    recorded = hub.adapter_base(a.adapter)
     same = lambda x, y: x == y or (os.path.isdir(x) and os.path.isdir(y) and os.path.samefile(x, y))
     if a.base and not same(a.base, recorded) and not a.force:
         raise SystemExit(f"merge_lora: --base {a.base} is not the base the adapter was trained on ({recorded}, "
                          f"in {a.adapter}/adapter_config.json); pass --force to merge onto it anyway")
-    base = common.resolve_checkpoint(a.base or recorded)  # a dir or a Hub id
+    base = hub.resolve_checkpoint(a.base or recorded)  # a dir or a Hub id
     t0 = time.time()
     model = ovis.Ovis25.from_pretrained(base, dtype=torch.float32, device=a.device).eval()
     keys = set(model.state_dict())
-    peft_model = common.load_adapter(model, a.adapter)
+    peft_model = hub.load_adapter(model, a.adapter)
     print(f"loaded {base} + {a.adapter} in {time.time() - t0:.0f}s")
 
     probe = probe_inputs(ovis.load_tokenizer(base), a.device)

@@ -32,6 +32,7 @@ from PIL import Image
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM  # imported up front: never inside zero.Init
 
 import common
+import hub
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants of the released models
@@ -930,7 +931,7 @@ class Ovis25(nn.Module):
                         attn_implementation: str | None = None) -> "Ovis25":
         """Official checkpoint dir (config.json + model.safetensors or a sharded index) or Hub id. Built on the meta
         device and filled from the files, so a 9B model never holds two copies of its weights."""
-        path = common.resolve_checkpoint(path)
+        path = hub.resolve_checkpoint(path)
         cfg = read_config(path)
         with torch.device("meta"):
             model = cls(cfg, attn_implementation)

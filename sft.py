@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import common
 import data
+import hub
 import model as ovis
 import tools
 
@@ -169,7 +170,7 @@ def main(cfg: Config):
 
     # data first: a run with nothing to train on stops here, before a model is loaded. Sizes are known before
     # training, so the schedule covers exactly the steps that will run
-    path = common.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
+    path = hub.resolve_checkpoint(cfg.model_path)  # a Hub id is downloaded once per node, then read from the cache
     mcfg, tokenizer = ovis.read_config(path), ovis.load_tokenizer(path)  # the config: parsed once, geometry and model
     enc = dict(budgets=data.Budgets.of(cfg), registry=tools.load_tools(cfg.tools, cfg.bbox_format), **mcfg.geometry)
     train_ds = data.SFTDataset(cfg.data_path.split(","), tokenizer, cfg.image_dir, log, required="data_path", **enc)

@@ -326,7 +326,8 @@ class Rollout:
     thinking_on: bool = False  # the prompt opened a thinking turn
     image_size: tuple | None = None  # (W, H) of the first image: what tool boxes refer to
     bbox_format: str = "pixel"  # of the tool boxes (the registry's Crop)
-    logprobs: list | None = None  # vLLM: the sampling log-prob of each sampled token (gen_mask 1), in order
+    logprobs: list | None = None  # vLLM: per token_ids entry, the sampling log-prob where sampled, else None
+    engine_note: str = ""  # vLLM: why a trajectory ended early (vllm_max_model_len reached, too many images)
 
 
 def split_output(text: str) -> tuple[str, str]:
@@ -406,9 +407,16 @@ class ToolLoop:
         row.add(add, sampled=False)
         return add
 
-    def finish(self, row: Row) -> Rollout:
-        """The finished row's Rollout: thinking / answer split, the model's own text, every image in token order."""
-        o = row.out
+    def finish(self, row: Row, budget: int | None = None) -> Rollout:
+        """The finished row's Rollout: the thinking-budget text forced at exactly `budget` generated tokens unmasked
+        (not sampled, never learned), thinking / answer split, the model's own text, every image in token order."""
+        o, n_forced = row.out, len(ovis.THINK_EARLY_STOP_IDS)
+        gen = [k for k, m in enumerate(o.gen_mask) if m]
+        if budget is not None and ovis.THINK_END_ID not in [o.token_ids[k] for k in gen[:budget]]:
+            for k in gen[budget:budget + n_forced]:
+                o.gen_mask[k] = 0
+                if o.logprobs is not None:
+                    o.logprobs[k] = None
         o.thinking, o.answer = split_output(o.text)
         o.model_text = self.tokenizer.decode([t for t, m in zip(o.token_ids, o.gen_mask) if m and t not in self.eos])
         o.thinking_on = o.token_ids[max(0, o.prompt_len - 4):o.prompt_len] != list(ovis.EMPTY_THINK_IDS)
@@ -479,9 +487,4 @@ def run_tool_loop(model, tokenizer, prompts: list, *, images: list | None = None
         if kv_cache and 0 < len(keep) < len(active):
             state.keep(keep)  # finished rows leave the batch and its KV cache
         active = [active[j] for j in keep]
-    for r in rows:  # forced at exactly `budget` generated tokens, by generate: not sampled, never learned
-        gen = [k for k, m in enumerate(r.out.gen_mask) if m]
-        if budget is not None and ovis.THINK_END_ID not in [r.out.token_ids[k] for k in gen[:budget]]:
-            for k in gen[budget:budget + forced]:
-                r.out.gen_mask[k] = 0
-    return [loop.finish(r) for r in rows]
+    return [loop.finish(r, budget) for r in rows]

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import hub  # noqa: E402
 import lora  # noqa: E402
 import merge_lora  # noqa: E402
 import model as M  # noqa: E402
@@ -25,7 +26,7 @@ def main():
     common.setup_distributed(cfg.dist_timeout_s)  # ours, so lora.main leaves it alive for the checks below
     peft_model = lora.main(cfg)
     rank = torch.distributed.get_rank()
-    path = common.resolve_checkpoint(cfg.model_path)  # a Hub id: the cache, after lora.main fetched it
+    path = hub.resolve_checkpoint(cfg.model_path)  # a Hub id: the cache, after lora.main fetched it
     base = dict(M.iter_checkpoint(path))
     params = dict(peft_model.named_parameters())
     z3 = hasattr(next(iter(params.values())), "ds_id")

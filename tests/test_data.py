@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import common
 import data
+import data_check
 import model as M
 import tools
 
@@ -292,7 +293,7 @@ def test_dataset_skips_and_counts(tokenizer):
 
 
 def test_check_report(capsys):
-    rc = data.check(["--data", str(DATA / "bad.jsonl"), "--image_dir", str(FIX), "--max_length", "300"])
+    rc = data_check.check(["--data", str(DATA / "bad.jsonl"), "--image_dir", str(FIX), "--max_length", "300"])
     out = capsys.readouterr().out
     bad = {line.split(" id=")[1].split()[0]: line for line in out.splitlines() if line.startswith("BAD ")}
     assert rc == 1 and "bad.jsonl:2 id=None field=json" in out  # the line an editor shows
@@ -328,14 +329,14 @@ def test_check_config_uses_eval_image_dir_and_validates_grpo_prompts(tmp_path, c
     for cfg, ok in cases:
         for eval_dir, rc in ((str(tmp_path / "ev"), 0), (None, 1)):  # without eval_image_dir: only_eval.png is missing
             (tmp_path / "run.json").write_text(json.dumps({**cfg, "eval_image_dir": eval_dir}))
-            assert data.check(["--config", str(tmp_path / "run.json")]) == rc
+            assert data_check.check(["--config", str(tmp_path / "run.json")]) == rc
             out = capsys.readouterr().out
             assert (ok in out) if rc == 0 else ("field=image" in out and ("id=e0" in out or "id=g0" in out)), out
     cfg = {**cases[1][0], "eval_data_path": None}
     bad = {**grpo_eval[0], "image": "images/syn_000.png", "bbox": [9, 9, 1, 1]}
     (tmp_path / "bad.json").write_text(json.dumps([bad]))
     (tmp_path / "run.json").write_text(json.dumps({**cfg, "data_path": str(tmp_path / "bad.json")}))
-    assert data.check(["--config", str(tmp_path / "run.json")]) == 1
+    assert data_check.check(["--config", str(tmp_path / "run.json")]) == 1
     assert "bad.json:1 id=g0 field=bbox" in capsys.readouterr().out
 
 

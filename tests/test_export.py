@@ -161,12 +161,12 @@ def test_hub_ids_resolve_offline(base, tmp_path):
     script = textwrap.dedent("""
         import json, sys
         import common, infer
-        out = {k: common.resolve_checkpoint(k) for k in sys.argv[1:4]}
+        out = {k: hub.resolve_checkpoint(k) for k in sys.argv[1:4]}
         eng = infer.load("tiny-org/ovis-tiny", device="cpu")
         out["loaded"] = [eng.model.source_dir, eng.model.config.hidden_size, len(eng.tokenizer)]
         for bad in ("tiny-org/unknown@v3", "no/such/dir"):
             try:
-                common.resolve_checkpoint(bad)
+                hub.resolve_checkpoint(bad)
             except FileNotFoundError as e:
                 out[bad] = [str(e), type(e.__cause__).__name__]
         print(json.dumps(out))

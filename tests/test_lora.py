@@ -20,6 +20,7 @@ import lora
 import merge_lora
 import model as M
 from _util import DEMO, ROOT, cfg_for, check_adapter, check_export, hub_cache, launch, metrics
+from hub import load_adapter  # (`hub` is also this module's Hugging Face cache fixture)
 
 MTS = "visual_tokenizer.head|vte:5e-3"  # modules trained in full beside the adapters in these runs
 
@@ -166,7 +167,7 @@ def test_merge_equals_adapter_and_keeps_the_base_layout(runs, base, hub, tokeniz
     assert diff <= 1e-4
     check_export(out, base, "float32")  # the base's config.json, files and official key set
     merged = M.Ovis25.from_pretrained(str(out)).eval()  # a plain checkpoint for model.py
-    pm = common.load_adapter(M.Ovis25.from_pretrained(base).eval(), adapter)
+    pm = load_adapter(M.Ovis25.from_pretrained(base).eval(), adapter)
     eng = infer.load(None, adapter=adapter, device="cpu")  # infer merges at load, base read from the adapter
     with torch.no_grad():
         for i in (1, 5):

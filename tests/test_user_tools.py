@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+import data_check
 import grpo
 import infer
 import model as M
@@ -56,8 +57,8 @@ def test_user_tools_are_encoded_like_crop(tokenizer, tmp_path, capsys):
     # python data.py check: fine with the run's tools, "unknown tool" without them
     (tmp_path / "d.json").write_text(json.dumps([sample]))
     check = ["--data", str(tmp_path / "d.json"), "--image_dir", str(DEMO)]
-    assert data.check(check + ["--tools", USER]) == 0
-    assert data.check(check) == 1 and "unknown tool 'Count'" in capsys.readouterr().out
+    assert data_check.check(check + ["--tools", USER]) == 0
+    assert data_check.check(check) == 1 and "unknown tool 'Count'" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"tools: cannot import 'tests.my_tools:Nope' \(AttributeError"):
         tools.load_tools("Crop|tests.my_tools:Nope")
     with pytest.raises(ValueError, match="tools: 'collections:Counter' is not a built-in tool .* nor a tools.Tool sub"):

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+import data_check
 import model as M
 from _util import DEMO, ROOT, cfg_for, launch, metrics
 
@@ -132,10 +133,10 @@ def test_check_with_a_run_config_reports_what_the_run_drops(tmp_path, capsys):
     cfg = {"data_path": str(tmp_path / "d.json"), "image_dir": str(GOLD / "images"), "max_length": 40, **VIDEO_BUDGET,
            "max_frames": 9, "tools": "Crop"}
     (tmp_path / "run.json").write_text(json.dumps(cfg))
-    assert data.check(["--config", str(tmp_path / "run.json")]) == 1
+    assert data_check.check(["--config", str(tmp_path / "run.json")]) == 1
     out = capsys.readouterr().out
     assert "id=long field=length: 59 tokens > max_length 40" in out and "samples 2: ok 1, bad 1, over-long 1" in out
-    assert data.check(["--config", str(tmp_path / "run.json"), "--max_length", "200"]) == 0  # a flag overrides it
+    assert data_check.check(["--config", str(tmp_path / "run.json"), "--max_length", "200"]) == 0  # a flag overrides it
 
 
 def test_mixed_image_video_text_rows_train_on_two_ranks_zero3(base, small_data, tmp_path):

