@@ -305,6 +305,7 @@ def resume(engine, spec: str, output_dir: str, state: dict, log, strict: bool = 
     """`resume` = "" (fresh), "auto" (output_dir/checkpoints/latest, fresh if none) or a checkpoint dir -> (step, the
     saved state: `state`'s keys, a key the checkpoint lacks keeps its value). Engine state and RNG are restored and
     metrics.jsonl loses the records after the checkpoint (those steps run, and are logged, again)."""
+    LAST_SAVED["path"] = "none saved yet"  # (a process may run several runs: tests, notebooks)
     if not spec:
         return 0, state
     ckpt = os.path.join(output_dir, "checkpoints") if spec == "auto" else os.path.dirname(spec.rstrip("/"))

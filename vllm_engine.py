@@ -116,6 +116,28 @@ def _keep_image_sizes():
     cls.preprocess_multidata = preprocess_multidata
 
 
+def _spare_our_process_group():
+    """An in-process vLLM engine, when it shuts down, destroys torch.distributed's default process group, also when
+    the training run (DeepSpeed) made it: the next engine or collective of that process would fail. Here vLLM still
+    destroys its own groups, never the default one it found."""
+    from vllm.distributed import parallel_state
+
+    original = parallel_state.destroy_distributed_environment
+    if getattr(original, "spares_ours", False) or not torch.distributed.is_initialized():
+        return
+
+    def destroy_distributed_environment():
+        destroy = torch.distributed.destroy_process_group
+        torch.distributed.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+        try:
+            original()
+        finally:
+            torch.distributed.destroy_process_group = destroy
+
+    destroy_distributed_environment.spares_ours = True
+    parallel_state.destroy_distributed_environment = destroy_distributed_environment
+
+
 def _register_config():
     """vLLM reads config.json through transformers' AutoConfig, which would ask for the remote code (auto_map). Our
     own config classes for model_type ovis2_5 (and its ViT), registered in this process, answer instead."""
@@ -225,6 +247,7 @@ class Engine:
             raise ValueError("vllm_enable_sleep_mode: vLLM's sleep mode is not supported on CPU")
         _register_config()
         _keep_image_sizes()
+        _spare_our_process_group()
         memory = {"kv_cache_memory_bytes": 1 << 30} if on_cpu else {"gpu_memory_utilization": gpu_memory_utilization}
         self.llm = vllm.LLM(model=checkpoint, dtype=dtype, enforce_eager=on_cpu, max_model_len=max_model_len,
                             seed=seed, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
@@ -270,6 +293,25 @@ class Engine:
         self.engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
         return pushed[0]
+
+    def greedy(self, prompt: dict, images: list, max_tokens: int, top: int = 5) -> dict:
+        """One prompt (model.build_inputs) decoded greedily, no tools -> {"prompt_ids": the prompt as vLLM saw it, in
+        our scheme; "ids": the generated ids; "top": [{id: log-prob}] of the `top` most likely at each step}: how an
+        export reads on vLLM (tests, bench)."""
+        from vllm import SamplingParams
+
+        self.wake()
+        grids = [] if prompt.get("grid_thws") is None else prompt["grid_thws"]
+        request = {"prompt_token_ids": to_vllm_ids(prompt["input_ids"].reshape(-1).tolist())}
+        if images:
+            request["multi_modal_data"] = {"image": [image_for_grid(im, g, self.config.geometry["patch_size"])
+                                                     for im, g in zip(images, grids)]}
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=top, ignore_eos=True)
+        out = self.llm.generate([request], params, use_tqdm=False)[0]
+        return {"prompt_ids": from_vllm_ids(out.prompt_token_ids, prompt.get("grid_thws"),
+                                            self.config.geometry["hidden_stride"]),
+                "ids": list(out.outputs[0].token_ids),
+                "top": [{t: lp.logprob for t, lp in d.items()} for d in out.outputs[0].logprobs]}
 
     def run_tool_loop(self, tokenizer, prompts: list, *, images: list | None = None, keys: list | None = None,
                       registry: "tools.Registry | None" = None, max_tool_calls: int = 8, max_new_tokens: int = 1024,

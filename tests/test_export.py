@@ -160,7 +160,7 @@ def test_hub_ids_resolve_offline(base, tmp_path):
     snaps = hub_cache(tmp_path / "hf", base)
     script = textwrap.dedent("""
         import json, sys
-        import common, infer
+        import hub, infer
         out = {k: hub.resolve_checkpoint(k) for k in sys.argv[1:4]}
         eng = infer.load("tiny-org/ovis-tiny", device="cpu")
         out["loaded"] = [eng.model.source_dir, eng.model.config.hidden_size, len(eng.tokenizer)]

@@ -150,8 +150,11 @@ def test_token_budget_and_thinking_budget_span_rounds(trained, tokenizer):
                       max_new_tokens=60, thinking_budget=budget)
         assert (r.token_ids, r.gen_mask) == (one.token_ids, one.gen_mask)  # per row, batch or not
         gen = [t for t, g in zip(r.token_ids, r.gen_mask) if g]
-        assert M.THINK_END_ID not in gen[:budget] and r.n_generated <= 60
+        assert r.n_generated <= 60
         n, f = len(M.THINK_EARLY_STOP_IDS), list(M.THINK_EARLY_STOP_IDS)
+        if M.THINK_END_ID in gen[:budget]:  # (row 1, not memorised, may close its thinking itself: no forcing)
+            assert k == 1 and f not in [r.token_ids[j:j + n] for j in range(len(r.token_ids))]
+            continue
         at = next(k for k in range(len(r.token_ids)) if r.token_ids[k:k + n] == f)  # forced after `budget` tokens
         assert sum(r.gen_mask[:at]) == budget and r.gen_mask[at:at + n] == [0] * n  # ...and not sampled
     assert rows[0].tool_calls[0]["name"] == "Crop"  # row 0's budget ran out in round 2, after its crop

@@ -196,7 +196,7 @@ def test_overfit_one_tool_sample_greedy_reproduces_it(base, tmp_path):
     out = tmp_path / "overfit"
     m = run_inprocess(cfg_for(base, str(tmp_path / "one.json"), out, zero_config=str(ROOT / "zero_configs" /
                                                                                            "zero0.json"),
-                              lr=1e-2, schedule="constant", max_steps=70, max_tokens=2048, save_interval=1000))
+                              lr=1e-2, schedule="constant", max_steps=120, max_tokens=2048, save_interval=1000))
     m.eval()
     tok = M.load_tokenizer(base)
     pix = dict(single_image_min_pixels=4096, single_image_max_pixels=20480, crop_min_pixels=4096,
