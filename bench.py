@@ -4,7 +4,8 @@
     python bench.py sft     # sft.py tokens/s and real-token fraction: packed micro-batches vs one sample each
     python bench.py infer   # a 3-Crop tool trajectory: KV continuation vs re-prefill per turn; generation tok/s
     python bench.py lora    # LoRA vs full SFT: trainable params, optimizer-state bytes, step time (+ exact 9B counts)
-    python bench.py grpo    # GRPO rollouts: shared vs per-completion prompt; demo steps: rollout tok/s, time split
+    python bench.py grpo    # GRPO rollouts: shared vs per-completion prompt; demo steps; model path vs vLLM
+    python bench.py serve   # infer.py --serve: N concurrent clients x M requests vs one by one (--use-vllm)
     python bench.py gpu     # on a GPU: varlen vs SDPA vs eager, SFT MFU at 8k/16k rows, LoRA, generation, GRPO
 
 Figures are ratios measured on this machine (CPU by default, CUDA when available); absolute numbers depend on it.
@@ -258,6 +259,131 @@ def bench_grpo(steps: int = 6):
           f"step time: rollout {roll / (roll + train):.0%}, training (reference log-probs + 2 updates) "
           f"{train / (roll + train):.0%} | mean step {(roll + train) / len(rec):.1f} s")
     return roll / (roll + train)
+
+
+def bench_vllm(group: int = 16, new_tokens: int = 64, ckpt: str = "") -> dict:
+    """Rollouts on the model path (tools.run_tool_loop, model.generate) vs on vLLM (vllm_engine.Engine), the same
+    prompts: 2 GRPO demo prompts x `group` sampled completions with real tool calls, generated tokens per second
+    each, and greedy rollouts compared token for token. The SFT demo's model when it is there, else a random tiny
+    one (LLM head_dim 64, which vLLM's CPU attention takes)."""
+    import tempfile
+
+    import data
+    import grpo
+    import vllm_engine
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    demo = os.path.join(root, "data", "demo")
+    ckpt = ckpt or os.path.join(root, "out", "demo_sft", "final")
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        ckpt = os.path.join(tempfile.mkdtemp(prefix="bench_vllm_"), "tiny")
+        M.Ovis25.from_config(json.load(open(os.path.join(root, "assets", "tiny", "config.json")))).save_pretrained(
+            ckpt, source_dir=os.path.join(root, "assets", "tiny"))
+    tok, m = M.load_tokenizer(ckpt), M.Ovis25.from_pretrained(ckpt).eval()
+    cfg = grpo.Config(image_dir=demo, single_image_min_pixels=4096, single_image_max_pixels=20480)
+    reg = tools.load_tools()
+    inputs = [grpo.prompt_inputs(s, cfg, tok, reg) for s in data.load_prompts([os.path.join(demo, "grpo.json")],
+                                                                               demo, "pixel")[:2]]
+    kw = dict(images=[x[1] for x in inputs], keys=[x[2] for x in inputs], registry=reg, max_new_tokens=new_tokens,
+              crop_min_pixels=4096, crop_max_pixels=8192)
+    prompts = [x[0] for x in inputs]
+    t0 = time.perf_counter()
+    engine = vllm_engine.Engine(ckpt, max_model_len=4096)
+    start = time.perf_counter() - t0
+
+    def run(sampled: bool, on_vllm: bool):
+        extra = dict(group=group, do_sample=True, temperature=1.0) if sampled else {}
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = engine.run_tool_loop(tok, prompts, seed=1, **kw, **extra) if on_vllm else \
+                tools.run_tool_loop(m, tok, prompts, **kw, **extra)
+        return sum(r.n_generated for r in out) / (time.perf_counter() - t), out
+
+    ours, theirs = run(True, False), run(True, True)
+    same = [a.token_ids for a in run(False, False)[1]] == [b.token_ids for b in run(False, True)[1]]
+    res = {"model_tok_per_s": ours[0], "vllm_tok_per_s": theirs[0], "ratio": theirs[0] / ours[0],
+           "greedy_equal": same, "vllm_start_s": start,
+           "tool_calls_per_rollout": sum(len(r.tool_calls) for r in theirs[1]) / len(theirs[1])}
+    print(f"grpo rollouts, 2 prompts x {group} sampled completions x <= {new_tokens} tokens ({ckpt}): model path "
+          f"{ours[0]:.0f} tok/s, vLLM {theirs[0]:.0f} tok/s ({res['ratio']:.2f}x); greedy rollouts equal token for "
+          f"token: {same}; vLLM start {start:.0f} s; {res['tool_calls_per_rollout']:.2f} tool calls per rollout")
+    return res
+
+
+def bench_serve(clients: int = 8, per_client: int = 4, max_tokens: int = 64, extra: tuple = ()) -> dict:
+    """infer.py --serve as an app meets it: `clients` concurrent clients x `per_client` requests (a demo image and
+    question, tools on, greedy) against the same requests one by one: requests/s and p50 / p95 latency each. The SFT
+    demo's model when it is there, else a random tiny one. extra: more infer.py flags (--use-vllm)."""
+    import socket
+    import tempfile
+    import threading
+
+    import httpx
+    import openai
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    ckpt = os.path.join(root, "out", "demo_sft", "final")
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        ckpt = os.path.join(tempfile.mkdtemp(prefix="bench_serve_"), "tiny")
+        M.Ovis25.from_config(json.load(open(os.path.join(root, "assets", "tiny", "config.json")))).save_pretrained(
+            ckpt, source_dir=os.path.join(root, "assets", "tiny"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "infer.py", "--model", ckpt, "--serve", "--port", str(port), "--tools",
+                             "--image-root", os.path.join(root, "data", "demo"), "--batch-size", str(clients),
+                             "--single-image-min-pixels", "4096", "--single-image-max-pixels", "20480",
+                             "--crop-min-pixels", "4096", "--crop-max-pixels", "8192", *extra], cwd=root,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+
+        def ask(k: int) -> float:
+            t = time.perf_counter()
+            image = {"type": "image_url", "image_url": {"url": f"images/syn_{k % 8:03d}.png"}}
+            client.chat.completions.create(model=os.path.basename(ckpt), temperature=0, max_tokens=max_tokens,
+                                           messages=[{"role": "user", "content": [
+                                               image, {"type": "text", "text": "What color is the small square?"}]}])
+            return time.perf_counter() - t
+
+        ask(0)  # warm-up
+        n = clients * per_client
+        t0 = time.perf_counter()
+        alone = [ask(k) for k in range(n)]
+        t_alone = time.perf_counter() - t0
+        together: list = []
+
+        def client_loop(c: int):
+            for k in range(per_client):
+                together.append(ask(c * per_client + k))
+
+        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        t_together = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    res = {"requests": n, "alone_req_per_s": n / t_alone, "concurrent_req_per_s": n / t_together,
+           "throughput_ratio": t_alone / t_together, "alone_p50_s": q(alone, 0.5), "alone_p95_s": q(alone, 0.95),
+           "concurrent_p50_s": q(together, 0.5), "concurrent_p95_s": q(together, 0.95)}
+    print(f"serve ({'vLLM' if extra else 'model path'}, {ckpt}): {clients} clients x {per_client} requests: "
+          f"{res['concurrent_req_per_s']:.2f} req/s vs {res['alone_req_per_s']:.2f} one by one "
+          f"({res['throughput_ratio']:.2f}x); latency p50 / p95 {res['concurrent_p50_s']:.2f} / "
+          f"{res['concurrent_p95_s']:.2f} s vs {res['alone_p50_s']:.2f} / {res['alone_p95_s']:.2f} s")
+    return res
 
 
 def bench_infer(turn_tokens: int = 32, n_calls: int = 3, side: int = 1792, crop: int = 600, rows: int = 1):
@@ -524,7 +650,7 @@ def bench_gpu(smoke: bool = False) -> dict:
         t_roll = time.perf_counter() - t0
         m.train()
         opt = torch.optim.AdamW([p for p in m.llm.parameters()], lr=1e-6)
-        mb = grpo.pack_rollouts(rolls, dev)
+        mb = tools.pack_rollouts(rolls, dev)
         logp = grpo.token_logps(m, mb, 1.0)
         adv = torch.randn(len(logp), device=dev)
         cfg_ = grpo.Config(model_path="x", data_path="x")
@@ -537,8 +663,41 @@ def bench_gpu(smoke: bool = False) -> dict:
                 "generated_tokens": sum(r.n_generated for r in rolls),
                 "tool_calls": sum(len(r.tool_calls) for r in rolls)}
 
+    def vllm_rollouts():
+        """The same kind of rollouts (8 completions of one image prompt, tools on, 16 prompts) on the model path and
+        on vLLM over an export of the same weights: generated tokens/s each (target: vLLM >= 3x) and whether
+        greedy rollouts agree token for token (bf16: the first tokens; long runs drift apart in rounding)."""
+        import tempfile
+
+        import vllm_engine
+
+        tiny = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
+        d = os.path.join(tempfile.mkdtemp(prefix="bench_vllm_"), "m")
+        m.save_pretrained(d, source_dir=tiny)
+        tok = M.load_tokenizer(tiny)
+        reg = tools.load_tools()
+        img = Image.new("RGB", (896, 672), (30, 160, 90))
+        msgs = [{"role": "system", "content": reg.system_prompt()},
+                {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Color?"}]}]
+        inp = M.build_inputs(msgs, tok, enable_thinking=True)
+        n, kw = (2 if smoke else 16), dict(registry=reg, max_new_tokens=32 if smoke else 256, group=8,
+                                           do_sample=True)
+        eng = vllm_engine.Engine(d, max_model_len=8192, dtype="bfloat16" if dev == "cuda" else "float32")
+        m.eval()
+        res = {}
+        for name, fn in (("model", lambda: tools.run_tool_loop(m, tok, [cuda(inp)] * n, images=[[img]] * n,
+                                                                 keys=[["img"]] * n, **kw)),
+                         ("vllm", lambda: eng.run_tool_loop(tok, [inp] * n, images=[[img]] * n, keys=[["img"]] * n,
+                                                            seed=0, **kw))):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                rolls = fn()
+            res[f"{name}_tokens_per_s"] = sum(r.n_generated for r in rolls) / (time.perf_counter() - t0)
+        res["ratio"] = res["vllm_tokens_per_s"] / res["model_tokens_per_s"]
+        return res
+
     for key, fn in (("a_logits", logits_agree), ("b_sft", sft_steps), ("c_lora", lora_step),
-                    ("d_generation", generation), ("e_grpo", grpo_step)):
+                    ("d_generation", generation), ("e_grpo", grpo_step), ("f_vllm_rollouts", vllm_rollouts)):
         part(key, fn)
     line = json.dumps(out)
     print(line)
@@ -563,11 +722,15 @@ if __name__ == "__main__":
     elif what == "grpo":
         torch.set_num_threads(os.cpu_count() or 1)
         bench_rollout()
-        bench_grpo()
+        if "--vllm-only" not in sys.argv:
+            bench_grpo()
+        bench_vllm()
     elif what == "gpu":
         bench_gpu(smoke="--smoke" in sys.argv)
+    elif what == "serve":
+        bench_serve(extra=("--use-vllm",) if "--use-vllm" in sys.argv else ())
     elif what == "infer":
         torch.set_num_threads(os.cpu_count() or 1)
         bench_infer(*map(int, sys.argv[2:]))
     else:
-        sys.exit(f"unknown benchmark {what!r}; choose from: model, sft, infer, lora, grpo, gpu")
+        sys.exit(f"unknown benchmark {what!r}; choose from: model, sft, infer, lora, grpo, serve, gpu")

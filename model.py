@@ -823,13 +823,15 @@ class Ovis25(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, eos_token_ids=EOS_IDS, stop_token_ids=(),
                  thinking_budget: int | None = None, state: GenState | None = None, return_state: bool = False,
-                 generator: torch.Generator | None = None, repeat: int = 1):
+                 generator: torch.Generator | None = None, repeat: int = 1, on_step=None):
         """Batched decoding with a KV cache: left-padded (B, L) `input_ids` -> the new tokens (B, n), PAD_ID after a
         row finished (its eos or stop id included). thinking_budget: a row that generated that many tokens without
         `</think>` gets THINK_EARLY_STOP_IDS forced, then goes on (spec 10.2); a fresh call shrinks it to fit
         max_new_tokens; counts carry over with `state`. state: continue a previous call (return_state=True) from new
         tokens only (text + image placeholders, left-padded); nothing before is re-encoded. repeat: each input row
-        continues as `repeat` rows (GRPO's group; its prefix encoded once, the KV cache copied), row-major."""
+        continues as `repeat` rows (GRPO's group; its prefix encoded once, the KV cache copied), row-major.
+        on_step(tokens (B,), running (B,)) -> (B,) bool or None: sees each step's tokens (a server streams them) and
+        may end rows at once (a client that left)."""
         dev, ids = input_ids.device, input_ids
         if state is None:
             n = ids.shape[0]
@@ -881,6 +883,7 @@ class Ovis25(nn.Module):
                 st.seen[torch.arange(b, device=dev), tok] |= was_running
             new.append(tok)
             finished = finished | torch.isin(tok, ends)
+            finished = finished if on_step is None else finished | on_step(tok, was_running)
             st.pending, st.pending_real = tok, was_running
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break

@@ -433,15 +433,28 @@ def thinking_budget_for(thinking_budget: int | None, max_new_tokens: int) -> int
     return max(0, min(thinking_budget, max_new_tokens - len(ovis.THINK_EARLY_STOP_IDS) - 1))
 
 
+def _streamer(events, rows: list):
+    """model.generate's on_step for one round: each running row's new token to events.token; the rows whose
+    client left end at once."""
+    def on_step(tok: torch.Tensor, running: torch.Tensor) -> torch.Tensor:  # (B,) each
+        for j, i in enumerate(rows):
+            if running[j]:
+                events.token(i, int(tok[j]))
+        return torch.tensor([events.cancelled(i) for i in rows], device=tok.device)
+    return on_step
+
+
 def run_tool_loop(model, tokenizer, prompts: list, *, images: list | None = None, keys: list | None = None,
                   registry: "Registry | None" = None, max_tool_calls: int = 8, max_new_tokens: int = 1024,
                   thinking_budget: int | None = None, kv_cache: bool = True, crop_min_pixels: int | None = None,
-                  crop_max_pixels: int | None = None, group: int = 1, **sampling) -> list[Rollout]:
+                  crop_max_pixels: int | None = None, group: int = 1, events=None, **sampling) -> list[Rollout]:
     """Generate for model.build_inputs prompts with model.generate, running tool calls as they come: a round decodes
     the running rows until `</tool_call>` or an eos; `registry` (None: no tools) runs each call on its row's `images`
     (`keys`: their names) and the result is appended as training renders it, decoding goes on from the KV cache.
     max_new_tokens / thinking_budget count a row's model tokens over all rounds; `group` rollouts per prompt (GRPO),
-    row-major, as if each prompt came `group` times (its ViT pass and prefill run once); `sampling`: generate's."""
+    row-major, as if each prompt came `group` times (its ViT pass and prefill run once); `sampling`: generate's.
+    events (a server's): .token(row, id) for each new token, .tool(row, call, crop | None) for each call run,
+    .cancelled(row) -> True ends the row at once (finish "cancelled")."""
     if thinking_budget is not None and not kv_cache:
         raise ValueError("thinking_budget needs kv_cache=True (it counts tokens over all rounds)")
     loop = ToolLoop(tokenizer, registry, {"patch_size": model.config.vit.patch_size,
@@ -470,7 +483,8 @@ def run_tool_loop(model, tokenizer, prompts: list, *, images: list | None = None
         pv, grids = (torch.cat([v[k] for v in new_visuals]).to(dev) if new_visuals else None for k in (0, 1))
         new, state = model.generate(ids, pv, grids, max_new_tokens=n, eos_token_ids=loop.eos,
                                     stop_token_ids=loop.stop, thinking_budget=budget, state=state, return_state=True,
-                                    repeat=repeat, **sampling)  # new: (B * repeat, n) tokens, PAD after a row ended
+                                    repeat=repeat, on_step=events and _streamer(events, list(active)),
+                                    **sampling)  # new: (B * repeat, n) tokens, PAD after a row ended
         repeat = 1  # a group shares only the prompt: one ViT pass and prefill, then copies of its KV cache
         keep, chunks, new_visuals = [], [], []
         for j, i in enumerate(active):
@@ -478,7 +492,15 @@ def run_tool_loop(model, tokenizer, prompts: list, *, images: list | None = None
             end = next((k + 1 for k, t in enumerate(toks) if t in loop.eos or t in loop.stop), len(toks))
             toks = toks[:min(end, left[j])]  # a row past its own budget is cut (and leaves the batch)
             rows[i].add(toks, sampled=True)
+            if events is not None and events.cancelled(i):  # its client left: no tool, no more tokens
+                rows[i].out.text += tokenizer.decode(toks)
+                rows[i].out.finish = "cancelled"
+                continue
+            calls = len(rows[i].out.tool_calls)
             more = loop.after_round(rows[i], toks)
+            if events is not None and len(rows[i].out.tool_calls) > calls:
+                events.tool(i, rows[i].out.tool_calls[-1], rows[i].out.crops[-1] if more and ovis.VISUAL_ATOM_ID in
+                            more else None)
             if more is not None:
                 keep.append(j)
                 chunks.append(more)
@@ -488,3 +510,16 @@ def run_tool_loop(model, tokenizer, prompts: list, *, images: list | None = None
             state.keep(keep)  # finished rows leave the batch and its KV cache
         active = [active[j] for j in keep]
     return [loop.finish(r, budget) for r in rows]
+
+
+def pack_rollouts(rollouts: list, device) -> dict:
+    """Rollouts -> one packed training row (1, T), as GRPO scores them: ids, labels (= ids where the model sampled the
+    token, else ignored), position_ids restarting per rollout, their images in order."""
+    ids = [t for r in rollouts for t in r.token_ids]
+    labels = [t if m else ovis.IGNORE_ID for r in rollouts for t, m in zip(r.token_ids, r.gen_mask)]
+    pos = [i for r in rollouts for i in range(len(r.token_ids))]
+    pv = [r.pixel_values for r in rollouts if r.pixel_values is not None]
+    g = [r.grid_thws for r in rollouts if r.grid_thws is not None]
+    t, cat = lambda x: torch.tensor([x], device=device), lambda x: torch.cat(x).to(device) if x else None
+    return {"input_ids": t(ids), "labels": t(labels), "position_ids": t(pos), "pixel_values": cat(pv),
+            "grid_thws": cat(g)}

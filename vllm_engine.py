@@ -255,7 +255,7 @@ class Engine:
                             logprobs_mode="processed_logprobs", enable_sleep_mode=enable_sleep_mode, **memory)
         self.engine = self.llm.llm_engine
         self.runner = self.engine.model_executor.driver_worker.worker.model_runner
-        self.max_model_len, self.max_images, self.sleeping = max_model_len, max_images, False
+        self.max_model_len, self.max_images, self.sleeping, self.dtype = max_model_len, max_images, False, dtype
         self.tied = bool(llm.get("tie_word_embeddings", False))
 
     def sleep(self):
@@ -318,10 +318,11 @@ class Engine:
                       thinking_budget: int | None = None, crop_min_pixels: int | None = None,
                       crop_max_pixels: int | None = None, group: int = 1, do_sample: bool = False,
                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                      eos_token_ids=ovis.EOS_IDS, seed: int | None = None) -> list[tools.Rollout]:
+                      eos_token_ids=ovis.EOS_IDS, seed: int | None = None, events=None) -> list[tools.Rollout]:
         """tools.run_tool_loop on vLLM: the same arguments and Rollouts (+ `logprobs`); each trajectory runs on its
         own. `images` must hold the PIL images behind each prompt's pixel_values (vLLM preprocesses them itself).
-        seed: the per-request seeds of sampling (seed + 1000 * row + request; None: random)."""
+        seed: the per-request seeds of sampling (seed + 1000 * row + request; None: random). events: as
+        tools.run_tool_loop's (tokens as vLLM produces them, tool calls, rows whose client left aborted)."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
@@ -336,17 +337,20 @@ class Engine:
         sampling = dict(temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
                         top_k=max(0, top_k or 0) if do_sample else 0, repetition_penalty=repetition_penalty,
                         stop_token_ids=[*loop.eos, *loop.stop], ignore_eos=True,  # our ends only
-                        logprobs=0, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+                        logprobs=0, detokenize=False,  # streamed: each step's new tokens; else one output a request
+                        output_kind=RequestOutputKind.DELTA if events else RequestOutputKind.FINAL_ONLY)
         images, keys = images or [[] for _ in prompts], keys or [[] for _ in prompts]
         rows = []
         for i, (p, ims, ks) in enumerate(zip(prompts, images, keys)):
             grids = [] if p.get("grid_thws") is None else p["grid_thws"]
+            to_vllm_ids(p["input_ids"].reshape(-1).tolist())  # what it cannot run (a video) fails here, named
             if len(ims) != len(grids):
                 raise ValueError(f"prompt {i}: {len(grids)} images in the prompt, {len(ims)} PIL images given (vLLM "
                                  "preprocesses the images itself: pass them in `images`)")
             sized = [image_for_grid(im, g, geo["patch_size"]) for im, g in zip(ims, grids)]
             for _ in range(group):
-                r = _Row(loop.start(p, ims, ks), list(sized), seed=None if seed is None else seed + 1000 * len(rows))
+                r = _Row(loop.start(p, ims, ks), list(sized), None if seed is None else seed + 1000 * len(rows),
+                         len(rows))
                 r.row.out.logprobs = [None] * len(r.row.out.token_ids)
                 rows.append(r)
         pending, tag = {}, uuid.uuid4().hex[:8]
@@ -357,6 +361,8 @@ class Engine:
             if budget is not None and not r.closed and o.n_generated >= budget:  # as model.generate forces it
                 k = min(len(forced), max_new_tokens - o.n_generated)
                 r.row.add(forced[:k], sampled=True)  # unmasked by ToolLoop.finish: at exactly `budget` tokens
+                for t in forced[:k] if events else ():
+                    events.token(r.index, t)
                 o.logprobs += [None] * k
                 r.round += forced[:k]
                 r.closed = True
@@ -381,7 +387,11 @@ class Engine:
             """The round is over (its stop id, an eos, a budget, or vLLM's max_model_len): the shared ToolLoop decides;
             a tool result to continue with is resubmitted at once, with its crop."""
             toks, r.round = r.round, []
+            calls = len(r.row.out.tool_calls)
             more = loop.after_round(r.row, toks)
+            if events and len(r.row.out.tool_calls) > calls:
+                events.tool(r.index, r.row.out.tool_calls[-1], r.row.out.crops[-1] if more and ovis.VISUAL_ATOM_ID in
+                            more else None)
             if more is None:
                 return None
             r.row.out.logprobs += [None] * len(more)
@@ -389,11 +399,10 @@ class Engine:
                 r.images.append(image_for_grid(r.row.out.crops[-1], r.row.visuals[-1][1][0], geo["patch_size"]))
             return submit(r)
 
-        def on_output(r: "_Row", out):
-            toks = list(out.outputs[0].token_ids)
-            lps = out.outputs[0].logprobs or []
+        def on_output(r: "_Row", toks: list, lps: list):
+            """A request's tokens and their log-probs, all of them, once it finished."""
             r.row.add(toks, sampled=True)
-            r.row.out.logprobs += [d[t].logprob for d, t in zip(lps, toks)] if lps else [None] * len(toks)
+            r.row.out.logprobs += lps
             r.round += toks
             r.closed = r.closed or ovis.THINK_END_ID in toks
             ended = bool(toks) and (toks[-1] in loop.eos or toks[-1] in loop.stop)
@@ -409,8 +418,23 @@ class Engine:
                 submit(r)
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():  # one scheduler step of every running request
-                    if out.finished and out.request_id in pending:
-                        on_output(pending.pop(out.request_id), out)
+                    r = pending.get(out.request_id)
+                    if r is None:
+                        continue
+                    new, lps = list(out.outputs[0].token_ids), out.outputs[0].logprobs or []
+                    r.toks += new  # (streamed: this step's delta; else every token at once)
+                    r.lps += [d[t].logprob for d, t in zip(lps, new)] if lps else [None] * len(new)
+                    for t in new if events else ():
+                        events.token(r.index, t)
+                    if out.finished:
+                        del pending[out.request_id]
+                        toks, lps = r.toks, r.lps
+                        r.toks, r.lps = [], []  # (the next request of this row starts afresh)
+                        on_output(r, toks, lps)
+                gone = [rid for rid, r in pending.items() if events and events.cancelled(r.index)]
+                for rid in gone:  # a client that left: its request aborted, the row ends here
+                    self.engine.abort_request([rid])
+                    pending.pop(rid).row.out.finish = "cancelled"
         finally:  # an error (or Ctrl-C) must not leave requests behind for the next call
             if pending:
                 self.engine.abort_request(list(pending))
@@ -420,8 +444,10 @@ class Engine:
 class _Row:
     """A trajectory on vLLM: the shared tools.Row plus what its chain of requests needs."""
 
-    def __init__(self, row: tools.Row, images: list, seed: int | None):
-        self.row, self.images, self.seed = row, images, seed  # images: every image so far, resized for vLLM
+    def __init__(self, row: tools.Row, images: list, seed: int | None, index: int):
+        self.row, self.images, self.seed, self.index = row, images, seed, index  # images: resized for vLLM
         self.round: list[int] = []  # this round's model tokens (sampled and forced) since the last tool result
         self.closed = False  # `</think>` generated or forced: the thinking budget is spent
         self.asked = self.n_requests = 0
+        self.toks: list[int] = []  # the request in flight's tokens so far (streamed outputs are deltas)
+        self.lps: list = []

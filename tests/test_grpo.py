@@ -158,7 +158,7 @@ def test_rollouts_mask_tool_outputs_and_match_the_training_encoding(tool_ckpt, t
                                     max_new_tokens=80, crop_min_pixels=4096, crop_max_pixels=8192)
     r = rolls[0]
     assert [c["name"] for c in r.tool_calls] == ["Crop"] and r.tool_calls[0]["ok"] and r.finish == "eos"
-    mb = grpo.pack_rollouts(rolls, "cpu")
+    mb = tools.pack_rollouts(rolls, "cpu")
     labels = mb["labels"][0]
     mask = torch.tensor([x for q in rolls for x in q.gen_mask], dtype=torch.bool)
     assert torch.equal(labels != M.IGNORE_ID, mask)

@@ -115,7 +115,7 @@ def test_train_infer_score_and_rollout_with_user_tools(base, tokenizer, tmp_path
                                 generator=torch.Generator().manual_seed(0))
     for ro in rolls:
         assert [c["name"] for c in ro.tool_calls] == ["Count", "Flip"] and all(c["ok"] for c in ro.tool_calls)
-        mb = grpo.pack_rollouts([ro], "cpu")
+        mb = tools.pack_rollouts([ro], "cpu")
         ids, lab = mb["input_ids"][0].tolist(), mb["labels"][0].tolist()
         op, cl = tokenizer.convert_tokens_to_ids(["<tool_response>", "</tool_response>"])
         a_ = ids.index(op, ro.prompt_len)  # (the system prompt mentions the markers too)
