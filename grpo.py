@@ -352,7 +352,7 @@ def evaluate(run: Run, eval_prompts: list, step: int, state: dict, total: int) -
     rec = {"step": step, **rollout_metrics(groups, "eval_")}
     if run.rank == 0 and cfg.log_rollouts_interval:  # the page of this eval's rollouts
         report.write_groups(os.path.join(cfg.output_dir, "rollouts"), step, groups, None, cfg.log_rollouts_count,
-                            "eval")
+                            "eval", run.metrics)
     value = rec[f"eval_{cfg.eval_metric}"] if rec[f"eval_{cfg.eval_metric}"] is not None else float("-inf")
     if value > state["best_eval"] + cfg.early_stopping_min_delta:
         state.update(best_eval=value, bad_evals=0)
@@ -572,7 +572,8 @@ def main(cfg: Config):
                 raise common.RunError(guard.stop(step, why))
             log(f"WARNING step {step}: {why} (raise the tool reward, lower lr, or on_tool_collapse=stop)")
         if rank == 0 and cfg.log_rollouts_interval and step % cfg.log_rollouts_interval == 0:
-            report.write_groups(os.path.join(cfg.output_dir, "rollouts"), step, groups, adv, cfg.log_rollouts_count)
+            report.write_groups(os.path.join(cfg.output_dir, "rollouts"), step, groups, adv, cfg.log_rollouts_count,
+                                trackers=run.metrics)
         if eval_prompts and cfg.eval_interval and step % cfg.eval_interval == 0:
             stop = evaluate(run, eval_prompts, step, state, total)
         if step % cfg.save_interval == 0 or step == total or stop:

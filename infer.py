@@ -393,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
 def batch_requests(a) -> tuple[list, list]:
     """--input (JSONL / JSON of requests; ids default to the line) or --bench NAME --data PATH (evalsets.load) ->
     (requests, error records of what could not be read: a broken line, an unreadable benchmark row)."""
-    if a.bench:
-        return evalsets.load(a.bench, a.data)
+    if a.bench:  # (HR-Bench's base64 pictures are written once beside the output, for this run and the next)
+        return evalsets.load(a.bench, a.data, cache_dir=os.path.join(os.path.dirname(os.path.abspath(a.output)),
+                                                                      "bench_images"))
     bad_lines = []
     reqs = [{**r, "id": r.get("id", r["_index"])} for r in data.load_samples(a.input, bad_lines)]  # id: its line
     return reqs, [{"id": f"{a.input}:{e.index}", "error": str(e)} for e in bad_lines]

@@ -123,9 +123,11 @@ def write_step(out_dir, step: int, rows_with_images: list, kind: str = "train") 
     return path
 
 
-def write_groups(out_dir, step: int, groups: list, advantages, count: int, kind: str = "train") -> Path | None:
+def write_groups(out_dir, step: int, groups: list, advantages, count: int, kind: str = "train",
+                 trackers=None) -> Path | None:
     """GRPO's scored groups ({sample, rolls, parts {reward: (G,)}, reward (G,)}, grpo.score) and their (P*G,)
-    advantages (None at eval) -> write_step of the first rollout of each group, then the second..., `count` in all."""
+    advantages (None at eval) -> write_step of the first rollout of each group, then the second..., `count` in all;
+    also to tensorboard / wandb when `trackers` (common.Metrics) has them."""
     if not groups or count <= 0:
         return None
     n = len(groups[0]["rolls"])
@@ -140,7 +142,43 @@ def write_groups(out_dir, step: int, groups: list, advantages, count: int, kind:
                           advantage=None if advantages is None else float(advantages[gi * n + i]), step=step,
                           image_path=key, prompt_text=prompt_text(sample), reward=float(g["reward"][i]))
         rows.append((row, image, r.crops))
+    to_trackers(trackers, step, rows, kind)
     return write_step(out_dir, step, rows, kind)
+
+
+def boxes_drawn(image: Image.Image, row: dict) -> Image.Image:
+    """A copy of the prompt image with each predicted Crop box (PRED) and the gold box (GOLD) drawn on it: what the
+    page shows, as one picture for tensorboard / wandb."""
+    from PIL import ImageDraw
+
+    out = image.convert("RGB")
+    pen = ImageDraw.Draw(out)
+    for box, colour, _, _ in _boxes(row)[0]:
+        pen.rectangle(box, outline=colour, width=max(2, out.width // 200))
+    return out
+
+
+def to_trackers(metrics, step: int, rows_with_images: list, kind: str = "train") -> None:
+    """With tensorboard / wandb on (common.Metrics): the rows as images with their boxes drawn and their text
+    (tensorboard), or one table (wandb), under rollouts_<kind>."""
+    shown = [(row, boxes_drawn(image, row)) for row, image, _ in rows_with_images if image is not None]
+    if metrics is None or not shown:
+        return
+    caption = lambda r: (f"{r['id']}: answer {r['answer']!r} (gold {r['gold_answer']!r}), reward "  # noqa: E731
+                         f"{r['reward']}, advantage {r['advantage']}, {len(r['tool_calls'])} calls")
+    if metrics.tb is not None:
+        import numpy as np
+
+        for k, (row, image) in enumerate(shown):
+            metrics.tb.add_image(f"rollouts_{kind}/{k}", np.asarray(image), step, dataformats="HWC")
+            metrics.tb.add_text(f"rollouts_{kind}/{k}", caption(row) + "\n\n    " + row["text"], step)
+    if metrics.wb is not None:
+        import wandb
+
+        table = wandb.Table(columns=["rollout", "image", "text"])
+        for row, image in shown:
+            table.add_data(caption(row), wandb.Image(image), row["text"])
+        metrics.wb.log({f"rollouts_{kind}": table}, step=step)
 
 
 def drop_after(out_dir, step: int) -> None:

@@ -431,3 +431,40 @@ def test_compare_line_by_line(vstar_jsonl, tmp_path):
     (tmp_path / "score.summary.json").write_text(json.dumps({"questions": 6, "accuracy": 0.5}))  # infer.py --score
     with pytest.raises(ValueError, match="score.summary.json: not the summary of an `infer.py --bench` run"):
         evalsets.compare([str(tmp_path / "base.summary.json"), str(tmp_path / "score.summary.json")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infer.py --bench / --compare / --report, end to end with a real model
+
+
+def test_bench_cli_end_to_end(tool_ckpt, hr_tsv, tmp_path, capsys):
+    """`infer.py --bench hrbench8k --data <the folder as downloaded>`: every readable row answered by the real tool
+    loop, the unreadable ones error records (counted, exit 1), the summary and table written; a second run resumes
+    (nothing asked again, the same summary); --compare of two runs; --report's page."""
+    out = tmp_path / "runs" / "tools.jsonl"
+    out.parent.mkdir()
+    args = ["--model", tool_ckpt, "--bench", "hrbench8k", "--data", str(hr_tsv.parent), "--output", str(out),
+            "--tools", "--enable-thinking", "--greedy", "--max-new-tokens", "40", "--single-image-min-pixels", "4096",
+            "--single-image-max-pixels", "8192", "--crop-min-pixels", "4096", "--crop-max-pixels", "8192",
+            "--report"]
+    assert infer.main(args) == 1  # 3 rows could not be read
+    said = capsys.readouterr().out
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    answered = [r for r in recs if "error" not in r]
+    assert len(answered) == 6 and len(recs) == 9 and all(r["bench"]["name"] == "hrbench8k" for r in recs)
+    assert all(r["tool_calls"] and r["seconds"] > 0 for r in answered)  # the model crops on every picture
+    summary = json.loads((tmp_path / "runs" / "tools.summary.json").read_text())
+    assert summary == evalsets.summarize(recs) and summary["answered"] == 6 and summary["errors"] == 3
+    assert evalsets.table(summary) in said and "6 answered, 3 errors" in said
+    assert (tmp_path / "runs" / "tools.html").exists() and (tmp_path / "runs" / "bench_images").is_dir()
+    assert infer.main(args) == 1 and "0 answered, 0 errors, 6 already in" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "tools.summary.json").read_text()) == summary
+    plain = tmp_path / "runs" / "plain.jsonl"  # tools off: a second run to compare with
+    plain_args = [str(plain) if a == str(out) else a for a in args if a != "--tools"]
+    assert infer.main(plain_args) == 1
+    capsys.readouterr()
+    assert infer.main(["--compare", str(tmp_path / "runs" / "plain.summary.json"),
+                       str(tmp_path / "runs" / "tools.summary.json")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| metric | plain | tools | Δ tools |" and any(x.startswith("| HR-Bench 8K") or
+                                                                        "FSP" in x for x in table)

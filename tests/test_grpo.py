@@ -376,3 +376,69 @@ def test_a_crop_too_thin_to_show_is_an_error_result(tool_ckpt, tokenizer):
                                 max_new_tokens=40, crop_min_pixels=4096, crop_max_pixels=8192)[0]
     assert r.tool_calls and not r.tool_calls[0]["ok"] and "316x32 crop is too thin" in r.tool_calls[0]["result"]
     assert "<tool_response>Error: the 316x32 crop is too thin" in r.text and r.crops == []
+
+
+def test_rollout_pages_tool_health_and_the_collapse_guard(tool_ckpt, tmp_path):
+    """Rollout pages every log_rollouts_interval steps (rows re-read: their rewards are what the scorers give the
+    logged trajectory); tool-use health in every step line; a reward that pays for not calling drives the tool rate
+    down and the guard says so (warn) or stops the run (stop), naming the last good checkpoint."""
+    import report
+
+    base_cfg = {"model_path": tool_ckpt, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO),
+                "zero_config": str(ROOT / "zero_configs" / "zero0.json"), "prompts_per_rank": 2,
+                "num_generations": 4, "micro_batch_size": 8, "max_new_tokens": 60, "single_image_min_pixels": 4096,
+                "single_image_max_pixels": 8192, "crop_min_pixels": 4096, "crop_max_pixels": 8192, "bf16": False,
+                "gradient_checkpointing": False, "lr": 3e-3, "temperature": 1.0, "save_interval": 1,
+                "log_rollouts_interval": 1, "log_rollouts_count": 3, "max_empty_step_frac": 1.0}
+    out = tmp_path / "pages"
+    grpo.main(grpo.Config(**base_cfg, output_dir=str(out), max_steps=2, rewards="format:0.5|iou:1"))
+    rec = metrics(out)
+    assert all({"tool_rate", "answer_rate", "tool_calls_per_rollout", "valid_crop_rate", "response_len"} <= set(r)
+               for r in rec) and rec[0]["tool_rate"] > 0.5
+    rows = report.read_rows(out / "rollouts" / "step_2.jsonl")
+    assert len(rows) == 3 and (out / "rollouts" / "index.html").exists()
+    prompts = {p["id"]: p for p in data.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")}
+    for row in rows:  # the logged rewards are the scorers' on the logged trajectory
+        r = tools.Rollout(text=row["text"], tool_calls=row["tool_calls"], image_size=tuple(row["image_size"]),
+                          bbox_format=row["bbox_format"], thinking_on=True, n_generated=row["length"],
+                          model_text=row["text"].replace("<image>", ""))
+        r.thinking, r.answer = tools.split_output(r.text)
+        assert r.answer == row["answer"] and row["gold_bbox"] == prompts[row["id"]]["bbox"]
+        assert row["rewards"]["iou"] == pytest.approx(scoring.score_iou(r, prompts[row["id"]]))
+        assert len(row["crops"]) == sum(c["ok"] for c in row["tool_calls"] if c["name"] == "Crop")
+    collapse = {**base_cfg, "rewards": "tests.grpo_rewards.no_tools:1", "lr": 2e-2, "min_tool_rate": 0.5,
+                "tool_collapse_patience": 2, "max_steps": 8, "log_rollouts_interval": 0}
+    with pytest.raises(common.RunError, match=r"step \d+: tool use collapsed: \d+% of the rollouts call a tool "
+                                            r"\(min_tool_rate 0\.5\) for 2 steps in a row; see .*rollouts\. Stopped "
+                                            r"without writing final/\. Last good checkpoint: .*step\d{7}"):
+        grpo.main(grpo.Config(**collapse, output_dir=str(tmp_path / "stop"), on_tool_collapse="stop"))
+    assert not (tmp_path / "stop" / "final").exists() and metrics(tmp_path / "stop")[-1]["tool_rate"] < 0.5
+
+
+def test_tensorboard_gets_the_rollouts_with_their_boxes(tool_ckpt, tmp_path):
+    """tensorboard on: the step scalars (tool use health among them) and a few rollouts per interval as images with
+    the predicted and gold boxes drawn, read back with tensorboard's own EventAccumulator."""
+    pytest.importorskip("tensorboard") if not os.environ.get("CI") else None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import report
+
+    out = tmp_path / "tb"
+    grpo.main(grpo.Config(model_path=tool_ckpt, data_path=str(DEMO / "grpo.json"), image_dir=str(DEMO),
+                          output_dir=str(out), zero_config=str(ROOT / "zero_configs" / "zero0.json"),
+                          prompts_per_rank=1, num_generations=2, micro_batch_size=2, max_new_tokens=60,
+                          single_image_min_pixels=4096, single_image_max_pixels=8192, crop_min_pixels=4096,
+                          crop_max_pixels=8192, bf16=False, gradient_checkpointing=False, max_steps=1,
+                          rewards="format:0.5|iou:1", tensorboard=True, log_rollouts_interval=1, log_rollouts_count=2,
+                          max_empty_step_frac=1.0))
+    ev = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert {"grpo/tool_rate", "grpo/reward", "grpo/mean_crop_iou"} <= set(ev.Tags()["scalars"])
+    images = ev.Images("rollouts_train/0")
+    assert len(images) == 1 and images[0].step == 1
+    import io as _io
+
+    shown = Image.open(_io.BytesIO(images[0].encoded_image_string)).convert("RGB")
+    row = report.read_rows(out / "rollouts" / "step_1.jsonl")[0]
+    x1, y1, x2, y2 = (round(v) for v in row["gold_bbox"])
+    gold = tuple(int(report.GOLD[k:k + 2], 16) for k in (1, 3, 5))
+    assert shown.size == tuple(row["image_size"]) and shown.getpixel((x1, (y1 + y2) // 2)) == gold
