@@ -586,6 +586,8 @@ def main(cfg: Config):
     export(run, os.path.join(cfg.output_dir, "final"))
     log(f"done: {'adapter' if cfg.lora else 'model'} in {cfg.output_dir}/final{guard.summary()}")
     metrics.close()
+    if run.vllm is not None:
+        run.vllm.close()
     if owns_group:
         dist.destroy_process_group()
     return model

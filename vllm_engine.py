@@ -228,6 +228,7 @@ class Engine:
     def __init__(self, checkpoint: str, *, max_model_len: int = 8192, gpu_memory_utilization: float = 0.3,
                  enable_sleep_mode: bool = False, max_images: int = 9, dtype: str = "float32", seed: int = 0,
                  max_num_seqs: int = 64):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its start-up INFO lines would bury our log lines
         try:
             import vllm
         except ImportError:
@@ -257,6 +258,10 @@ class Engine:
         self.runner = self.engine.model_executor.driver_worker.worker.model_runner
         self.max_model_len, self.max_images, self.sleeping, self.dtype = max_model_len, max_images, False, dtype
         self.tied = bool(llm.get("tie_word_embeddings", False))
+
+    def close(self):
+        """Shut the engine down now (once): before the training run destroys its process group, not at exit."""
+        self.engine.engine_core.shutdown()
 
     def sleep(self):
         """Free the KV cache (and offload the weights) while training runs (GPU, vllm_enable_sleep_mode)."""

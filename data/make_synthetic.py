@@ -73,7 +73,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     rng = random.Random(a.seed)
     os.makedirs(os.path.join(a.out, "images"), exist_ok=True)
-    system = tools.default_registry("pixel").system_prompt()
+    system = tools.load_tools(bbox_format="pixel").system_prompt()
     sft, grpo, identify_map = [], [], {}
     for i in range(a.n):
         img, objects, target = make_image(rng)
