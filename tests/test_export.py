@@ -94,7 +94,7 @@ def test_config_spellings_that_readers_disagree_on(tmp_path):
 def _ours(ckpt: str, tokenizer, out: Path) -> dict:
     """Our model's input embeddings, logits and greedy tokens on an image prompt, for the 4.51 reader."""
     m = M.Ovis25.from_pretrained(ckpt).eval()
-    probe = merge_lora.probe_inputs(tokenizer, "cpu")
+    probe = merge_lora.probe_inputs(tokenizer, "cpu", m.config.geometry)
     with torch.no_grad():
         t = {"embeds": m.embed(probe["input_ids"], probe["pixel_values"], probe["grid_thws"]),
              "logits": m(**probe).logits, "greedy": m.generate(**probe, max_new_tokens=8)}

@@ -140,7 +140,7 @@ def test_two_ranks_zero2_zero3_train_only_the_adapter(runs, base):
 def test_adapter_save_load_gives_identical_logits(runs, base, tokenizer):
     """Stock peft (PeftModel.from_pretrained, no checks of ours) loads each adapter onto the model with the official
     module tree: every saved tensor lands, and the logits are the live model's."""
-    probe = merge_lora.probe_inputs(tokenizer, "cpu")
+    probe = merge_lora.probe_inputs(tokenizer, "cpu", M.read_config(base).geometry)
     for out in runs.values():
         live = torch.load(out / "live_logits.pt")
         pm = PeftModel.from_pretrained(M.Ovis25.from_pretrained(base).eval(), str(out / "final"))

@@ -318,3 +318,16 @@ def test_real_inference_records_page(demo_rollouts, tmp_path, tokenizer):
     small = report.write_inference_report(tmp_path / "first.html", [req], recs, str(DEMO), max_rows=1)
     text = small.read_text(encoding="utf-8")
     assert "2 records, the first 1 shown" in text and "<td>q0</td>" in text and "bad line" not in text
+
+
+def test_curves_png_of_a_runs_metrics(tmp_path):
+    """metrics.jsonl -> one PNG, a panel per metric: training steps as a line, held-out evals as points."""
+    pytest.importorskip("matplotlib") if not os.environ.get("CI") else None
+    recs = [{"step": s, "reward": 0.1 * s, "tool_rate": 1.0, "mean_crop_iou": None} for s in range(1, 6)]
+    recs += [{"step": s, "eval_reward": 0.05 * s, "eval_mean_crop_iou": 0.1 * s} for s in (0, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    png = report.curves(tmp_path)
+    with Image.open(png) as im:  # reward, mean_crop_iou (eval only), tool_rate: three panels of 3.2 in at 110 dpi
+        assert im.format == "PNG" and im.size == (round(3 * 3.2 * 110), round(2.8 * 110))
+        red = sum(1 for px in im.convert("RGB").getdata() if px[0] > 190 and px[1] < 80 and px[2] < 80)
+        assert red > 50  # the eval points are drawn
