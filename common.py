@@ -107,7 +107,7 @@ def load_config(cls, argv: list[str] | None = None):
             raise ConfigError(f"unknown config key {k!r}; valid keys: {', '.join(names)}")
     hints = typing.get_type_hints(cls)
     cfg = cls(**{k: coerce(v, hints[k], k) for k, v in items})
-    cfg.given = frozenset(k for k, _ in items)  # what the user set (common.apply_record fills in only the rest)
+    cfg.given = frozenset(k for k, _ in items)  # what the user set (hub.apply_record fills in only the rest)
     return cfg
 
 
@@ -117,7 +117,7 @@ def run_cli(main, cls, file: str):
     name = os.path.basename(file)
     try:
         main(load_config(cls))
-    except (RunError, ConfigError) as e:
+    except (RunError, ConfigError, FileNotFoundError) as e:  # (a checkpoint, data or config file that is not there)
         sys.exit(f"{name}: error: {e}")
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
@@ -154,16 +154,6 @@ def setup_distributed(timeout_s: float = 1800) -> tuple[int, int, int]:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=None, timeout=timedelta(seconds=timeout_s))
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# What an export records of its run
-
-
-def read_record(checkpoint_dir: str) -> dict:
-    """The training record an export carries (RECORD_FILE: budgets, tools, thinking); {} for other checkpoints."""
-    path = os.path.join(checkpoint_dir, RECORD_FILE)
-    return read_json(path, "training record") if os.path.exists(path) else {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,14 +272,15 @@ def save_resumable(engine, output_dir: str, step: int, state: dict, keep_last: i
 
     ckpt, tag = os.path.join(output_dir, "checkpoints"), f"step{step:07d}"
     client = {**state, "step": step, "rng": rng_state()}
+    failed = None
     try:
         with saving(os.path.join(ckpt, tag)):
             engine.save_checkpoint(ckpt, tag=tag, client_state=client, save_latest=False,
                                    exclude_frozen_parameters=exclude_frozen)
-    except RunError:
+    except Exception as e:  # (every rank must learn of it: the others would wait at the collective below)
+        failed = e
         shutil.rmtree(os.path.join(ckpt, tag), ignore_errors=True)
-        raise
-    dist.barrier()
+    all_wrote(failed, engine.device, f"checkpoint {ckpt}/{tag}")
     if rank == 0:
         with saving(ckpt):
             Path(ckpt, "latest.tmp").write_text(tag)
@@ -299,6 +290,17 @@ def save_resumable(engine, output_dir: str, step: int, state: dict, keep_last: i
     dist.barrier()
     LAST_SAVED["path"] = os.path.join(ckpt, tag)
     return LAST_SAVED["path"]
+
+
+def all_wrote(failed: "Exception | None", device, what: str):
+    """After a write some ranks do: every rank learns whether all succeeded (a collective standing in for the barrier),
+    so none waits for a rank that stopped; the one that failed raises its own error, the others name `what`."""
+    import torch.distributed as dist
+
+    ok = torch.tensor(float(failed is None), device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if failed is not None or not ok.item():
+        raise failed or RunError(f"another rank could not write {what} (its error says why)")
 
 
 def resume(engine, spec: str, output_dir: str, state: dict, log, strict: bool = True) -> tuple[int, dict]:
@@ -329,38 +331,42 @@ def resume(engine, spec: str, output_dir: str, state: dict, log, strict: bool = 
 def export_model(engine, model, out_dir: str, rank: int, record: dict):
     """A deployable checkpoint (model.save_pretrained: the official layout) with its training record. Under ZeRO-3 the
     weights are gathered first: a collective, every rank calls this."""
-    import torch.distributed as dist
 
     z3 = engine.zero_optimization_stage() == 3
     sd = engine._zero3_consolidated_16bit_state_dict() if z3 else engine.module.state_dict() if rank == 0 else None
-    if rank == 0:
-        with saving(out_dir):
-            try:
+    failed = None
+    try:
+        if rank == 0:
+            with saving(out_dir):
                 model.save_pretrained(out_dir, state_dict=sd, record=record)
-            finally:
-                shutil.rmtree(out_dir + ".tmp", ignore_errors=True)  # what a failed save left
-    dist.barrier()
+    except Exception as e:  # (every rank must learn of it)
+        failed = e
+    finally:
+        shutil.rmtree(out_dir + ".tmp", ignore_errors=True)  # what a failed save left
+    all_wrote(failed, engine.device, out_dir)
 
 
 def export_adapter(engine, peft_model, out_dir: str, rank: int, record: dict):
     """The adapter in the standard peft layout (base recorded in adapter_config.json) with the training record, into a
     temp dir renamed at the end. Under ZeRO-3 only the trainable parameters are gathered (a collective)."""
     import deepspeed
-    import torch.distributed as dist
 
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    failed = None
     with deepspeed.zero.GatheredParameters(trainable, enabled=engine.zero_optimization_stage() == 3):
-        if rank == 0:
-            with saving(out_dir):
-                try:
+        try:
+            if rank == 0:
+                with saving(out_dir):
                     shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
                     peft_model.save_pretrained(out_dir + ".tmp", save_embedding_layers=False)
                     Path(out_dir + ".tmp", RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
                     shutil.rmtree(out_dir, ignore_errors=True)
                     os.replace(out_dir + ".tmp", out_dir)
-                finally:
-                    shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
-    dist.barrier()
+        except Exception as e:  # (every rank must learn of it)
+            failed = e
+        finally:
+            shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
+    all_wrote(failed, engine.device, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,11 +380,14 @@ class RunGuard:
     - died finite: max_dead steps in a row with target tokens but a gradient norm of exactly 0 (saturated weights;
       uniform logits give loss ln(vocab)), which a run that still learns never shows;
     - starved: more than max_empty_frac of the steps without a target token on any rank (`empty_why` says why: samples
-      failing at load; in GRPO no group whose rewards vary, so no learning signal)."""
+      failing at load; in GRPO no group whose rewards vary, so no learning signal); checked from the second such
+      step on, and at the last step (`total_steps`) for any count, so that even a one-step run never ends "done"
+      without having trained."""
 
     def __init__(self, max_skips: int, max_empty_frac: float, loss_scaled: bool, output_dir: str, max_dead: int = 3,
-                 max_loss_ratio: float = 0.0, vocab_size: int = 0, empty_why: str = ""):
+                 max_loss_ratio: float = 0.0, vocab_size: int = 0, empty_why: str = "", total_steps: int = 0):
         self.max_skips, self.max_empty_frac, self.loss_scaled = max_skips, max_empty_frac, loss_scaled
+        self.total_steps = total_steps  # the run's last step (0: unknown)
         self.max_dead, self.max_loss_ratio, self.vocab_size = max_dead, max_loss_ratio, vocab_size
         self.out = output_dir
         self.empty_why = empty_why or "had no target token on any rank ({failed} samples failed to load; run python " \
@@ -412,15 +421,17 @@ class RunGuard:
         if self.max_dead and self.high >= self.max_dead:
             return self.stop(step, f"loss {loss:.4f} above {self.max_loss_ratio:g}x its start ({ref:.4f}, the first 3 "
                                    f"steps' mean) on {self.high} steps in a row: the run diverged")
-        if self.empty > max(1, self.max_empty_frac * step):
+        last = step == self.total_steps
+        if self.empty > (self.max_empty_frac * step if last else max(1, self.max_empty_frac * step)):
             return self.stop(step, f"{self.empty} of {step} steps " + self.empty_why.format(failed=self.failed))
         return ""
 
     def state_dict(self) -> dict:  # what a resumed run continues from (saved in the checkpoint's state)
-        return {"start": self.start, "empty": self.empty, "failed": self.failed}
+        return {"start": self.start, "empty": self.empty, "failed": self.failed, "dead": self.dead, "high": self.high}
 
     def load_state_dict(self, s: dict, skipped_steps: int):
         self.start, self.empty, self.failed = list(s.get("start", [])), s.get("empty", 0), s.get("failed", 0)
+        self.dead, self.high = s.get("dead", 0), s.get("high", 0)  # streaks in progress go on after a resume
         self.seen_skips, self.last_good = skipped_steps, LAST_SAVED["path"]
 
     def summary(self) -> str:  # for the closing log line
@@ -496,22 +507,6 @@ def write_run_config(cfg, output_dir: str):
     with saving(path):
         Path(path + ".tmp").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         os.replace(path + ".tmp", path)
-
-
-def training_record(cfg, script: str, keys: tuple[str, ...]) -> dict:
-    """What an export records of its run (RECORD_FILE): the script and the settings among `keys` the config has."""
-    return {"trained_by": script, **{k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}}
-
-
-def apply_record(cfg, record: dict, keys: tuple[str, ...]) -> list[str]:
-    """The start checkpoint's training record as defaults: each of `keys` the user did not set (in --config or as
-    --key=value; load_config notes which) takes the recorded value. Returns those names, for the `model:` line. A
-    Config built in Python (tests, the API) has no such note and is taken as it is."""
-    given = getattr(cfg, "given", None)
-    taken = [k for k in keys if given is not None and k not in given and k in record and hasattr(cfg, k)]
-    for k in taken:
-        setattr(cfg, k, record[k])
-    return taken
 
 
 def seed_all(seed: int):

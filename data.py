@@ -170,7 +170,7 @@ class Budgets:
         names = names or tuple(f.name for f in fields(cls) if f.name != "text_max_length")  # no stage sets it
         missing = [n for n in names if not hasattr(cfg, n)]
         if missing:
-            raise ValueError(f"{type(cfg).__name__} lacks the budget setting(s) {missing}")
+            raise common.ConfigError(f"{type(cfg).__name__} lacks the budget setting(s) {missing}")
         return cls(**{n: getattr(cfg, n) for n in names})
 
     def originals(self, n_images: int, video: bool) -> tuple[int, int]:
@@ -286,18 +286,21 @@ def _tokens_and_labels(turns: list, tokenizer, placeholder: str) -> tuple[list, 
     texts = [p + v + "<|im_end|>\n" for _, p, v in turns] + [p for _, p, _ in turns]  # whole turns, then prefixes
     per_turn = ovis.tokenize_with_placeholders(texts, tokenizer, (placeholder,))
     tr_open, tr_close = tokenizer.convert_tokens_to_ids(["<tool_response>", "</tool_response>"])
-    ids, labels, by_tool = [], [], []
+    ids, labels, by_tool = [], [], []  # (L,), (L,) as lists; one flag per placeholder
     for (role, _, _), t_ids, p_ids in zip(turns, per_turn, per_turn[len(turns):]):
         by_tool += [role in ("assistant", "ignored") for i in t_ids if i in (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)]
-        lab, inside = [IGNORE_ID] * len(t_ids), False
-        if role == "assistant":
+        lab = [IGNORE_ID] * len(t_ids)  # this turn's labels: nothing learned unless the rule says so
+        inside = False  # within a <tool_response>...</tool_response> span
+        if role == "assistant":  # after its role prefix (p_ids), through <|im_end|>, the "\n" after it excluded
             for j in range(len(p_ids), len(t_ids) - 1):
                 inside = inside or t_ids[j] == tr_open
                 lab[j] = IGNORE_ID if inside or t_ids[j] < 0 else t_ids[j]
                 inside = inside and t_ids[j] != tr_close
-        ids, labels = ids + t_ids, labels + lab
+        ids += t_ids
+        labels += lab
     if turns[-1][0] == "assistant":  # the official formatter drops the last "\n"
-        ids, labels = ids[:-1], labels[:-1]
+        ids = ids[:-1]
+        labels = labels[:-1]
     return ids, labels, by_tool
 
 
@@ -307,7 +310,7 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
     originals = b.originals(len(paths), "video" in sample or "video_frames" in sample)  # (min, max) pixels
     imgs = [_open(Path(image_dir) / p, decode, need) for p in paths]  # RGB images, or only (W, H) from headers
     decoded = imgs if decode else None  # the length pass decodes only for a tool that cannot size its result
-    out = []
+    out = []  # (pixels, grid) per placeholder
     for x, fld in owners:
         budget = originals
         try:  # frames: PIL images, or (decode=False) their (W, H); an image is a one-frame video (model.py)
@@ -324,8 +327,10 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
                     if res.kind != "image":
                         raise ValueError(res.text)
                 frames = [res.image] if decode else [size or res.image.size]
-            pv, g = ovis.preprocess_video(frames, *budget, **geo) if decode else (None, ovis.image_grid(
-                frames[0], *budget, **geo) * torch.tensor([[len(frames), 1, 1]]))
+            if decode:
+                pv, g = ovis.preprocess_video(frames, *budget, **geo)  # (N, 3 * ps * ps), (1, 3) = [t, h, w] patches
+            else:  # the grid from the size alone (t: the number of frames), no pixels
+                pv, g = None, ovis.image_grid(frames[0], *budget, **geo) * torch.tensor([[len(frames), 1, 1]])
         except SampleError:  # already names the sample and its field (a missing frame, say): as it is
             raise
         except ValueError as e:
@@ -335,27 +340,32 @@ def _visuals(sample, owners: list, paths: list, image_dir, registry, b: Budgets,
 
 
 def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | None = None, *,
-                  registry: tools.Registry | None = None, bbox_format: str = "pixel", patch_size: int = 16,
-                  hidden_stride: int = 2, with_pixels: bool = True, **overrides) -> dict:
+                  registry: tools.Registry | None = None, bbox_format: str = "pixel",
+                  patch_size: int = ovis.ViTConfig.patch_size, hidden_stride: int = ovis.ViTConfig.hidden_stride,
+                  with_pixels: bool = True, **overrides) -> dict:
     """One training sample (steps 1-4) -> {input_ids (L,), labels (L,), pixel_values (N, 3*ps*ps) | None, grid_thws
     (n, 3) | None, id, n_images, tool_calls, auto_crops, truncated} or a SampleError naming file, sample and field.
     `overrides`: Budgets fields; with_pixels=False reads only image headers (the length pass: same ids and grids)."""
-    b, need = replace(budgets or Budgets(), **overrides), _need(sample)
+    b = replace(budgets or Budgets(), **overrides)
+    need = _need(sample)  # need(ok, field, why): a SampleError naming the file, the sample and the field
     registry = registry or tools.load_tools(bbox_format=bbox_format)
     turns, paths, crops, calls, auto = _render(sample, registry, need)
     need(any(r == "assistant" for r, _, _ in turns), "conversations", "no gpt turn: nothing to learn")
     video = "video" in sample or "video_frames" in sample
     ids, labels, by_tool = _tokens_and_labels(turns, tokenizer, "<video>" if video else "<image>")
-    originals, crop_it = iter([("video", "video")] if video else [(k, "image") for k in range(len(paths))]), iter(crops)
+    originals = iter([("video", "video")] if video else [(k, "image") for k in range(len(paths))])
+    crop_it = iter(crops)  # the Crop calls of the gpt turns, in order
     owners = [next(crop_it) if t else next(originals) for t in by_tool]  # what fills each placeholder, its field
     geo = dict(patch_size=patch_size, hidden_stride=hidden_stride)
-    pixels, grids = _visuals(sample, owners, paths, image_dir, registry, b, geo, with_pixels, need)
+    pixels, grids = _visuals(sample, owners, paths, image_dir, registry, b, geo, with_pixels, need)  # per visual:
+    # pixels (N_k, 3 * ps * ps) (None in the length pass), grids (1, 3) [t, h, w] in patches
 
     # Step 4: expand each placeholder to [start] + [atom] * n + [end] (unlearned); truncate, never inside a visual
     n_vis = iter([ovis.num_visual_tokens(g[0], hidden_stride) + 2 for g in grids])
     labels = [x for i, lab in zip(ids, labels) for x in ([IGNORE_ID] * next(n_vis) if i < -100 else [lab])]
     ids = ovis.expand_placeholders(ids, torch.cat(grids) if grids else None, hidden_stride)
-    limit, n_full = b.max_length if (grids or b.text_max_length is None) else b.text_max_length, len(ids)
+    limit = b.max_length if (grids or b.text_max_length is None) else b.text_max_length
+    n_full = len(ids)  # (L,) before truncation: `truncated` says whether it cut
     if limit is not None and len(ids) > limit:
         need(b.overlong == "truncate", "length", f"{len(ids)} tokens > max_length {limit} (overlong={b.overlong!r})")
         ids, labels, pixels, grids = truncate(ids, labels, pixels, grids, limit, hidden_stride)
@@ -365,7 +375,8 @@ def encode_sample(sample: dict, tokenizer, image_dir=".", budgets: Budgets | Non
             "auto_crops": auto, "truncated": limit is not None and len(ids) < n_full}
 
 
-def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int, hidden_stride: int = 2):
+def truncate(ids: list, labels: list, pixels: list, grids: list, max_length: int,
+             hidden_stride: int = ovis.ViTConfig.hidden_stride):
     """The official truncation (spec 11.3): keep the first max_length tokens; a cut inside an image goes back to
     just after the last text token; only images whose atoms all survive keep their pixels (lists per image)."""
     ids, labels = ids[:max_length], labels[:max_length]

@@ -40,10 +40,12 @@ def check(argv: list[str]) -> int:
         except (SampleError, common.RunError) as e:
             print(f"BAD {e}")
             return 1
-    tok = ovis.load_tokenizer(tok or (run["model_path"] if os.path.isdir(run.get("model_path", "")) else
+    local = os.path.isfile(os.path.join(run.get("model_path", ""), "config.json"))  # its geometry, as the run's
+    tok = ovis.load_tokenizer(tok or (run["model_path"] if local else
                                       str(Path(__file__).parent / "assets" / "tiny")))  # every Ovis2.5 shares it
+    geometry = ovis.read_config(run["model_path"]).geometry if local else {}  # else model.py's defaults (16 / 2)
     registry = tools.load_tools(run.get("tools", "Crop|Identify"), run.get("bbox_format", "pixel"))
-    sets = [SFTDataset(fs, tok, d, log=lambda *_: None, decode=True, registry=registry,
+    sets = [SFTDataset(fs, tok, d, log=lambda *_: None, decode=True, registry=registry, **geometry,
                        budgets=replace(Budgets(), **{k: v for k, v in run.items() if k in hints}))
             for fs, d in groups]
     errors = [e for ds in sets for e in ds.errors]

@@ -31,7 +31,6 @@ Algorithm choices (one optimizer step per rollout batch, repeated num_iterations
 import os
 import random
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -49,7 +48,6 @@ import model as ovis
 import report
 import scoring
 import tools
-import vllm_engine  # vLLM itself is imported only when use_vllm asks for it
 
 
 @dataclass
@@ -241,8 +239,8 @@ def trainable(cfg: Config, config: ovis.OvisConfig):
 
 def export(run: Run, out_dir: str):
     """LoRA: the adapter (peft layout, base recorded); full: the official layout. A collective under ZeRO-3."""
-    save = common.export_adapter if run.cfg.lora else common.export_model
-    save(run.engine, run.model, out_dir, run.rank, run.record)
+    (common.export_adapter if run.cfg.lora else common.export_model)(run.engine, run.model, out_dir, run.rank,
+                                                                     run.record)
 
 
 def token_logps(module, mb: dict, temperature: float) -> torch.Tensor:
@@ -280,7 +278,7 @@ def rollout(run: Run, batch: list, n: int, greedy: bool = False) -> list:
     if run.vllm is not None:
         if run.stale:  # ZeRO-0/1/2: from the module; ZeRO-3: gathered piece by piece; LoRA: merged
             t0 = time.time()
-            run.vllm.sync_weights(vllm_engine.policy_tensors(run.model, zero3=z3))
+            run.vllm.push(run.model, zero3=z3)
             run.stale, run.sync_s = False, run.sync_s + time.time() - t0
         seed = int(torch.randint(2**31 - 1, ()))  # vLLM's sampling seeds from our RNG: a resumed run rolls out alike
         return run.vllm.run_tool_loop(run.tokenizer, [x[0] for x in inputs], seed=seed, **kw) if inputs else []
@@ -324,24 +322,6 @@ def refill(run: Run, groups: list, prompts: list, state: dict, draws: int, step:
     return rounds, drawn, False
 
 
-def rollout_metrics(groups: list, prefix: str = "") -> dict:
-    """Sums over all ranks -> means of the reward and each component, accuracy, format rate, tool calls per rollout,
-    valid-crop rate, mean crop IoU, response length (scoring.summarize; None: nothing to measure)."""
-    local = Counter()
-    for g in groups:
-        for r in g["rolls"]:
-            local.update(scoring.trajectory_stats(r, g["sample"]))
-        local.update({"reward": float(g["reward"].sum()), **{f"reward_{k}": float(v.sum()) for k, v in
-                                                            g["parts"].items()}})
-    everyone, tot = [None] * dist.get_world_size(), Counter()
-    dist.all_gather_object(everyone, dict(local))
-    for x in everyone:
-        tot.update(x)
-    names = {"tool_calls_per_question": "tool_calls_per_rollout", "mean_generated_tokens": "response_len"}
-    return {**{f"{prefix}{k}": tot[k] / max(tot["questions"], 1) for k in sorted(tot) if k.startswith("reward")},
-            **{prefix + names.get(k, k): v for k, v in scoring.summarize(tot).items() if isinstance(v, float | None)}}
-
-
 def evaluate(run: Run, eval_prompts: list, step: int, state: dict, total: int) -> bool:
     """The held-out prompts, sharded over ranks: their metrics (prefixed eval_) logged; a better eval_metric than
     best/'s exports best/ and resets early stopping's count, a worse one adds to it. True: early stopping says stop."""
@@ -349,7 +329,7 @@ def evaluate(run: Run, eval_prompts: list, step: int, state: dict, total: int) -
     run.engine.eval()
     mine = eval_prompts[run.rank::run.world]
     groups = score(rollout(run, mine, n, greedy=n == 1), mine, run.reward_fns, n)
-    rec = {"step": step, **rollout_metrics(groups, "eval_")}
+    rec = {"step": step, **scoring.group_metrics(groups, "eval_")}
     if run.rank == 0 and cfg.log_rollouts_interval:  # the page of this eval's rollouts
         report.write_groups(os.path.join(cfg.output_dir, "rollouts"), step, groups, None, cfg.log_rollouts_count,
                             "eval", run.metrics)
@@ -397,8 +377,11 @@ def main(cfg: Config):
     # prompts first: a run with nothing to train on stops here, before a model is loaded. The start model's
     # training record gives the budgets, tools and thinking the config leaves unset
     path = hub.resolve_checkpoint(cfg.model_path or hub.adapter_base(cfg.adapter))  # Hub ids: once per node
-    start_record = common.read_record(cfg.adapter or path)
-    from_record = common.apply_record(cfg, start_record, data.RECORDED)
+    start_record = hub.read_record(cfg.adapter or path)
+    from_record = hub.apply_record(cfg, start_record, data.RECORDED)
+    if cfg.use_vllm:  # vLLM installed, a shape it runs: said before any model loads (vllm_engine: only when asked)
+        import vllm_engine
+        vllm_engine.check(path, cfg.vllm_enable_sleep_mode)
     mcfg, tokenizer = ovis.read_config(path), ovis.load_tokenizer(path)
     registry = tools.load_tools(cfg.tools, cfg.bbox_format, cfg.identify_map or None)
     prompts = data.load_prompts(cfg.data_path.split(","), cfg.image_dir, cfg.bbox_format)
@@ -443,7 +426,7 @@ def main(cfg: Config):
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     dev = engine.device
     run = Run(cfg, rank, world, engine, model, policy, tokenizer, registry, reward_fns,
-              common.training_record(cfg, SCRIPT, data.RECORDED), log, common.Metrics(cfg, rank, "grpo"))
+              hub.training_record(cfg, SCRIPT, data.RECORDED), log, common.Metrics(cfg, rank, "grpo"))
     if cfg.use_vllm:  # this rank's engine, in process, from the start checkpoint; the trained weights follow
         run.vllm = vllm_engine.Engine(path, max_model_len=cfg.vllm_max_model_len, seed=cfg.seed + rank,
                                       max_images=9 + cfg.max_tool_calls, dtype="bfloat16" if cfg.bf16 else "float32",
@@ -452,9 +435,10 @@ def main(cfg: Config):
 
     # resume: engine state, step, prompt cursor, early-stopping and guard state, RNG; then the run is on record
     guard = common.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir,
-                            cfg.max_dead_steps, empty_why="had no learning signal: no group's rewards varied (every "
-                            "completion of a prompt scored the same; raise temperature or num_generations, turn on "
-                            "dynamic_sampling, check the rewards, or start from a model that solves some prompts)")
+                            cfg.max_dead_steps, total_steps=total, empty_why="had no learning signal: no group's "
+                            "rewards varied (every completion of a prompt scored the same; raise temperature or "
+                            "num_generations, turn on dynamic_sampling, check the rewards, or start from a model that "
+                            "solves some prompts)")
     state = {"best_eval": float("-inf"), "bad_evals": 0, "cursor": 0, "guard": {}, "low_tool": 0}  # cursor: draws
     step, state = common.resume(engine, cfg.resume, cfg.output_dir, state, log, strict=not cfg.lora)
     state["cursor"] = state["cursor"] or step  # a checkpoint older than the cursor: one draw per step
@@ -474,6 +458,7 @@ def main(cfg: Config):
         f"completions, {gas} micro-batches | rollouts on {'vLLM' if cfg.use_vllm else 'the model'} | attention "
         f"{ovis.attention_paths(cfg.attn_implementation, dtype=torch.bfloat16 if cfg.bf16 else None)}{recorded}")
 
+    # training loop: a held-out eval at step 0, then steps of five blocks (rollouts and scoring to the guard)
     stop = bool(eval_prompts and cfg.eval_interval and step == 0 and evaluate(run, eval_prompts, 0, state, total))
     while step < total and not stop:
         # 1. rollouts (the completions of a prompt share its prefill), 2. scoring; dynamic_sampling refills groups
@@ -548,15 +533,15 @@ def main(cfg: Config):
         dist.all_reduce(sums)
         dist.all_reduce(totals)
         n_tok = max(sums[2].item(), 1)
-        rec = {"step": step, "epoch": (state["cursor"] - 1) // steps_per_epoch, **rollout_metrics(groups),
+        rec = {"step": step, "epoch": (state["cursor"] - 1) // steps_per_epoch, **scoring.group_metrics(groups),
                "kept_frac": totals[0].item() / (totals[2].item() * G),
                "group_reward_std": totals[1].item() / totals[2].item(), "refill_rounds": rounds,
                "prompts_drawn": int(totals[3]), "kl": sums[1].item() / n_tok, "clip_frac": sums[0].item() / n_tok,
                "loss": sums[3].item() / cfg.num_iterations, "lr": sched.get_last_lr()[0],
                "grad_norm": grad_norm if grad_norm is not None else float(engine.get_global_grad_norm() or 0),
                "rollout_s": t_roll, "train_s": t_train,
-               **({"sync_s": run.sync_s, "vllm_logprob_gap": sums[4].item() * cfg.num_iterations / n_tok}
-                  if run.vllm is not None else {}),
+               **({"sync_s": run.sync_s, "vllm_logprob_gap": sums[4].item() * cfg.num_iterations / n_tok,
+                   "vllm_prefix_hit": run.vllm.prefix_hits()} if run.vllm is not None else {}),
                "rollout_tok_per_s": totals[4].item() / world / max(t_roll, 1e-9), "gen_tokens": int(totals[4]),
                "targets": int(totals[5])}  # targets: generated tokens of groups with a learning signal
         failure = guard.check(step, rec, engine.skipped_steps)  # "" = healthy; else never eval, save or export
@@ -578,8 +563,9 @@ def main(cfg: Config):
             stop = evaluate(run, eval_prompts, step, state, total)
         if step % cfg.save_interval == 0 or step == total or stop:
             state["guard"] = guard.state_dict()
-            guard.last_good = common.save_resumable(engine, cfg.output_dir, step, state, cfg.keep_last, rank,
-                                                    exclude_frozen=cfg.lora)
+            saved = common.save_resumable(engine, cfg.output_dir, step, state, cfg.keep_last, rank,
+                                          exclude_frozen=cfg.lora)
+            guard.last_good = guard.last_good if state["low_tool"] else saved  # not one from a collapse in progress
     if stop:
         log(f"early stopping at step {step}: no eval improvement in {state['bad_evals']} evals "
             f"(best {cfg.eval_metric} {state['best_eval']:.4f}, kept in {cfg.output_dir}/best)")

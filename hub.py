@@ -1,13 +1,15 @@
 """Checkpoints by path or Hugging Face Hub id ("AIDC-AI/Ovis2.5-9B", "org/name@revision": fetched once per node into
-the HF cache, safetensors and text files only), and peft LoRA adapters on them (the base an adapter records, its
-tensors checked against the base before peft loads it). Nothing Ovis-specific: model.py and the scripts build on it."""
+the HF cache, safetensors and text files only), peft LoRA adapters on them (the base an adapter records, its tensors
+checked against the base before peft loads it), and the training record an export carries (the budgets, tools and
+thinking it was trained with: the defaults of grpo.py and infer.py). Nothing Ovis-specific: model.py and the scripts
+build on it."""
 
 import os
 import re
 
 import torch
 
-from common import ConfigError, read_json
+from common import RECORD_FILE, ConfigError, read_json
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name or org/name@revision
 HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.py"]  # never pickled weights
@@ -85,13 +87,39 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str):
                 target, ab = name.split(".lora_")[0], name.split(".lora_")[1][0]
                 lin = modules.get(target)
                 if not isinstance(lin, torch.nn.Linear):
-                    raise ValueError(f"{path}: {key}: the base has no linear layer {target!r}")
+                    raise ConfigError(f"{path}: {key}: the base has no linear layer {target!r}")
                 want, got = (lin.in_features, shape[1]) if ab == "A" else (lin.out_features, shape[0])
             else:  # a modules_to_save tensor: a full copy of the base's
                 if name not in params:
-                    raise ValueError(f"{path}: {key}: the base has no parameter {name!r}")
+                    raise ConfigError(f"{path}: {key}: the base has no parameter {name!r}")
                 want, got = tuple(params[name].shape), shape
             if want != got:
-                raise ValueError(f"{path}: {key} has shape {shape}, which does not fit the base ({want} expected): "
+                raise ConfigError(f"{path}: {key} has shape {shape}, which does not fit the base ({want} expected): "
                                  "the adapter was trained on another model")
     return PeftModel.from_pretrained(model, adapter_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What an export records of its run (RECORD_FILE beside config.json; the official code never reads it)
+
+
+def read_record(checkpoint_dir: str) -> dict:
+    """The training record an export carries (RECORD_FILE: budgets, tools, thinking); {} for other checkpoints."""
+    path = os.path.join(checkpoint_dir, RECORD_FILE)
+    return read_json(path, "training record") if os.path.exists(path) else {}
+
+
+def training_record(cfg, script: str, keys: tuple[str, ...]) -> dict:
+    """What an export records of its run (RECORD_FILE): the script and the settings among `keys` the config has."""
+    return {"trained_by": script, **{k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}}
+
+
+def apply_record(cfg, record: dict, keys: tuple[str, ...]) -> list[str]:
+    """The start checkpoint's training record as defaults: each of `keys` the user did not set (in --config or as
+    --key=value; load_config notes which) takes the recorded value. Returns those names, for the `model:` line. A
+    Config built in Python (tests, the API) has no such note and is taken as it is."""
+    given = getattr(cfg, "given", None)
+    taken = [k for k in keys if given is not None and k not in given and k in record and hasattr(cfg, k)]
+    for k in taken:
+        setattr(cfg, k, record[k])
+    return taken

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import common
 import hub
 import model as ovis
 
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(merged.state_dict()) != keys:
         raise SystemExit(f"merge_lora: the merged key set differs from the base's: "
                          f"{sorted(set(merged.state_dict()) ^ keys)[:5]}")
-    merged.save_pretrained(a.out, dtype=DTYPES[a.dtype], source_dir=base, record=common.read_record(a.adapter))
+    merged.save_pretrained(a.out, dtype=DTYPES[a.dtype], source_dir=base, record=hub.read_record(a.adapter))
     print(f"wrote {a.out} ({a.dtype}, official layout, files copied from {base})")
     return 0
 

@@ -120,11 +120,12 @@ def parse_scorers(spec: str, key: str = "rewards") -> list[tuple[str, float, Cal
     for part in filter(None, (p.strip() for p in spec.split("|"))):
         name, _, w = part.partition(":")
         if "." not in name and name not in SCORERS:
-            raise ValueError(f"{key}: unknown scorer {name!r}; built-in: {', '.join(SCORERS)}, or a dotted path")
+            raise common.ConfigError(f"{key}: unknown scorer {name!r}; built-in: {', '.join(SCORERS)}, or a dotted "
+                                     "path")
         fn = common.import_object(name, key) if "." in name else SCORERS[name]
         out.append((name, float(w) if w else 1.0, fn))
     if not out:
-        raise ValueError(f"{key} is empty")
+        raise common.ConfigError(f"{key} is empty")
     return out
 
 
@@ -152,6 +153,28 @@ def summarize(totals: Counter) -> dict:
             "mean_generated_tokens": totals["gen_tokens"] / n,
             "finish": {k[7:]: v for k, v in sorted(totals.items()) if k.startswith("finish.")},
             "tools": {k[5:]: v for k, v in sorted(totals.items()) if k.startswith("tool.")}}
+
+
+def group_metrics(groups: list, prefix: str = "") -> dict:
+    """GRPO's scored groups ({sample, rolls, reward (G,), parts {name: (G,)}}) of every rank -> means of the reward
+    and each of its components, accuracy, format rate, tool rate, tool calls per rollout, valid-crop rate, mean crop
+    IoU, answer rate, response length (summarize's; None: nothing to measure). A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    local = Counter()
+    for g in groups:
+        for r in g["rolls"]:
+            local.update(trajectory_stats(r, g["sample"]))
+        local.update({"reward": float(g["reward"].sum())})
+        local.update({f"reward_{k}": float(v.sum()) for k, v in g["parts"].items()})
+    everyone, tot = [None] * dist.get_world_size(), Counter()
+    dist.all_gather_object(everyone, dict(local))  # summed over ranks, then divided: the means of the global batch
+    for x in everyone:
+        tot.update(x)
+    names = {"tool_calls_per_question": "tool_calls_per_rollout", "mean_generated_tokens": "response_len"}
+    rewards = {f"{prefix}{k}": tot[k] / max(tot["questions"], 1) for k in sorted(tot) if k.startswith("reward")}
+    rates = {prefix + names.get(k, k): v for k, v in summarize(tot).items() if isinstance(v, float | None)}
+    return {**rewards, **rates}
 
 
 def gold_problem(sample: dict, bbox_format: str = "pixel") -> tuple[str, str] | None:

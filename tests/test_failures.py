@@ -158,6 +158,15 @@ def test_run_guard_rules(tmp_path):
     g = common.RunGuard(max_skips=2, max_empty_frac=0.5, loss_scaled=False, output_dir=str(tmp_path))
     assert [g.check(s, {**ok, "targets": t}, 0) == "" for s, t in ((1, 0), (2, 5), (3, 5), (4, 0))] == [True] * 4
     assert "3 of 5 steps had no target token" in g.check(5, {**ok, "targets": 0}, 0)
+    g = common.RunGuard(2, 0.5, False, str(tmp_path), total_steps=1)  # a one-step run: its last step counts alone
+    assert "1 of 1 steps had no target token" in g.check(1, {**ok, "targets": 0}, 0)
+    g = common.RunGuard(2, 0.5, False, str(tmp_path), total_steps=4)  # (not before the last)
+    assert g.check(1, {**ok, "targets": 0}, 0) == "" and g.check(2, ok, 0) == ""
+    g = common.RunGuard(2, 1.0, False, str(tmp_path), max_dead=3)  # a streak goes on after a resume
+    assert g.check(1, {**ok, "grad_norm": 0.0}, 0) == "" == g.check(2, {**ok, "grad_norm": 0.0}, 0)
+    again = common.RunGuard(2, 1.0, False, str(tmp_path), max_dead=3)
+    again.load_state_dict(g.state_dict(), 0)
+    assert "gradient norm 0 on 3 steps in a row" in again.check(3, {**ok, "grad_norm": 0.0}, 0)
     assert common.metrics_line({"step": 1, "loss": float("nan"), "x": float("-inf"), "y": 2.0}) == \
         '{"step": 1, "loss": null, "x": null, "y": 2.0, "nonfinite": ["loss", "x"]}\n'
 
@@ -212,6 +221,10 @@ def test_grpo_without_reward_variance_stops(base, tmp_path):
                      r.stderr), r.stderr[-2000:]
     assert not (out / "final").exists() and "done:" not in r.stdout
     assert [x["targets"] for x in metrics(out)] == [0, 0] and all(x["kept_frac"] == 1.0 for x in metrics(out))
+    one = tmp_path / "one"  # a one-step run with no signal trained nothing either: never "done"
+    r = run_script("grpo.py", grpo_cfg(base, one, rewards="accuracy:1", max_steps=1), tmp_path)
+    assert r.returncode == 1 and "step 1: 1 of 1 steps had no learning signal" in r.stderr, r.stderr[-2000:]
+    assert not (one / "final").exists()
     ok = tmp_path / "even"  # the same run with a reward that varies ends done
     r = run_script("grpo.py", grpo_cfg(base, ok, rewards="tests.grpo_rewards.even_ids:1", max_steps=2), tmp_path)
     assert r.returncode == 0 and (ok / "final").exists(), r.stderr[-2000:]
@@ -316,6 +329,10 @@ def test_disk_full_during_a_checkpoint_names_it(base, small_data, tmp_path):
     already written stay whole, the half-written one is removed and `latest` names the last whole one."""
     mnt = tmp_path / "small"
     mnt.mkdir()
+    can = shutil.which("unshare") and subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs "
+                                                      f"{mnt}"], capture_output=True).returncode == 0
+    if not can:
+        pytest.skip("a private mount namespace with a tmpfs is not permitted here (root / CAP_SYS_ADMIN)")
     c = cfg_for(base, small_data, mnt / "run", lr=1e-3, max_steps=40, lora_r=4, save_interval=1, keep_last=0)
     cfg_path = tmp_path / "c.json"
     cfg_path.write_text(json.dumps({k: v for k, v in c.items() if k in lora.Config.__dataclass_fields__}))
@@ -336,6 +353,22 @@ def test_disk_full_during_a_checkpoint_names_it(base, small_data, tmp_path):
     kept = [x for x in (tmp_path / "ls.txt").read_text().split() if x.startswith("step")]
     assert kept == ["step0000001", "step0000002"] and (tmp_path / "latest.txt").read_text().strip() == kept[-1]
     assert len(set((tmp_path / "files.txt").read_text().split())) == 1  # every kept checkpoint has all its files
+
+
+def test_saving_names_a_full_disk_and_passes_other_errors(tmp_path):
+    """common.saving, around every write: ENOSPC / EDQUOT from any layer is "no space left on <path>" naming the last
+    resumable checkpoint; any other error goes through as it is (no root needed, unlike the tmpfs probe above)."""
+    import errno
+
+    common.LAST_SAVED["path"] = "ck/step0000003"
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        where = re.escape(str(tmp_path))
+        with pytest.raises(common.RunError, match=rf"no space left on {where} \(\d+\.\d MiB free\) while writing "
+                                                  rf"{where}/x/y/z\.pt\. .*last resumable checkpoint: ck/step\d+"):
+            with common.saving(str(tmp_path / "x" / "y" / "z.pt")):  # (the nearest dir that exists is named)
+                raise OSError(code, os.strerror(code))
+    with pytest.raises(KeyError), common.saving(str(tmp_path)):
+        raise KeyError("not a disk problem")
 
 
 def test_config_with_a_json_syntax_error_names_the_file(tmp_path):
@@ -380,6 +413,10 @@ def test_small_mends(base, small_data, tmp_path, tokenizer, capsys):
     with pytest.raises(SystemExit):
         infer.main(["--model", str(empty), "--prompt", "hi", "--tools", "Crop|nope.mod:Nope"])
     assert "infer.py: error: tools: cannot import 'nope.mod:Nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a missing --image: said before the (weightless) model would load
+        infer.main(["--model", str(empty), "--prompt", "hi", "--image", str(tmp_path / "gone.png")])
+    err = capsys.readouterr().err
+    assert "infer.py: error:" in err and "gone.png" in err and "Traceback" not in err, err
     out = tmp_path / "run"
     assert run_script("sft.py", cfg_for(base, small_data, out, max_steps=1), tmp_path).returncode == 0
     recorded = (out / "config.json").read_text()

@@ -378,10 +378,14 @@ def test_a_crop_too_thin_to_show_is_an_error_result(tool_ckpt, tokenizer):
     assert "<tool_response>Error: the 316x32 crop is too thin" in r.text and r.crops == []
 
 
-def test_rollout_pages_tool_health_and_the_collapse_guard(tool_ckpt, tmp_path):
-    """Rollout pages every log_rollouts_interval steps (rows re-read: their rewards are what the scorers give the
-    logged trajectory); tool-use health in every step line; a reward that pays for not calling drives the tool rate
-    down and the guard says so (warn) or stops the run (stop), naming the last good checkpoint."""
+def test_rollout_pages_tool_health_and_the_collapse_guard(tool_ckpt, tmp_path, capsys):
+    """Rollout pages every log_rollouts_interval steps: the rows re-read are the rollouts that trained (every one of
+    the step: rewards = the scorers' on the logged trajectory, advantages = the group's, means = the step's metrics),
+    and headless Chromium shows the page with the gold box drawn where it belongs; tool-use health in every step line
+    and metrics.jsonl; the guard stays quiet on a healthy run; a reward that pays for not calling drives the tool rate
+    down and the guard warns every such step (warn) or stops the run (stop), naming the last good checkpoint."""
+    from test_report import GOLD, near, on_screen, screenshot
+
     import report
 
     base_cfg = {"model_path": tool_ckpt, "data_path": str(DEMO / "grpo.json"), "image_dir": str(DEMO),
@@ -389,25 +393,50 @@ def test_rollout_pages_tool_health_and_the_collapse_guard(tool_ckpt, tmp_path):
                 "num_generations": 4, "micro_batch_size": 8, "max_new_tokens": 60, "single_image_min_pixels": 4096,
                 "single_image_max_pixels": 8192, "crop_min_pixels": 4096, "crop_max_pixels": 8192, "bf16": False,
                 "gradient_checkpointing": False, "lr": 3e-3, "temperature": 1.0, "save_interval": 1,
-                "log_rollouts_interval": 1, "log_rollouts_count": 3, "max_empty_step_frac": 1.0}
+                "log_rollouts_interval": 1, "log_rollouts_count": 8, "max_empty_step_frac": 1.0}
     out = tmp_path / "pages"
-    grpo.main(grpo.Config(**base_cfg, output_dir=str(out), max_steps=2, rewards="format:0.5|iou:1"))
+    grpo.main(grpo.Config(**base_cfg, output_dir=str(out), max_steps=2, rewards="format:0.5|iou:1",
+                          min_tool_rate=0.25, tool_collapse_patience=1, on_tool_collapse="stop"))  # (quiet: done)
     rec = metrics(out)
-    assert all({"tool_rate", "answer_rate", "tool_calls_per_rollout", "valid_crop_rate", "response_len"} <= set(r)
-               for r in rec) and rec[0]["tool_rate"] > 0.5
-    rows = report.read_rows(out / "rollouts" / "step_2.jsonl")
-    assert len(rows) == 3 and (out / "rollouts" / "index.html").exists()
+    health = ("tool_rate", "answer_rate", "tool_calls_per_rollout", "valid_crop_rate", "response_len")
+    assert all(set(health) <= set(r) for r in rec) and rec[0]["tool_rate"] > 0.5 and (out / "final").exists()
+    said = capsys.readouterr().out
+    lines = [x for x in said.splitlines() if x.startswith("step ")]
+    assert len(lines) == 2 and all(f"| {k} " in x for x in lines for k in health) and "WARNING" not in said
     prompts = {p["id"]: p for p in data.load_prompts([str(DEMO / "grpo.json")], str(DEMO), "pixel")}
-    for row in rows:  # the logged rewards are the scorers' on the logged trajectory
-        r = tools.Rollout(text=row["text"], tool_calls=row["tool_calls"], image_size=tuple(row["image_size"]),
-                          bbox_format=row["bbox_format"], thinking_on=True, n_generated=row["length"],
-                          model_text=row["text"].replace("<image>", ""))
-        r.thinking, r.answer = tools.split_output(r.text)
-        assert r.answer == row["answer"] and row["gold_bbox"] == prompts[row["id"]]["bbox"]
-        assert row["rewards"]["iou"] == pytest.approx(scoring.score_iou(r, prompts[row["id"]]))
-        assert len(row["crops"]) == sum(c["ok"] for c in row["tool_calls"] if c["name"] == "Crop")
+    for step, m in enumerate(rec, 1):
+        rows = report.read_rows(out / "rollouts" / f"step_{step}.jsonl")
+        assert len(rows) == 8 and len({x["id"] for x in rows}) == 2  # every rollout of the step: 2 prompts x 4
+        for row in rows:  # the logged rewards are the scorers' on the logged trajectory
+            r = tools.Rollout(text=row["text"], tool_calls=row["tool_calls"], image_size=tuple(row["image_size"]),
+                              bbox_format=row["bbox_format"], thinking_on=True, n_generated=row["length"],
+                              model_text=row["text"].replace("<image>", ""))
+            r.thinking, r.answer = tools.split_output(r.text)
+            assert r.answer == row["answer"] and row["gold_bbox"] == prompts[row["id"]]["bbox"]
+            assert row["rewards"]["iou"] == pytest.approx(scoring.score_iou(r, prompts[row["id"]]))
+            assert row["reward"] == pytest.approx(0.5 * row["rewards"]["format"] + row["rewards"]["iou"])
+            assert len(row["crops"]) == sum(c["ok"] for c in row["tool_calls"] if c["name"] == "Crop")
+        for pid in {x["id"] for x in rows}:  # the advantages are the group's, as the loss used them
+            group = [x for x in rows if x["id"] == pid]
+            want = grpo.group_advantages(torch.tensor([[x["reward"] for x in group]]), True)[0]
+            assert [x["advantage"] for x in group] == pytest.approx(want.tolist(), abs=1e-5)
+        n = len(rows)  # the step's metrics are means over the same rollouts
+        assert m["reward"] == pytest.approx(sum(x["reward"] for x in rows) / n)
+        assert m["tool_calls_per_rollout"] == pytest.approx(sum(len(x["tool_calls"]) for x in rows) / n)
+        assert m["response_len"] == pytest.approx(sum(x["length"] for x in rows) / n)
+    first = report.read_rows(out / "rollouts" / "step_2.jsonl")[0]  # the page: newest step first, its first row
+    shot = screenshot(out / "rollouts" / "index.html")
+    x1, y1, x2, y2 = first["gold_bbox"]
+    for x, y in (((x1 + x2) / 2, y1), ((x1 + x2) / 2, y2), (x1, (y1 + y2) / 2), (x2, (y1 + y2) / 2)):
+        assert near(shot, on_screen(x, y, first["image_size"]), GOLD), (first["gold_bbox"], x, y)
     collapse = {**base_cfg, "rewards": "tests.grpo_rewards.no_tools:1", "lr": 2e-2, "min_tool_rate": 0.5,
                 "tool_collapse_patience": 2, "max_steps": 8, "log_rollouts_interval": 0}
+    grpo.main(grpo.Config(**collapse, output_dir=str(tmp_path / "warn")))  # warn (the default): loud, and done
+    low = [r["tool_rate"] < 0.5 for r in metrics(tmp_path / "warn")]
+    warned = [x for x in capsys.readouterr().out.splitlines() if x.startswith("WARNING step")]
+    streaks = [k for k in range(1, len(low)) if low[k] and low[k - 1]]  # steps ending 2 low steps in a row
+    assert streaks and len(warned) == len(streaks) and "tool use collapsed" in warned[0]
+    assert (tmp_path / "warn" / "final").exists()
     with pytest.raises(common.RunError, match=r"step \d+: tool use collapsed: \d+% of the rollouts call a tool "
                                             r"\(min_tool_rate 0\.5\) for 2 steps in a row; see .*rollouts\. Stopped "
                                             r"without writing final/\. Last good checkpoint: .*step\d{7}"):

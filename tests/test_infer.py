@@ -253,3 +253,29 @@ def test_sampling_is_seeded_and_masks_match(trained, tokenizer):
     for r in a:
         assert len(r.token_ids) == len(r.gen_mask) and sum(r.gen_mask) == r.n_generated
         assert r.gen_mask[:r.prompt_len] == [0] * r.prompt_len and r.finish in ("eos", "length")
+
+
+def test_one_name_per_budget_setting_in_every_stage_and_flag():
+    """The pixel / frame budgets are spelled alike in sft / lora / grpo configs and, in kebab case, as infer.py flags
+    (the old --min-pixels / --max-pixels stay as aliases); the length settings, training's, are no infer flags; a
+    config class without a budget field is refused by name (never a silent default)."""
+    import common
+    import grpo
+    import lora
+    import sft
+
+    for cls in (sft.Config, lora.Config, grpo.Config):
+        assert set(data.IMAGE_BUDGETS) <= set(cls.__dataclass_fields__), cls
+    assert set(data.RECORDED) - {"video_min_pixels", "video_max_pixels", "min_frames", "max_frames"} <= set(
+        grpo.Config.__dataclass_fields__)
+    flags = {o: a.dest for a in infer.arguments()._actions for o in a.option_strings}
+    for name in data.RECORDED:
+        assert flags["--" + name.replace("_", "-")] == name
+    assert flags["--min-pixels"] == "single_image_min_pixels" and flags["--think"] == "enable_thinking"
+    assert not {"--max-length", "--text-max-length", "--overlong"} & set(flags)
+
+    class Partial:  # a stage config whose budget field was renamed
+        single_image_min_pixels = 1
+
+    with pytest.raises(common.ConfigError, match=r"Partial lacks the budget setting\(s\) \['single_image_max_pixels'"):
+        data.Budgets.of(Partial(), data.IMAGE_BUDGETS)

