@@ -233,12 +233,13 @@ def test_shipped_configs_parse():
         assert not {"optimizer", "scheduler", "train_batch_size"} & set(json.loads(f.read_text())), f
 
 
-def test_every_stage_takes_the_same_zero_config_options(base, small_data, tmp_path):
+def test_every_stage_takes_the_same_zero_config_options(base, small_data, tmp_path, monkeypatch):
     """One plumbing (common.py) in sft / lora / grpo: a ZeRO-3 offload config that opts out of DeepSpeed's CPU Adam
-    (`zero_force_ds_cpu_optimizer: false`, never compiled by this suite) runs in all three; the optimizer choice
-    is common.optimizer's."""
+    (`zero_force_ds_cpu_optimizer: false`, never compiled by this suite) runs in all three, each stage's optimizer
+    built by common.optimizer (watched: the real function, its results kept) as torch's AdamW."""
     import grpo
     import lora
+
 
     z = json.loads((ROOT / "zero_configs" / "zero3_offload.json").read_text())
     (tmp_path / "off.json").write_text(json.dumps({**z, "zero_force_ds_cpu_optimizer": False}))
@@ -246,6 +247,8 @@ def test_every_stage_takes_the_same_zero_config_options(base, small_data, tmp_pa
     p = [torch.nn.Parameter(torch.zeros(2, 2))]
     opt = common.optimizer([{"params": p}], {**z, "zero_force_ds_cpu_optimizer": False}, 1e-3, (0.9, 0.99))
     assert type(opt) is torch.optim.AdamW
+    made, real = [], common.optimizer
+    monkeypatch.setattr(common, "optimizer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     for mod, extra in ((sft, {}), (lora, {"lora_r": 4})):
         c = cfg_for(base, small_data, tmp_path / mod.__name__, max_steps=1, zero_config=zc, **extra)
         mod.main(mod.Config(**{k: v for k, v in c.items() if k in mod.Config.__dataclass_fields__}))
@@ -257,6 +260,7 @@ def test_every_stage_takes_the_same_zero_config_options(base, small_data, tmp_pa
          "max_steps": 1, "lr": 1e-2}
     grpo.main(grpo.Config(**g))
     assert metrics(tmp_path / "grpo")[0]["grad_norm"] > 0
+    assert [type(o) for o in made] == [torch.optim.AdamW] * 3  # sft, lora, grpo: the opt-out honoured by each
 
 
 def test_an_exports_training_record_reaches_infer_and_grpo(base, small_data, tmp_path, capsys):
