@@ -6,6 +6,7 @@
     python bench.py lora    # LoRA vs full SFT: trainable params, optimizer-state bytes, step time (+ exact 9B counts)
     python bench.py grpo    # GRPO rollouts: shared vs per-completion prompt; demo steps; model path vs vLLM
     python bench.py serve   # infer.py --serve: N concurrent clients x M requests vs one by one (--use-vllm)
+    python bench.py picture # infer.py --bench: peak memory of one HR-Bench 8K picture (7680x4320) on its way in
     python bench.py gpu     # on a GPU: varlen vs SDPA vs eager, SFT MFU at 8k/16k rows, LoRA, generation, GRPO
 
 Figures are ratios measured on this machine (CPU by default, CUDA when available); absolute numbers depend on it.
@@ -13,6 +14,7 @@ Figures are ratios measured on this machine (CPU by default, CUDA when available
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -310,10 +312,12 @@ def bench_vllm(group: int = 16, new_tokens: int = 64, ckpt: str = "") -> dict:
     return res
 
 
-def bench_serve(clients: int = 8, per_client: int = 4, max_tokens: int = 64, extra: tuple = ()) -> dict:
+def bench_serve(clients: int = 8, per_client: int = 4, max_tokens: int = 64, extra: tuple = (),
+                model: str | None = None) -> dict:
     """infer.py --serve as an app meets it: `clients` concurrent clients x `per_client` requests (a demo image and
-    question, tools on, greedy) against the same requests one by one: requests/s and p50 / p95 latency each. The SFT
-    demo's model when it is there, else a random tiny one. extra: more infer.py flags (--use-vllm)."""
+    question, tools and thinking on, greedy) against the same requests one by one: requests/s and p50 / p95 latency
+    each, and the largest batch the server formed. `model` (default: the SFT demo's when it is there, else a random
+    tiny one). extra: more infer.py flags (--use-vllm)."""
     import socket
     import tempfile
     import threading
@@ -322,8 +326,8 @@ def bench_serve(clients: int = 8, per_client: int = 4, max_tokens: int = 64, ext
     import openai
 
     root = os.path.dirname(os.path.abspath(__file__))
-    ckpt = os.path.join(root, "out", "demo_sft", "final")
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
+    ckpt = model or os.path.join(root, "out", "demo_sft", "final")
+    if model is None and not os.path.exists(os.path.join(ckpt, "config.json")):
         ckpt = os.path.join(tempfile.mkdtemp(prefix="bench_serve_"), "tiny")
         M.Ovis25.from_config(json.load(open(os.path.join(root, "assets", "tiny", "config.json")))).save_pretrained(
             ckpt, source_dir=os.path.join(root, "assets", "tiny"))
@@ -331,7 +335,8 @@ def bench_serve(clients: int = 8, per_client: int = 4, max_tokens: int = 64, ext
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "infer.py", "--model", ckpt, "--serve", "--port", str(port), "--tools",
-                             "--image-root", os.path.join(root, "data", "demo"), "--batch-size", str(clients),
+                             "--enable-thinking", "--image-root", os.path.join(root, "data", "demo"),
+                             "--batch-size", str(clients),
                              "--single-image-min-pixels", "4096", "--single-image-max-pixels", "20480",
                              "--crop-min-pixels", "4096", "--crop-max-pixels", "8192", *extra], cwd=root,
                             env={**os.environ, "DS_ACCELERATOR": "cpu"}, stdout=subprocess.DEVNULL,
@@ -343,15 +348,17 @@ def bench_serve(clients: int = 8, per_client: int = 4, max_tokens: int = 64, ext
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the server exited ({proc.returncode}): run it by hand to see why") from None
                 time.sleep(0.25)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        name = os.path.basename(ckpt.rstrip("/"))  # the server's default --served-model-name
 
         def ask(k: int) -> float:
             t = time.perf_counter()
             image = {"type": "image_url", "image_url": {"url": f"images/syn_{k % 8:03d}.png"}}
-            client.chat.completions.create(model=os.path.basename(ckpt), temperature=0, max_tokens=max_tokens,
-                                           messages=[{"role": "user", "content": [
-                                               image, {"type": "text", "text": "What color is the small square?"}]}])
+            client.chat.completions.create(model=name, temperature=0, max_tokens=max_tokens, messages=[
+                {"role": "user", "content": [image, {"type": "text", "text": "What color is the small square?"}]}])
             return time.perf_counter() - t
 
         ask(0)  # warm-up
@@ -372,17 +379,19 @@ def bench_serve(clients: int = 8, per_client: int = 4, max_tokens: int = 64, ext
         for t in threads:
             t.join()
         t_together = time.perf_counter() - t0
+        largest = httpx.get(url + "/health", timeout=10).json()["largest_batch"]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
     res = {"requests": n, "alone_req_per_s": n / t_alone, "concurrent_req_per_s": n / t_together,
            "throughput_ratio": t_alone / t_together, "alone_p50_s": q(alone, 0.5), "alone_p95_s": q(alone, 0.95),
-           "concurrent_p50_s": q(together, 0.5), "concurrent_p95_s": q(together, 0.95)}
+           "concurrent_p50_s": q(together, 0.5), "concurrent_p95_s": q(together, 0.95), "largest_batch": largest}
     print(f"serve ({'vLLM' if extra else 'model path'}, {ckpt}): {clients} clients x {per_client} requests: "
           f"{res['concurrent_req_per_s']:.2f} req/s vs {res['alone_req_per_s']:.2f} one by one "
           f"({res['throughput_ratio']:.2f}x); latency p50 / p95 {res['concurrent_p50_s']:.2f} / "
-          f"{res['concurrent_p95_s']:.2f} s vs {res['alone_p50_s']:.2f} / {res['alone_p95_s']:.2f} s")
+          f"{res['concurrent_p95_s']:.2f} s vs {res['alone_p50_s']:.2f} / {res['alone_p95_s']:.2f} s; batches of "
+          f"up to {largest}")
     return res
 
 
@@ -444,6 +453,53 @@ def bench_infer(turn_tokens: int = 32, n_calls: int = 3, side: int = 1792, crop:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def _picture_child(tsv: str):
+    """Runs in a fresh process: the RSS growth of one picture on infer.py --bench's path at the default budgets:
+    the TSV row decoded into the cache (evalsets.load), the picture opened (infer._request), then resized and cut into
+    patches for the first pass (model.build_inputs). Peaks: the kernel's high-water mark, reset at the start (what
+    imports left behind does not count); `held`: what stays while the question is answered (the crops' original)."""
+    import data
+    import evalsets
+    import infer
+
+    tok = M.load_tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny"))
+    mib = lambda key: int(re.search(rf"{key}:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024  # noqa: E731
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    base, out = mib("VmRSS"), {}
+    req = evalsets.load("hrbench8k", tsv, cache_dir=os.path.dirname(tsv))[0][0]
+    out["load_peak"] = mib("VmHWM") - base
+    msgs, images, _ = infer._request(req, ".", data.Budgets())
+    out["decode_peak"] = mib("VmHWM") - base
+    inputs = M.build_inputs(msgs, tok, False, True, *data.Budgets().originals(1, False))
+    out.update(total_peak=mib("VmHWM") - base, held=mib("VmRSS") - base, size=images[0].size,
+               grid=inputs["grid_thws"][0].tolist())
+    print(json.dumps(out))
+
+
+def bench_picture(width: int = 7680, height: int = 4320):
+    """A photo-like JPEG of HR-Bench 8K's size in a one-row HR-Bench TSV, measured by _picture_child (MiB)."""
+    import base64
+    import io
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        small = Image.fromarray((torch.rand(height // 32, width // 32, 3) * 255).byte().numpy())
+        buf = io.BytesIO()
+        small.resize((width, height), Image.BICUBIC).save(buf, "JPEG", quality=90)
+        with open(os.path.join(d, "hr_bench_8k.tsv"), "w") as f:
+            f.write("index\tquestion\tanswer\tcategory\tA\tB\tC\tD\tcycle_category\timage\n"
+                    f"0\tWhat?\tA\tsingle\ta\tb\tc\td\tc0\t{base64.b64encode(buf.getvalue()).decode()}\n")
+        out = subprocess.run([sys.executable, __file__, "_picture_child", f.name], capture_output=True, text=True,
+                             check=True)
+    res = {**json.loads(out.stdout.strip().splitlines()[-1]), "jpeg_mib": len(buf.getvalue()) / 2**20}
+    print(f"picture {res['size']} (JPEG {res['jpeg_mib']:.1f} MiB) on --bench's path, default budgets (grid "
+          f"{res['grid']}): peak RSS growth {res['load_peak']:.0f} MiB loading the TSV row, {res['decode_peak']:.0f} "
+          f"MiB decoding, {res['total_peak']:.0f} MiB with the first pass's resize; {res['held']:.0f} MiB held")
+    return res
+
+
 # python bench.py gpu: one command for a GPU machine (python bench.py gpu --smoke: the same parts, tiny, on a CPU)
 
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12}  # dense bf16 FLOP/s, datasheets
@@ -564,7 +620,7 @@ def bench_gpu(smoke: bool = False) -> dict:
                               position_ids=mb["position_ids"]).logits.float()
             _set_attention(m, "varlen")
             n = first_len(mb["position_ids"][0])  # the first sample of row 0, alone
-            n_pix = int(M.num_visual_tokens(mb["grid_thws"][0]) * 4)
+            n_pix = int(mb["grid_thws"][0].prod())  # the first image's patches (t * h * w)
             alone = m(mb["input_ids"][:1, :n], pixel_values=mb["pixel_values"][:n_pix],
                       grid_thws=mb["grid_thws"][:1]).logits.float()[0]
         d = {f"varlen_vs_{o}": {"max_abs_diff": (res["varlen"] - res[o]).abs().max().item(), "argmax_agree":
@@ -621,7 +677,7 @@ def bench_gpu(smoke: bool = False) -> dict:
         res = {}
         mb = cuda(_rows(1, 512, 2, max_sample=512))
         first = first_len(mb["position_ids"][0])
-        n_pix = int(M.num_visual_tokens(mb["grid_thws"][0]) * 4)
+        n_pix = int(mb["grid_thws"][0].prod())  # the first image's patches (t * h * w)
         for b in (1, 16):
             ids = mb["input_ids"][:, :first].expand(b, -1)
             with torch.no_grad():
@@ -665,8 +721,9 @@ def bench_gpu(smoke: bool = False) -> dict:
 
     def vllm_rollouts():
         """The same kind of rollouts (8 completions of one image prompt, tools on, 16 prompts) on the model path and
-        on vLLM over an export of the same weights: generated tokens/s each (target: vLLM >= 3x) and whether
-        greedy rollouts agree token for token (bf16: the first tokens; long runs drift apart in rounding)."""
+        on vLLM over an export of the same weights: generated tokens/s each (target: vLLM >= 3x), and how many
+        leading tokens of a greedy rollout agree (bf16: long runs drift apart in rounding; fp32 on CPU: all, as
+        tests/test_vllm.py asserts)."""
         import tempfile
 
         import vllm_engine
@@ -694,6 +751,13 @@ def bench_gpu(smoke: bool = False) -> dict:
                 rolls = fn()
             res[f"{name}_tokens_per_s"] = sum(r.n_generated for r in rolls) / (time.perf_counter() - t0)
         res["ratio"] = res["vllm_tokens_per_s"] / res["model_tokens_per_s"]
+        greedy = dict(images=[[img]], keys=[["img"]], registry=reg, max_new_tokens=64)
+        with torch.no_grad():
+            ours = tools.run_tool_loop(m, tok, [cuda(inp)], **greedy)[0]
+        theirs = eng.run_tool_loop(tok, [inp], **greedy)[0]
+        sampled = [[t for t, g in zip(r.token_ids, r.gen_mask) if g] for r in (ours, theirs)]
+        same = [a == b for a, b in zip(*sampled)] + [False]
+        res["greedy_tokens_agreeing"] = f"{same.index(False)} of {max(map(len, sampled))}"
         return res
 
     for key, fn in (("a_logits", logits_agree), ("b_sft", sft_steps), ("c_lora", lora_step),
@@ -728,7 +792,13 @@ if __name__ == "__main__":
     elif what == "gpu":
         bench_gpu(smoke="--smoke" in sys.argv)
     elif what == "serve":
-        bench_serve(extra=("--use-vllm",) if "--use-vllm" in sys.argv else ())
+        opt = lambda name, default: sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default  # noqa: E731
+        bench_serve(int(opt("--clients", 8)), int(opt("--requests", 4)), extra=("--use-vllm",) if "--use-vllm" in
+                    sys.argv else (), model=opt("--model", None))
+    elif what == "_picture_child":
+        _picture_child(sys.argv[2])
+    elif what == "picture":
+        bench_picture()
     elif what == "infer":
         torch.set_num_threads(os.cpu_count() or 1)
         bench_infer(*map(int, sys.argv[2:]))

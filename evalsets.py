@@ -1,51 +1,37 @@
 """Benchmarks evaluated the way their papers do it: V* Bench, HR-Bench 4K / 8K and MME-RealWorld (full and Lite), read
 in the layout the Hugging Face Hub publishes them in, prompted and scored as their own evaluation code does, and
-summarised with the breakdown the papers report plus the tool-use figures of a run. Only the standard library: the
-model never comes in here.
-
-How infer.py uses it (`--bench NAME --data PATH --output out.jsonl`; `--compare a.summary.json b.summary.json`):
-    requests, errors = evalsets.load(name, path)   # errors: {"id", "error", "file", "row", "field", "bench"} records
-    write the error records whose id is not in --output yet; answer the requests as usual (tools, thinking, budgets,
-    batches, resume by id); each record = infer.record(req, rollout) + {"bench": req["bench"], "seconds": the batch's
-    wall time / its size}, and an error record of infer's own gets "bench" too;
-    evalsets.score_record(req, rollout) -> {"choice", "correct", "unparsed"} (for a log line or the record);
-    summary = evalsets.summarize(every record in --output)   # recomputed from the whole file: resume-safe
-    print(evalsets.table(summary)), written to <output>.summary.json; evalsets.compare(paths) -> a markdown table.
+summarised with the breakdown the papers report plus the run's tool use; standard library only. infer.py --bench NAME
+--data PATH --output runs/x.jsonl: locate() before the model loads, load() -> requests and error records {"id",
+"error", "file", "row", "field", "bench"}; a record gets its request's "bench" and "seconds"; summarize(all records of
+the output: resume-safe) is printed as table() and written to runs/x.summary.json; --compare: compare(paths).
 
 What is published, and how it is scored (in our words; the files named were read for it):
 * V* Bench, hub craigwu/vstar_bench: folders direct_attributes/ (115 questions) and relative_position/ (76), each
-  picture `x.jpg` beside `x.json` {"target_object", "bbox": [[x, y, w, h]], "question", "options"} whose options[0]
-  is the right one (penghao-wu/vstar vstar_bench_eval.py scores `chosen == 0`; its overall is the mean over all 191;
-  counts: the inspect_evals V*Bench page). Later the hub added test_questions.jsonl: {"question_id", "image":
-  "direct_attributes/x.jpg", "text": question, "(A) ..." lines and "Answer with the option's letter from the given
-  choices directly.", "category", "label": letter}, the options in a fixed shuffled order (lmms-eval
-  tasks/vstar_bench, which scores letters per category and over all). We use test_questions.jsonl when it is there;
-  from the json folders (as DeepEyes eval/eval_vstar.py does, which shuffles unseeded) the options are shuffled with
-  the question's name as seed, so that a resumed run asks the same prompt. Prompt: the test_questions.jsonl form.
+  picture `x.jpg` beside `x.json` {"target_object", "bbox": [[x, y, w, h]], "question", "options"}, options[0] the
+  right one (penghao-wu/vstar vstar_bench_eval.py scores `chosen == 0`, overall over all 191; counts: inspect_evals'
+  V*Bench page). Later the hub added test_questions.jsonl {"question_id", "image": "direct_attributes/x.jpg", "text":
+  question, "(A) ..." lines and "Answer with the option's letter from the given choices directly.", "category",
+  "label"}, options in a fixed shuffled order (lmms-eval tasks/vstar_bench: letters per category and overall). It is
+  read when there, and its form is the prompt; from the folders (as DeepEyes eval/eval_vstar.py, unseeded) the
+  options are shuffled seeded by the question's name: a resumed run asks the same.
 * HR-Bench, hub DreamMr/HR-Bench: hr_bench_4k.tsv / hr_bench_8k.tsv (and .parquet), 800 rows each: 200 questions (100
-  FSP, 100 FCP, the repo README) x 4 rotations of the options (`cycle_category`). Columns index, question, answer (a
-  letter), category ("single" = FSP, "cross" = FCP: DeepEyes eval/judge_result_hrbench.py), A, B, C, D,
-  cycle_category, image (base64; the columns as in the ohjoonhee/HR-Bench mirror's card). Prompt: VLMEvalKit's
-  multiple-choice prompt, which the authors' fork keeps (DreamMr/HR-Bench hrbench/vlmeval/dataset/image_mcq.py).
-  Score (HRBenchDataset.evaluate there): accuracy per cycle_category, then the mean over the cycles, for FSP, FCP and
-  all. Their judge is an LLM; we match by rule (extract_choice), as lmms-eval's hrbench_evals.py does first.
-* MME-RealWorld, hub yifanzhang114/MME-RealWorld: MME_RealWorld.json (a JSON list) and image archives unpacked into
-  the same folder ("Image" is relative to it); Lite, yifanzhang114/MME-RealWorld-Lite: data.zip -> data/
-  MME-RealWorld-Lite.json + data/imgs/<file name>. Items {"Question_id", "Image", "Text", "Answer choices": ["(A)
-  ...", ..., "(E) ..."], "Ground truth": letter, "Task": Perception | Reasoning, "Subtask": one of five domains,
-  "Category"} (yfzhang114/MME-RealWorld evaluation/output_test_template.json). Prompt: that repo's README (also
-  lmms-eval tasks/mme_realworld). Score (evaluation/eval_your_results.py): accuracy over the questions of each Task,
-  Task/Subtask and category (categories naming "attribute" merged as "<x>/attribute"); overall over all questions.
+  FSP, 100 FCP: the README) x 4 option rotations (`cycle_category`). Columns index, question, answer (a letter),
+  category ("single" = FSP, "cross" = FCP: DeepEyes eval/judge_result_hrbench.py), A-D, cycle_category, image (base64,
+  the ohjoonhee/HR-Bench mirror's card; or, at most 64 characters, the index of the row whose picture it shares: how
+  VLMEvalKit's ImageBaseDataset reads TSVs). Prompt: VLMEvalKit's multiple-choice one, kept by the authors' fork
+  (DreamMr/HR-Bench hrbench/vlmeval/dataset/image_mcq.py). Score (HRBenchDataset.evaluate there): accuracy per cycle,
+  averaged over cycles, for FSP, FCP and all; their LLM judge is our rule (extract_choice), as lmms-eval's
+  hrbench_evals.py tries first. An 8K row holds ~6 MB of base64: load() streams the file and writes each picture once
+  to `cache_dir` (default ~/.cache/ovis-tune/bench/<file>-<size>/; infer.py: bench_images/ beside the output).
+* MME-RealWorld, hub yifanzhang114/MME-RealWorld: MME_RealWorld.json (a JSON list) + the image archives unpacked
+  beside it ("Image" relative to it); Lite (yifanzhang114/MME-RealWorld-Lite): data.zip -> data/MME-RealWorld-Lite.json
+  + data/imgs/<file name>. Items {"Question_id", "Image", "Text", "Answer choices": ["(A) ...", ..., "(E) ..."],
+  "Ground truth": letter, "Task": Perception | Reasoning, "Subtask" (five domains), "Category"} (yfzhang114/
+  MME-RealWorld evaluation/output_test_template.json). Prompt: that repo's README (also lmms-eval tasks/mme_realworld).
+  Score (evaluation/eval_your_results.py): accuracy per Task, Task/Subtask, category ("attribute" ones merged), overall.
 Answers: the official scripts differ (V*: option likelihood; MME: the first capital A-E; HR-Bench: an LLM judge); one
 rule set serves all three (extract_choice), stricter than theirs on ambiguity: two letters or none is `unparsed`,
-counted wrong. Error records (an unreadable row, a missing picture, a failed answer) are counted under `errors` and
-stay out of the accuracies.
-
-Large pictures: an HR-Bench TSV row holds a whole picture in base64 (about 6 MB for 8K), so load() streams the file
-and writes each picture once, as its original encoded bytes, to a cache folder (`cache_dir`, default
-~/.cache/ovis-tune/bench/<file>-<size>/); a request names the file. infer.py then decodes it once per request: a
-7680x4320 picture is 7680 * 4320 * 3 B = 95 MiB of RGB, kept at full resolution for the crops, plus the first pass's
-copy resized to max_pixels (1792^2 * 3 B = 9.2 MiB at the default budget) and its patches.
+counted wrong. Error records (an unreadable row, a missing picture, a failed answer) count as `errors` only.
 """
 
 import base64
@@ -68,22 +54,23 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 VSTAR_CATEGORIES = {"direct_attributes": "attributes", "relative_position": "spatial"}
 VSTAR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-HR_FILES = {"hrbench4k": "hr_bench_4k", "hrbench8k": "hr_bench_8k"}
+FILES = {"vstar": ["test_questions.jsonl"], "hrbench4k": ["hr_bench_4k.tsv", "hr_bench_4k.parquet"],
+         "hrbench8k": ["hr_bench_8k.tsv", "hr_bench_8k.parquet"],
+         "mmerw": ["MME_RealWorld.json", "data/MME_RealWorld.json"],
+         "mmerw_lite": ["MME-RealWorld-Lite.json", "data/MME-RealWorld-Lite.json"]}  # in a folder: the first there
 HR_CATEGORIES = {"single": "FSP", "cross": "FCP"}
 HR_INSTRUCTION = "Please select the correct answer from the options above. \n"  # trailing space: VLMEvalKit's
-MME_FILES = {"mmerw": "MME_RealWorld.json", "mmerw_lite": "MME-RealWorld-Lite.json"}
 MME_INSTRUCTION = ("Select the best answer to the above multiple-choice question based on the image. Respond with only "
                    "the letter (A, B, C, D, or E) of the correct option.\nThe best answer is:")
 OPTION_LINE = re.compile(r"\(([A-Z])\)\s*(.*\S)", re.DOTALL)  # "(A) rubber"
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is no UTF-8
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: (requests, error records) from the files as downloaded
 
-
 class _Bad(ValueError):
     """A row that cannot be asked: `field` names what is wrong with it."""
-
     def __init__(self, field: str, why: str):
         super().__init__(why)
         self.field = field
@@ -98,27 +85,43 @@ def _present(v) -> bool:
     return v is not None and str(v).strip() != ""
 
 
-def load(name: str, path, *, image_root=None, cache_dir=None) -> tuple[list[dict], list[dict]]:
-    """A benchmark as downloaded from the Hub (its folder, or its question / TSV / parquet file) -> (requests, errors).
-    A request: {"id", "image": path, "prompt": the benchmark's prompt, "bench": {"name", "options": {letter: text},
-    "answer": letter, category fields}}. An error: a record naming the file, the row (the line an editor shows; 1 for
-    a V* annotation file), the id and the field. image_root: where the pictures are, when not beside the questions;
-    cache_dir: where HR-Bench's pictures are written (see the module docstring)."""
+def locate(name: str, path) -> Path:
+    """The file load() reads (for V* without test_questions.jsonl: the folder), checked openable; cheap, so that
+    infer.py says a wrong --data before the model loads. FileNotFoundError or ValueError, naming the path."""
     if name not in BENCHES:
         raise ValueError(f"unknown benchmark {name!r}; one of {', '.join(BENCHES)}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{name}: {path} does not exist (give the folder or file as downloaded from the Hub)")
-    if name == "vstar":
-        jsonl = path if path.is_file() else path / "test_questions.jsonl"
-        if jsonl.is_file():
-            rows, parse = _json_items(jsonl, "question_id"), _vstar_question(Path(image_root or jsonl.parent))
-        else:
-            rows, parse = _vstar_folder_items(path), _vstar_annotation
-    elif name in HR_FILES:
-        rows, parse = _hrbench(name, path, cache_dir)
+    file = path if path.is_file() else next((path / n for n in FILES[name] if (path / n).is_file()), None)
+    if file is None and name == "vstar" and any((path / d).is_dir() for d in VSTAR_CATEGORIES):
+        return path
+    if file is None:
+        raise FileNotFoundError(f"{name}: {path} holds none of {', '.join(FILES[name])}"
+                                + (f", {'/, '.join(VSTAR_CATEGORIES)}/" if name == "vstar" else ""))
+    try:
+        open(file, "rb").close()
+        if file.suffix == ".parquet":
+            _parquet_rows(file)
+    except (OSError, ImportError, ValueError) as e:  # (pyarrow's error on a file that is no parquet: a ValueError)
+        raise ValueError(f"{name}: cannot read {file} ({e})") from None
+    return file
+
+
+def load(name: str, path, *, image_root=None, cache_dir=None) -> tuple[list[dict], list[dict]]:
+    """A benchmark as downloaded from the Hub (its folder, or its question / TSV / parquet file) -> (requests, errors).
+    A request: {"id", "image": path, "prompt": the benchmark's prompt, "bench": {"name", "options": {letter: text},
+    "answer": letter, category fields}}. An error: a record naming the file, the row (the line an editor shows; 1 for
+    a V* annotation file), the id and the field. image_root: where the pictures are, when not beside the questions;
+    cache_dir: where HR-Bench's pictures are written."""
+    file = locate(name, path)
+    if name == "vstar" and file.is_dir():
+        rows, parse = _vstar_folder_items(file), _vstar_annotation
+    elif name == "vstar":
+        rows, parse = _json_items(file, "question_id"), _vstar_question(Path(image_root or file.parent))
+    elif name.startswith("hrbench"):
+        rows, parse = _hrbench(name, file, cache_dir)
     else:
-        file = _find(path, [MME_FILES[name], f"data/{MME_FILES[name]}"], name)
         rows, parse = _json_items(file, "Question_id"), _mme_item(name, Path(image_root or file.parent))
     return _collect(name, rows, parse)
 
@@ -131,7 +134,7 @@ def _collect(name: str, rows, parse) -> tuple[list, list]:
             if isinstance(item, _Bad):
                 raise item
             _need(isinstance(item, dict), "json", f"not an object but {type(item).__name__}")
-            requests.append(parse(qid, item))
+            requests.append(parse(qid, _utf8(item)))
         except _Bad as e:
             rid = str(qid) if _present(qid) else f"{file}:{row}"
             errors.append({"id": rid, "error": f"{file}:{row} id={qid} field={e.field}: {e}", "file": str(file),
@@ -142,16 +145,6 @@ def _collect(name: str, rows, parse) -> tuple[list, list]:
 def _request(name: str, qid, image: Path, prompt: str, options: dict, answer: str, **meta) -> dict:
     return {"id": str(qid), "image": str(image), "prompt": prompt,
             "bench": {"name": name, **meta, "options": options, "answer": answer}}
-
-
-def _find(path: Path, names: list[str], bench: str) -> Path:
-    """`path` itself when it is a file, else the first of `names` inside it."""
-    if path.is_file():
-        return path
-    found = next((path / n for n in names if (path / n).is_file()), None)
-    if found is None:
-        raise FileNotFoundError(f"{bench}: none of {', '.join(names)} in {path}")
-    return found
 
 
 def _options(pairs: list, field: str) -> dict:
@@ -178,14 +171,13 @@ def _picture(field: str, rel, *places: Path) -> Path:
 
 def _json_items(file: Path, id_key: str):
     """(file, line, id, item) of a JSON list or a JSONL file; `line`: where the item starts."""
-    for line, item in _json_rows(file):
-        yield file, line, item.get(id_key) if isinstance(item, dict) else None, item
+    return ((file, line, item.get(id_key) if isinstance(item, dict) else None, item) for line, item in _json_rows(file))
 
 
 def _json_rows(file: Path) -> list:
     """[(line, item)] of a JSON list (items found one by one to know their lines) or JSONL. A JSONL line that is no
     JSON is a _Bad item; in a broken JSON list the rest cannot be read: one _Bad item where it breaks."""
-    text = file.read_text(encoding="utf-8")
+    text = file.read_bytes().decode("utf-8-sig", "surrogateescape")  # a byte that is no UTF-8: its item's error
     if not text.lstrip().startswith("["):
         return [(n, _loads(s)) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
     decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
@@ -202,6 +194,17 @@ def _json_rows(file: Path) -> list:
         out.append((line, item))
 
 
+def _utf8(item: dict) -> dict:
+    """`item` (a row decoded with surrogateescape); _Bad for the first field holding bytes that are no UTF-8."""
+    for k, v in item.items():
+        for text in v if isinstance(v, list) else [v]:
+            if isinstance(text, dict):  # a V* annotation
+                _utf8(text)
+            elif isinstance(text, str) and (m := NOT_UTF8.search(text)):
+                raise _Bad(k, f"not UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x}); the file must be saved as UTF-8")
+    return item
+
+
 def _loads(s: str):
     try:
         return json.loads(s)
@@ -211,14 +214,12 @@ def _loads(s: str):
 
 # V* Bench ------------------------------------------------------------------------------------------------------
 
-
 def _vstar_prompt(question: str, options: dict) -> str:
     return "\n".join([question, *(f"({k}) {v}" for k, v in options.items()), VSTAR_INSTRUCTION])
 
 
 def _vstar_question(root: Path):
-    """parse() of a test_questions.jsonl line: its text split into question and options, the prompt rebuilt in the
-    same published form."""
+    """parse() of a test_questions.jsonl line: its text split into question and options, the prompt rebuilt alike."""
     def parse(qid, row: dict) -> dict:
         _need(_present(qid), "question_id", "missing")
         _need(isinstance(row.get("text"), str), "text", "missing")
@@ -237,25 +238,16 @@ def _vstar_question(root: Path):
 
 def _vstar_folder_items(root: Path):
     """(file, 1, "category/name", {category, annotation, image}) for every picture or annotation in the folders."""
-    subs = [d for d in VSTAR_CATEGORIES if (root / d).is_dir()]
-    if not subs:
-        raise FileNotFoundError(f"vstar: {root} holds neither test_questions.jsonl nor {' / '.join(VSTAR_CATEGORIES)}/")
-    for sub in subs:
+    for sub in [d for d in VSTAR_CATEGORIES if (root / d).is_dir()]:
         files = sorted(p for p in (root / sub).iterdir() if p.is_file())
         pictures = {p.stem: p for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
         notes = {p.stem: p for p in files if p.suffix == ".json"}
         for stem in sorted(pictures.keys() | notes.keys()):
             note = notes.get(stem)
-            annotation = _read_json(note) if note else _Bad("json", f"no annotation {stem}.json beside the picture")
+            annotation = _loads(note.read_bytes().decode("utf-8-sig", "surrogateescape")) if note else \
+                _Bad("json", f"no annotation {stem}.json beside the picture")
             item = {"category": sub, "annotation": annotation, "image": pictures.get(stem)}
             yield note or pictures[stem], 1, f"{sub}/{stem}", item
-
-
-def _read_json(file: Path):
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return _Bad("json", f"invalid JSON ({e})")
 
 
 def _vstar_annotation(qid: str, item: dict) -> dict:
@@ -277,54 +269,70 @@ def _vstar_annotation(qid: str, item: dict) -> dict:
 
 # HR-Bench -------------------------------------------------------------------------------------------------------
 
-
-def _hrbench(name: str, path: Path, cache_dir) -> tuple:
-    """(rows, parse) of HR-Bench's TSV or parquet; the pictures go to a cache folder named after the file and size."""
-    file = _find(path, [HR_FILES[name] + ".tsv", HR_FILES[name] + ".parquet"], name)
+def _hrbench(name: str, file: Path, cache_dir) -> tuple:
+    """(rows, parse) of HR-Bench's TSV or parquet; the pictures go to a cache folder named after the file and size. A
+    row whose image cell names another row takes its picture; one naming a row not read yet comes after the others."""
     root = Path(cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ovis-tune" / "bench")
     cache = root / f"{file.stem}-{file.stat().st_size}"  # another file of the same name gets its own folder
     cache.mkdir(parents=True, exist_ok=True)
     rows = _parquet_rows(file) if file.suffix == ".parquet" else _tsv_rows(file)
+    pictures = {}  # index -> its cached picture
+
+    def in_order():
+        later = []  # the rows whose picture is another's not read yet: after all the others
+        for n, row in rows:
+            ref = _reference(row.get("image") if isinstance(row, dict) else None)
+            if ref is not None and ref not in pictures:
+                later.append((n, row))
+            else:
+                yield n, row
+        yield from later
+
+    def picture(qid, cell) -> Path:
+        ref = _reference(cell)
+        _need(ref is None or ref in pictures, "image", f"names row index {ref}, which no row has (with a picture)")
+        key = str(qid).strip()
+        pictures[key] = pictures[ref] if ref else _cache_picture(cell, cache / re.sub(r"[^\w.-]", "_", key))
+        return pictures[key]
 
     def parse(qid, row: dict) -> dict:
         _need(_present(qid), "index", "missing")
+        image = picture(qid, row.get("image"))  # first: a row failing below still lends its picture to others
         _need(_present(row.get("question")), "question", "missing")
         options = _options([(k, str(row[k]).strip()) for k in LETTERS if _present(row.get(k))], "A")
         answer = _answer(row.get("answer"), options, "answer")
         category = str(row.get("category") or "").strip()
         _need(category in HR_CATEGORIES, "category", f"{category!r} is neither 'single' (FSP) nor 'cross' (FCP)")
-        image = _cache_picture(row.get("image"), cache / re.sub(r"[^\w.-]", "_", str(qid)))
         prompt = "\n".join([f"Question: {str(row['question']).strip()}", "Options:",
                             *(f"{k}. {v}" for k, v in options.items()), HR_INSTRUCTION])
         return _request(name, qid, image, prompt, options, answer, category=category,
                         cycle=str(row.get("cycle_category") or ""))
-    return ((file, n, row.get("index") if isinstance(row, dict) else None, row) for n, row in rows), parse
+    return ((file, n, row.get("index") if isinstance(row, dict) else None, row) for n, row in in_order()), parse
+
+
+def _reference(cell) -> str | None:
+    """The index an image cell names instead of holding a picture, else None."""
+    return cell.strip() if isinstance(cell, str) and 0 < len(cell.strip()) <= 64 else None  # VLMEvalKit's rule
 
 
 def _tsv_rows(file: Path):
     """(line, {column: cell}) per row, streamed; a row whose cell count is not the header's is a _Bad item."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # one cell holds a whole picture
-    with open(file, newline="", encoding="utf-8") as f:
+    with open(file, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:  # a stray byte: its row's error
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, [])
-        for cells in reader:
-            if len(cells) == len(header):
-                yield reader.line_num, dict(zip(header, cells))
-            elif cells:  # a blank line is no row
-                yield reader.line_num, _Bad("row", f"{len(cells)} cells, the header has {len(header)}")
+        for cells in filter(None, reader):  # a blank line is no row
+            yield reader.line_num, dict(zip(header, cells)) if len(cells) == len(header) else \
+                _Bad("row", f"{len(cells)} cells, the header has {len(header)}")
 
 
 def _parquet_rows(file: Path):
-    """(row, {column: value}) per row, a few rows in memory at a time; needs pyarrow."""
+    """(row, {column: value}) per row, a few rows in memory at a time; the file is opened at once (its metadata)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"{file}: parquet needs pyarrow (pip install pyarrow); the .tsv beside it does not") from None
-    n = 0
-    for batch in pq.ParquetFile(file).iter_batches(batch_size=8):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row
+    return enumerate((row for batch in pq.ParquetFile(file).iter_batches(batch_size=8) for row in batch.to_pylist()), 1)
 
 
 def _cache_picture(value, stem: Path) -> Path:
@@ -348,7 +356,6 @@ def _cache_picture(value, stem: Path) -> Path:
 
 # MME-RealWorld --------------------------------------------------------------------------------------------------
 
-
 def _mme_item(name: str, root: Path):
     def parse(qid, item: dict) -> dict:
         _need(_present(qid), "Question_id", "missing")
@@ -371,7 +378,6 @@ def _mme_item(name: str, root: Path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Answers: the chosen letter
-
 
 def extract_choice(text: str, options: dict) -> str | None:
     """The option letter an answer names, from inside <answer>...</answer> when present, else the whole text: a lone
@@ -404,8 +410,7 @@ def _by_text(s: str, options: dict) -> str | None:
     """The option whose text the answer is, else the one option whose text it contains (whole words), else None."""
     said = _norm(s)
     exact = [k for k, v in options.items() if _norm(v) == said]
-    inside = [k for k, v in options.items() if _norm(v) and f" {_norm(v)} " in f" {said} "]
-    hits = exact or inside
+    hits = exact or [k for k, v in options.items() if _norm(v) and f" {_norm(v)} " in f" {said} "]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -421,7 +426,6 @@ def score_record(request: dict, rollout) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Summaries: the papers' breakdown, the run's tool use, tables
-
 
 def _mean(xs: list):
     return sum(xs) / len(xs) if xs else None
@@ -470,10 +474,9 @@ BREAKDOWNS = {"vstar": _vstar_breakdown, "hrbench4k": _hrbench_breakdown, "hrben
 
 
 def summarize(records: list[dict]) -> dict:
-    """Output records of one benchmark run (all of the file: earlier runs included; a later record of an id replaces
-    an earlier one) -> accuracy per the paper's breakdown (fractions; `counts`: [correct, total]), the choices
-    recomputed with score_record; tool calls per question, valid-crop rate, generated tokens per answer, seconds per
-    question, unparsed, errors, answered (error records stay out of every figure but `errors`)."""
+    """Output records of one benchmark run (all of the file; a later record of an id replaces an earlier one) ->
+    accuracy per the paper's breakdown (fractions; `counts`: [correct, total]) of the choices score_record reads; tool
+    calls per question, valid-crop rate, tokens per answer, seconds per question, unparsed, errors, answered."""
     records = list({str(r["id"]): r for r in records}.values())
     names = {r["bench"]["name"] for r in records if "bench" in r}
     stray = [r["id"] for r in records if "bench" not in r and "error" not in r]

@@ -46,7 +46,8 @@ import tools
 
 # what infer.py runs with when neither a flag nor the checkpoint's training record says otherwise
 DEFAULTS = {"enable_thinking": False, "thinking_budget": 0, "max_tool_calls": 5, "bbox_format": "pixel",
-            "tools": "Crop|Identify", **dataclasses.asdict(data.Budgets())}
+            "tools": "Crop|Identify", **{k: v for k, v in dataclasses.asdict(data.Budgets()).items()
+                                         if k in data.RECORDED}}  # pixel / frame budgets (lengths are training's)
 REQUEST_KEYS = ("id", "image", "video", "video_frames", "prompt", "question", "messages", "conversations", "answer",
                 "bbox", "bench")
 
@@ -79,7 +80,7 @@ def load(model_path: str | None, adapter: str | None = None, dtype=None, device=
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     model_path = hub.resolve_checkpoint(model_path or hub.adapter_base(adapter))  # a dir or a Hub id
     s = Session(None, ovis.load_tokenizer(model_path), generation_defaults(model_path),
-                common.read_record(adapter or model_path))
+                hub.read_record(adapter or model_path))
     if not use_vllm or adapter:
         s.model = ovis.Ovis25.from_pretrained(model_path, dtype=dtype, device=device,
                                               attn_implementation=attn_implementation).eval()
@@ -167,6 +168,8 @@ def _messages(req: dict, bad) -> tuple[list, list, list]:
 
 
 def _rgb(path) -> Image.Image:
+    """The picture at `path`, decoded once (its file closed). Not copying one that is RGB already lowers the decoding
+    peak but not the first pass's resize peak, measured higher that way (bench.py picture): kept as it is."""
     with Image.open(path) as im:
         return im.convert("RGB")
 
@@ -288,7 +291,8 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--score", nargs="?", const="accuracy|format|iou|tool", help="score each answer against the "
                     "request's answer (and bbox) with scoring.py scorers (dotted paths for yours); writes a summary")
     ap.add_argument("--bench", choices=evalsets.BENCHES, help="a benchmark in its published layout (--data PATH): "
-                    "prompted and scored as its own evaluation code does; writes <output>.summary.json")
+                    "prompted and scored as its own evaluation code does; --output runs/x.jsonl also writes "
+                    "runs/x.summary.json")
     ap.add_argument("--data", help="the benchmark's folder or file as downloaded from the Hub (with --bench)")
     ap.add_argument("--compare", nargs="+", metavar="SUMMARY", help="side-by-side markdown table of --bench "
                     "summaries (the first is the baseline); needs no model")
@@ -302,8 +306,9 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--served-model-name", help="--serve: the model id clients ask for (default: the dir's name)")
     ap.add_argument("--max-concurrency", type=int, default=64, help="--serve: requests in flight; more get 429")
     ap.add_argument("--max-n", type=int, default=8, help="--serve: completions a request may ask for")
-    ap.add_argument("--max-body-bytes", type=int, default=32 << 20)
-    ap.add_argument("--max-image-pixels", type=int, default=8192 * 8192)
+    ap.add_argument("--max-body-bytes", type=int, default=32 << 20, help="--serve: a larger request body gets 413")
+    ap.add_argument("--max-image-bytes", type=int, default=16 << 20, help="--serve: a larger image (encoded) gets 413")
+    ap.add_argument("--max-image-pixels", type=int, default=8192 * 8192, help="--serve: a larger image gets 413")
     ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="--serve: how long a batch waits for company")
     ap.add_argument("--image-dir", default=".")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     # everything that can be checked is checked before the model loads: the record's defaults, tools, scorers, images
     try:
         path = hub.resolve_checkpoint(a.model or hub.adapter_base(a.adapter))
-        session = Session(None, ovis.load_tokenizer(path), record=common.read_record(a.adapter or path))
+        session = Session(None, ovis.load_tokenizer(path), record=hub.read_record(a.adapter or path))
         given = {k: getattr(a, k) for k in DEFAULTS if getattr(a, k, None) is not None}
         taken = sorted(k for k in session.record if k in DEFAULTS and k not in given and (k != "tools" or a.tools))
         registry = registry_for(session, a.tools or False, a.identify_map, a.bbox_format)
@@ -359,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                    if k in data.Budgets.__dataclass_fields__})
         if a.prompt:
             _request({"prompt": a.prompt, **({"image": a.image} if a.image else {})}, a.image_dir, budgets)
+        if a.bench:  # a wrong --data path (the file it names is read after the load, streamed)
+            evalsets.locate(a.bench, a.data)
+        if a.use_vllm:  # vLLM installed, a shape it runs (vllm_engine: imported only when asked for)
+            import vllm_engine
+            vllm_engine.check(path)
     except (ValueError, FileNotFoundError) as e:
         ap.exit(2, f"infer.py: error: {e}\n")
     loaded = load(a.model, a.adapter, getattr(torch, a.dtype) if a.dtype else None, a.device, a.attn_implementation,
@@ -432,7 +442,7 @@ def run_batch(session: Session, a, kw: dict, scorers) -> int:
             f.flush()
             bar.update(len(batch))
     n_err, n_old = n_failed + len(bad), sum(seen.values())
-    print(f"{len(todo) - n_failed} answered, {n_err} errors, {sum(r['id'] in seen for r in reqs)} already in "
+    print(f"{len(todo) - n_failed} answered, {n_err} errors, {sum(x['id'] in seen for x in reqs + unread)} already in "
           f"{a.output}" + (f" ({n_old} of them errors)" if n_old else "")
           + (" | each error record names its field; --retry-errors asks them again" if n_err + n_old else ""))
     records = [json.loads(x) for x in Path(a.output).read_text(encoding="utf-8").splitlines()]

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from PIL import Image
 
+import evalsets
 import tools
 
 PRED, GOLD = "#ff00ff", "#00c800"  # predicted Crop boxes, the gold box: pure colours, unlike photos and each other
@@ -223,21 +224,27 @@ def write_inference_report(out_html, requests: list, records: list, image_dir: s
                            bbox_format: str = "pixel", title: str = "", max_rows: int = 300) -> Path:
     """One page for an infer.py run: a row per record (infer.record's id, answer, thinking, text, tool_calls,
     n_generated, finish, scores; error records too), in their order, the first `max_rows` (the page stays small); gold
-    from the request of the same id (`answer`, `bbox` in bbox_format). The image is read again (request paths:
+    from the request of the same id (`answer`, `bbox` in bbox_format; a --bench request's `bench` answer, with the
+    choice read from the record and whether it is right, as evalsets scores it). The image is read again (request paths:
     relative to image_dir, messages' as written) and each Crop call's crop recomputed from it (tools.crop_box), so
     that records stay small."""
     by_id = {r.get("id"): r for r in requests}
     rows = []
     for rec in records[:max_rows]:
         req = by_id.get(rec.get("id"), {})
+        bench = req.get("bench")  # a --bench request keeps its gold letter here, and its records carry no scores
+        judged = evalsets.score_record(req, rec) if bench and "error" not in rec else None
         path = _request_image(req, image_dir)
         image = _open(path) if path else None
         row = {"id": rec.get("id"), "prompt": prompt_text(req), "image": path,
                "image_size": list(image.size) if image else None, "bbox_format": bbox_format,
                "thinking": rec.get("thinking", ""), "answer": rec.get("answer", ""), "text": rec.get("text", ""),
-               "tool_calls": rec.get("tool_calls", []), "gold_answer": req.get("answer"), "gold_bbox": req.get("bbox"),
-               "rewards": rec.get("scores", {}), "reward": None, "advantage": None, "length": rec.get("n_generated"),
-               "finish": rec.get("finish"), "error": rec.get("error")}
+               "tool_calls": rec.get("tool_calls", []), "gold_bbox": req.get("bbox"),
+               "gold_answer": _option(bench, bench["answer"]) if bench else req.get("answer"),
+               "choice": _option(bench, judged["choice"]) if judged else None,
+               "rewards": rec.get("scores") or ({"correct": float(judged["correct"])} if judged else {}),
+               "reward": None, "advantage": None, "length": rec.get("n_generated"), "finish": rec.get("finish"),
+               "error": rec.get("error")}
         crops = [(j + 1, image.crop(tools.crop_box(c["args"], image.size, bbox_format)))
                  for j, c in enumerate(row["tool_calls"]) if image and c["ok"] and c["name"].lower() == "crop"]
         rows.append((row, image, crops))
@@ -247,6 +254,11 @@ def write_inference_report(out_html, requests: list, records: list, image_dir: s
     page = _page(title or f"Inference: {out.stem}", note, [_section_html("records", "records", rows)])
     _write_atomic(out, page.encode())
     return out
+
+
+def _option(bench: dict, letter: str | None) -> str:
+    """A benchmark option as the page shows it: "B (a red car)"; no letter: the answer named none."""
+    return f"{letter} ({bench['options'][letter]})" if letter else "none (unparsed)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,7 +442,8 @@ def _row_html(row: dict, image, crops: list) -> str:
                         f"<figcaption>call {j}: {c.width}x{c.height}</figcaption></figure>" for j, c in crops)
     fig = _figure(row, image, boxes) + (f'<div class="crops">{crop_html}</div>' if crops else "")
     gold = row.get("gold_bbox")
-    facts = [("id", row.get("id")), ("answer", row.get("answer")), ("gold answer", row.get("gold_answer")),
+    facts = [("id", row.get("id")), ("answer", row.get("answer")), ("choice", row.get("choice")),
+             ("gold answer", row.get("gold_answer")),
              ("gold box", None if gold is None else f"{gold} \u2192 {said['gold']}"),
              ("length", row.get("length")), ("finish", row.get("finish")), ("image", row.get("image")),
              ("size, boxes", row.get("image_size") and f"{row['image_size']}, {row.get('bbox_format')}")]

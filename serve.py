@@ -2,46 +2,45 @@
 (Crop, Identify, yours), exactly as infer.py's tool loop does, so a client sends a question and an image once and gets
 the answer, the thinking and the whole tool trajectory back. Imported by infer.py only when --serve asks for it.
 
-    POST /v1/chat/completions   the OpenAI chat format: messages with `text` and `image_url` parts (a data: URL, or a
-                                path under --image-root; the server fetches nothing), max_tokens (or
-                                max_completion_tokens), temperature, top_p, seed, n, stream; extra body fields
-                                enable_thinking, thinking_budget, use_tools, max_tool_calls, return_crops
-    GET  /v1/models             the one model served
-    GET  /health                {"status": "ok", ...} (503 once the decoding thread has died)
+    POST /v1/chat/completions   OpenAI's chat format (image_url: a data: URL or a path under --image-root, nothing is
+                                fetched) + enable_thinking, thinking_budget, use_tools, max_tool_calls, return_crops
+    GET  /v1/models, GET /health {"status": "ok", "in_flight", "largest_batch", ...} (503 once the decoder has died)
 
-A reply is OpenAI's chat.completion: choices[i].message.content is the answer (the `<answer>` text when there is
-one), reasoning_content the thinking, finish_reason "stop" | "length", usage with the visual tokens, and the tool
-trajectory in the extension field message.tool_trajectory (each call: name, arguments, ok, result, and the crop as a
-data: URL with return_crops). Streamed (SSE): reasoning_content / content deltas as tokens come, each tool call as it
-runs (delta.tool_trajectory), usage in the last chunk, then `data: [DONE]`.
+A reply: content is the answer (the `<answer>` text when there is one), reasoning_content the thinking, the tool
+trajectory in message.tool_trajectory. Streamed (SSE): deltas of the text no later token can change (they add up to the
+non-streamed reply), each tool call as it runs, usage in the last chunk, then `data: [DONE]`.
 
 Concurrency: one decoding thread. Requests that arrive within batch_wait_ms of each other (up to --batch-size) and
-ask for the same settings are decoded together in one batch (on vLLM: handed to its scheduler together); one that
-arrives while a batch runs starts with the next batch, so it waits at most the running batch's time. A client that
-disconnects stops its rows at the next token. Errors are OpenAI error objects with 400 / 401 / 404 / 413 / 422 / 429
-/ 503; a bad request never takes the server down.
+ask for the same settings are decoded together in one batch (on vLLM too: one batch at a time); one that arrives while
+a batch runs waits for that batch to end (its slowest row) and goes in the next. A client that disconnects stops its
+rows at the next token. Errors are OpenAI error objects (400 / 401 / 404 / 405 / 413 / 422 / 429 / 500 / 503); a bad
+request never takes the server down nor keeps its place in --max-concurrency.
 """
 
 import asyncio
 import base64
 import binascii
+import hmac
 import io
 import json
 import queue
+import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
+import torch
 from PIL import Image
 
 import infer
 import model as ovis
 import tools
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+               500: "server_error", 503: "server_error"}  # others (400, 405, 422): invalid_request_error
 FINISH = {"eos": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -53,8 +52,8 @@ class ApiError(Exception):
         self.status, self.param, self.code = status, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": str(self), "type": ERROR_TYPES[self.status], "param": self.param,
-                          "code": self.code}}
+        return {"error": {"message": str(self), "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -68,7 +67,7 @@ class Limits:
     max_image_pixels: int = 8192 * 8192  # one image, decoded; larger: 413
     max_tokens: int = 8192  # the most a request may generate
     max_n: int = 8  # completions a request may ask for
-    max_tool_calls: int = 8  # tool calls a request may allow
+    max_tool_calls: int = 8  # tool calls a request may allow (the server's --max-tool-calls)
 
 
 @dataclass
@@ -78,26 +77,16 @@ class Job:
     settings: dict  # chat_batch keywords: thinking, budget, tools, calls, max tokens, sampling, group (= n)
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue  # ("token", choice, id) | ("tool", choice, call, crop) | ("done", rollouts) | ("error", e)
+    stream: bool = False  # its client reads tokens and tool calls as they come (else only the end)
     cancelled: bool = False  # the client left
+    streamed: bool = False  # its client has had tokens: a failed batch cannot decode it again
 
     def push(self, *item):  # from the decoding thread
+        if item[0] in ("token", "tool"):
+            if not self.stream:
+                return
+            self.streamed = True
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-
-
-class _Events:
-    """The tool loop's events of one batch -> each job's queue (row i = job i // n, choice i % n)."""
-
-    def __init__(self, jobs: list[Job], n: int):
-        self.jobs, self.n = jobs, n
-
-    def token(self, i: int, t: int):
-        self.jobs[i // self.n].push("token", i % self.n, t)
-
-    def tool(self, i: int, call: dict, crop):
-        self.jobs[i // self.n].push("tool", i % self.n, call, crop)
-
-    def cancelled(self, i: int) -> bool:
-        return self.jobs[i // self.n].cancelled
 
 
 class Decoder(threading.Thread):
@@ -108,6 +97,8 @@ class Decoder(threading.Thread):
     def __init__(self, session: infer.Session, limits: Limits):
         super().__init__(daemon=True, name="decoder")
         self.session, self.limits, self.jobs = session, limits, queue.Queue()
+        self.largest = self.busy = 0  # the most requests decoded together so far; those decoding now (GET /health)
+        self.stopped = 0  # requests whose client left before they were done, and that stopped then
 
     def run(self):
         while True:
@@ -118,27 +109,35 @@ class Decoder(threading.Thread):
                     batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            while batch:
-                key = json.dumps(batch[0].settings, sort_keys=True, default=str)
-                same = [j for j in batch if json.dumps(j.settings, sort_keys=True, default=str) == key]
+            alike = lambda j: (json.dumps(j.settings, sort_keys=True, default=str), "seed" in j.settings and id(j))
+            while batch:  # (a seeded request alone: on vLLM a row's seed depends on its place in the batch)
+                same = [j for j in batch if alike(j) == alike(batch[0])]
                 batch = [j for j in batch if j not in same]
+                self.stopped += sum(j.cancelled for j in same)
                 self.decode([j for j in same if not j.cancelled])
 
     def decode(self, jobs: list[Job]):
         if not jobs:
             return
         s, n = jobs[0].settings, jobs[0].settings["group"]
+        self.largest, self.busy = max(self.largest, len(jobs)), len(jobs)
+        events = SimpleNamespace(token=lambda i, t: jobs[i // n].push("token", i % n, t),  # row i: job i // n
+                                 tool=lambda i, call, crop: jobs[i // n].push("tool", i % n, call, crop),
+                                 cancelled=lambda i: jobs[i // n].cancelled)
         try:
-            rolls = infer.chat_batch(self.session, [{"messages": j.messages} for j in jobs], events=_Events(jobs, n),
-                                     **s)
+            rolls = infer.chat_batch(self.session, [{"messages": j.messages} for j in jobs], events=events, **s)
         except Exception as e:  # noqa: BLE001 (reported to the job at fault, never the end of the thread)
-            if len(jobs) > 1:
-                for j in jobs:
-                    self.decode([j])
-                return
             status = 503 if isinstance(e, (MemoryError, RuntimeError)) else 400
-            return jobs[0].push("error", ApiError(status, f"{type(e).__name__}: {e}"))
+            for j in jobs:  # each alone again, to find the job at fault, unless alone already or its client has tokens
+                if j.streamed or len(jobs) == 1:
+                    j.push("error", ApiError(status, f"{type(e).__name__}: {e}"))
+                else:
+                    self.decode([j])
+            return
+        finally:
+            self.busy = 0
         for k, j in enumerate(jobs):
+            self.stopped += any(r.finish == "cancelled" for r in rolls[k * n:(k + 1) * n])
             j.push("done", rolls[k * n:(k + 1) * n])
 
 
@@ -161,24 +160,39 @@ def read_image(url: str, root: Path | None, limits: Limits, where: str):
             raw = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: the data: URL is not valid base64", where, "bad_base64") from None
-        try:
-            image = Image.open(io.BytesIO(raw))
-        except OSError:
-            raise ApiError(400, f"{where}: not an image", where, "bad_image") from None
-        if image.width * image.height > limits.max_image_pixels:
-            raise ApiError(413, f"{where}: {image.width}x{image.height} is over {limits.max_image_pixels} pixels",
-                           where, "image_too_large")
-        return image.convert("RGB")
+        return decoded(io.BytesIO(raw), limits, where, convert=True)
     if root is None:
         raise ApiError(400, f"{where}: local image paths need the server's --image-root", where)
-    path = (root / url.removeprefix("file://")).resolve()
-    if not path.is_relative_to(root):
+    try:  # a NUL byte, a name too long: the OS refuses, the client hears why
+        path = (root / url.removeprefix("file://")).resolve()
+        inside, found = path.is_relative_to(root), path.is_file()
+        size = path.stat().st_size if inside and found else 0
+    except (OSError, ValueError) as e:
+        raise ApiError(400, f"{where}: not a usable path ({e})", where, "bad_path") from None
+    if not inside:
         raise ApiError(400, f"{where}: {url!r} is outside the server's --image-root", where, "path_outside_root")
-    if not path.is_file():
+    if not found:
         raise ApiError(400, f"{where}: no image {url!r} under --image-root", where)
-    if path.stat().st_size > limits.max_image_bytes:
+    if size > limits.max_image_bytes:
         raise ApiError(413, f"{where}: image over {limits.max_image_bytes} bytes", where, "image_too_large")
+    decoded(path, limits, where, convert=False)  # its size from the header: the decoder thread decodes it
     return str(path)
+
+
+def decoded(source, limits: Limits, where: str, convert: bool):
+    """An image file -> its pixels checked, then RGB (convert) or None; what PIL raises on a broken file: a 400."""
+    try:
+        with Image.open(source) as image:
+            if image.width * image.height > limits.max_image_pixels:
+                raise ApiError(413, f"{where}: {image.width}x{image.height} is over {limits.max_image_pixels} "
+                                    "pixels", where, "image_too_large")
+            return image.convert("RGB") if convert else None  # decodes: a truncated file fails here
+    except ApiError:
+        raise
+    except Image.DecompressionBombError:
+        raise ApiError(413, f"{where}: the image is too large to decode", where, "image_too_large") from None
+    except Exception as e:  # noqa: BLE001 (PIL's errors on crafted files are of many types)
+        raise ApiError(400, f"{where}: not a readable image ({type(e).__name__}: {e})", where, "bad_image") from None
 
 
 def messages_of(body: dict, root: Path | None, limits: Limits) -> list:
@@ -214,30 +228,30 @@ def messages_of(body: dict, root: Path | None, limits: Limits) -> list:
 def settings_of(body: dict, limits: Limits, served: "Served") -> dict:
     """The chat_batch keywords of a request, each checked (a wrong type: 422; out of range: 400)."""
     def get(key, types, default=None):
-        v = body.get(key, default)
+        v = body.get(key)
+        v = default if v is None else v  # an explicit null: the default
         if v is not None and (not isinstance(v, types) or isinstance(v, bool) and bool not in types):
             raise ApiError(422, f"{key}: {v!r} has the wrong type", key)
         return v
 
-    n = get("n", (int,), 1)
-    if not 1 <= n <= limits.max_n:
-        raise ApiError(400, f"n: {n} is not in 1..{limits.max_n}", "n")
-    max_tokens = get("max_completion_tokens", (int,)) or get("max_tokens", (int,)) or limits.max_tokens
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(400, f"max_tokens: {max_tokens} is not in 1..{limits.max_tokens}", "max_tokens")
-    calls = get("max_tool_calls", (int,))
-    if calls is not None and not 0 <= calls <= limits.max_tool_calls:
-        raise ApiError(400, f"max_tool_calls: {calls} is not in 0..{limits.max_tool_calls}", "max_tool_calls")
-    temperature = get("temperature", (int, float))
-    sampling = {"do_sample": False} if temperature == 0 else {"temperature": float(temperature)} \
-        if temperature is not None else {}
-    if get("top_p", (int, float)) is not None:
-        sampling["top_p"] = float(body["top_p"])
-    seed = get("seed", (int,))
-    if seed is not None:
-        sampling["seed"] = seed
-    asked = {"enable_thinking": get("enable_thinking", (bool,)), "thinking_budget": get("thinking_budget", (int,)),
-             "max_tool_calls": calls, "max_new_tokens": max_tokens, "group": n, **sampling,
+    n, calls = get("n", (int,), 1), get("max_tool_calls", (int,))
+    asked_max = [get(k, (int,)) for k in ("max_completion_tokens", "max_tokens")]  # (0 is asked for, and refused)
+    max_tokens = next((v for v in asked_max if v is not None), limits.max_tokens)
+    temperature, top_p = (get(k, (int, float)) for k in ("temperature", "top_p"))
+    budget, seed = (get(k, (int,)) for k in ("thinking_budget", "seed"))
+    ranges = (("n", n, 1, limits.max_n),
+              ("max_tokens" if asked_max[0] is None else "max_completion_tokens", max_tokens, 1, limits.max_tokens),
+              ("max_tool_calls", calls, 0, limits.max_tool_calls), ("temperature", temperature, 0, 2),
+              ("top_p", top_p, 1e-6, 1), ("thinking_budget", budget, 0, max_tokens),
+              ("seed", seed, 0, 2**63 - 1))  # (torch's and vLLM's seeds are 64-bit)
+    for key, v, lo, hi in ranges:
+        if v is not None and not lo <= v <= hi:
+            raise ApiError(400, f"{key}: {v} is not in {lo}..{hi}", key)
+    get("stream", (bool,)), get("return_crops", (bool,))  # (type-checked here, read by chat)
+    sampling = {} if temperature is None else {"do_sample": False} if temperature == 0 else \
+        {"do_sample": True, "temperature": float(temperature)}
+    asked = {"enable_thinking": get("enable_thinking", (bool,)), "thinking_budget": budget, "max_tool_calls": calls,
+             "max_new_tokens": max_tokens, "group": n, **sampling, "top_p": top_p and float(top_p), "seed": seed,
              "use_tools": served.registry if get("use_tools", (bool,), True) and served.registry else False}
     return served.sampling({**served.defaults, **{k: v for k, v in asked.items() if v is not None}})
 
@@ -262,23 +276,24 @@ class Served:
     def sampling(self, s: dict) -> dict:
         """Sampling keywords for this engine: vLLM takes a seed; the model path a torch.Generator of it."""
         if "seed" in s and self.session.vllm is None:
-            import torch
-
-            s = {**s, "generator": torch.Generator().manual_seed(s.pop("seed"))}
+            s = dict(s)
+            s["generator"] = torch.Generator().manual_seed(s.pop("seed"))  # (seed itself would reach generate)
         return s
 
 
 def trajectory(r, return_crops: bool) -> list:
-    """The tool calls of a rollout as the reply's extension field (crops as data: URLs when asked for)."""
+    """The tool calls of a rollout as the reply's extension field."""
     crops = iter(r.crops)
-    out = []
-    for c in r.tool_calls:
-        entry = {"name": c["name"], "arguments": c["args"], "ok": c["ok"], "result": c["result"]}
-        if c["ok"] and c["result"] is None:  # an image result
-            crop = next(crops)
-            entry["crop"] = data_url(crop) if return_crops else f"{crop.width}x{crop.height}"
-        out.append(entry)
-    return out
+    return [tool_entry(c, next(crops) if c["ok"] and c["result"] is None else None, return_crops)  # (None: a text)
+            for c in r.tool_calls]
+
+
+def tool_entry(call: dict, crop, return_crops: bool) -> dict:
+    """One tool call: name, arguments, ok, result, and its crop (a data: URL when asked for, else its size)."""
+    entry = {"name": call["name"], "arguments": call["args"], "ok": call["ok"], "result": call["result"]}
+    if crop is not None:
+        entry["crop"] = data_url(crop) if return_crops else f"{crop.width}x{crop.height}"
+    return entry
 
 
 def data_url(image: Image.Image) -> str:
@@ -289,10 +304,9 @@ def data_url(image: Image.Image) -> str:
 
 def usage(rolls: list) -> dict:
     """prompt / completion tokens (and the visual ones among them: the prompt's images, the crops) of n rollouts."""
-    p = rolls[0].prompt_len
+    p, done = rolls[0].prompt_len, sum(r.n_generated for r in rolls)
     prompt_visual = sum(t == ovis.VISUAL_ATOM_ID for t in rolls[0].token_ids[:p])
     crop_visual = sum(t == ovis.VISUAL_ATOM_ID for r in rolls for t in r.token_ids[p:])
-    done = sum(r.n_generated for r in rolls)
     return {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done,
             "prompt_tokens_details": {"image_tokens": prompt_visual}, "tool_image_tokens": crop_visual}
 
@@ -306,37 +320,42 @@ def completion(rid: str, name: str, rolls: list, return_crops: bool) -> dict:
 
 
 class ChoiceStream:
-    """One choice's text as its tokens come -> the new reasoning / content (split as tools.split_output splits the
-    finished text; a tag or a character still being written is held back, so the deltas add up to the final
-    reply)."""
+    """One choice's text as its tokens come -> the new reasoning / content: only what no later token can change, so the
+    deltas add up to the reply exactly. tools.split_output's answer is the `<answer>` block once there is one, else
+    all after `</think>`: it streams inside a block after `</think>`, else comes with the choice's last chunk."""
 
-    def __init__(self, tokenizer, eos: tuple):
-        self.tokenizer, self.eos = tokenizer, eos
+    def __init__(self, tokenizer, eos: tuple, max_tokens: int):
+        self.tokenizer, self.eos, self.left = tokenizer, eos, max_tokens
         self.done, self.round = "", []  # text of the finished rounds (tool results included); this round's ids
         self.said = ["", ""]  # reasoning, content sent so far
 
-    def token(self, t: int) -> tuple[str, str]:
+    def token(self, t: int) -> dict:
+        self.left -= 1  # a batch decodes to its longest budget; the loop cuts a row's tokens past its own
+        if self.left < 0:
+            return {}
         if t not in self.eos:
             self.round.append(t)
         return self.deltas(self.done + self.tokenizer.decode(self.round), final=False)
 
     def tool(self, call: dict, crop) -> None:  # the round ends with the call; its result is text the loop added
-        result = "<image>" if crop is not None else f"<tool_response>{call['result']}</tool_response>"
+        result = "<image>" if crop is not None else self.tokenizer.decode(tools.tool_result_ids(
+            tools.ToolResult(call["name"], text=call["result"]), self.tokenizer))  # as the loop appends it
         self.done += self.tokenizer.decode(self.round) + result
         self.round = []
 
-    def deltas(self, text: str, final: bool) -> tuple[str, str]:
-        if not final:
+    def deltas(self, text: str, final: bool) -> dict:
+        if final:
+            now = tools.split_output(text)
+        else:
             cut = text.rfind("<")
-            text = text[:cut] if cut > text.rfind(">") else text  # a tag still being written
-            text = text.rstrip("\ufffd")  # a character still being written
-        now = tools.split_output(text)
-        out = []
-        for k in (0, 1):
-            grown = now[k].startswith(self.said[k])
-            out.append(now[k][len(self.said[k]):] if grown else "")
-            self.said[k] = now[k] if grown else self.said[k]
-        return out[0], out[1]
+            text = (text[:cut] if cut > text.rfind(">") else text).rstrip("\ufffd")  # a tag / character being written
+            thinking, _ = tools.split_output(text)  # grows, whatever comes (strip() only holds back spaces)
+            _, closed, tail = text.partition("</think>")
+            block = re.search(r"<answer>(.*?)(?:</answer>|$)", tail, re.DOTALL)
+            now = thinking, block.group(1).strip() if closed and block else ""
+        out = [now[k][len(self.said[k]):] if now[k].startswith(self.said[k]) else "" for k in (0, 1)]
+        self.said = [now[k] if now[k].startswith(self.said[k]) else self.said[k] for k in (0, 1)]
+        return {k: v for k, v in zip(("reasoning_content", "content"), out) if v}
 
 
 def sse(obj) -> str:
@@ -345,56 +364,61 @@ def sse(obj) -> str:
 
 async def stream(job: Job, served: Served, rid: str, return_crops: bool):
     """The SSE body: deltas as tokens come, each tool call as it runs, the finish reasons, usage, [DONE]."""
-    s, name = served.session, served.name
-    eos = tuple(s.sampling.get("eos_token_ids", ovis.EOS_IDS))
-    choices = [ChoiceStream(s.tokenizer, eos) for _ in range(job.settings["group"])]
+    s, name, eos = served.session, served.name, tuple(served.session.sampling.get("eos_token_ids", ovis.EOS_IDS))
+    choices = [ChoiceStream(s.tokenizer, eos, job.settings["max_new_tokens"]) for _ in range(job.settings["group"])]
     calls = [0] * len(choices)
 
     def chunk(i, delta, finish=None):
         return sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
                     "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]})
 
-    try:
-        for i in range(len(choices)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        while True:
-            item = await job.out.get()
-            if item[0] == "token":
-                reasoning, content = choices[item[1]].token(item[2])
-                if reasoning or content:
-                    yield chunk(item[1], {k: v for k, v in (("reasoning_content", reasoning), ("content", content))
-                                          if v})
-            elif item[0] == "tool":
-                i, call, crop = item[1:]
-                choices[i].tool(call, crop)
-                entry = {"index": calls[i], "name": call["name"], "arguments": call["args"], "ok": call["ok"],
-                         "result": call["result"]}
-                if crop is not None:
-                    entry["crop"] = data_url(crop) if return_crops else f"{crop.width}x{crop.height}"
-                calls[i] += 1
-                yield chunk(i, {"tool_trajectory": [entry]})
-            elif item[0] == "error":
-                yield sse(item[1].body())
-                break
-            else:  # done: what the final text adds (the held-back end), the finish reasons, usage
-                rolls = item[1]
-                for i, r in enumerate(rolls):
-                    reasoning, content = choices[i].deltas(r.text, final=True)
-                    delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
-                    yield chunk(i, delta, FINISH[r.finish])
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                           "model": name, "choices": [], "usage": usage(rolls)})
-                break
-        yield "data: [DONE]\n\n"
-    finally:  # a client that left mid-stream: its rows stop at their next token
-        job.cancelled = True
-        served.in_flight[0] -= 1
+    for i in range(len(choices)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    while True:
+        item = await job.out.get()
+        if item[0] == "token":
+            delta = choices[item[1]].token(item[2])
+            if delta:
+                yield chunk(item[1], delta)
+        elif item[0] == "tool":
+            i, call, crop = item[1:]
+            choices[i].tool(call, crop)
+            entry = await asyncio.to_thread(tool_entry, call, crop, return_crops)  # (PNG encoding off the event loop)
+            calls[i] += 1
+            yield chunk(i, {"tool_trajectory": [{"index": calls[i] - 1, **entry}]})
+        elif item[0] == "error":
+            yield sse(item[1].body())
+            break
+        else:  # done: what the final text adds (the held-back end), the finish reasons, usage
+            rolls = item[1]
+            for i, r in enumerate(rolls):
+                yield chunk(i, choices[i].deltas(r.text, final=True), FINISH[r.finish])
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
+                       "choices": [], "usage": await asyncio.to_thread(usage, rolls)})
+            break
+    yield "data: [DONE]\n\n"
+
+
+class Slot:
+    """A request's place under --max-concurrency, given back once however the request ends; its job then stops."""
+
+    def __init__(self, served: Served):
+        self.served, self.job, self.held = served, None, True
+        served.in_flight[0] += 1
+
+    def release(self):
+        if self.job is not None:
+            self.job.cancelled = True
+        self.served.in_flight[0] -= self.held
+        self.held = False
 
 
 def app(served: Served):
     """The FastAPI application over a started Decoder."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     api = FastAPI(title="ovis-tune", docs_url=None, redoc_url=None)
     decoder = Decoder(served.session, served.limits)
@@ -403,8 +427,30 @@ def app(served: Served):
     def refuse(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
+    class Streamed(StreamingResponse):  # gives the slot back however it ends: done, the client gone mid-stream, or
+        slot: Slot  # gone before the body started (Starlette then cancels the body unstarted: no generator cleanup)
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.slot.release()
+
+    @api.exception_handler(ApiError)
+    @api.exception_handler(ClientDisconnect)  # (gone before its body was read: no bug, and nobody to answer)
+    async def api_error(request: Request, e: Exception):
+        return refuse(e if isinstance(e, ApiError) else ApiError(400, "the client left before sending its body"))
+
+    @api.exception_handler(HTTPException)  # an unknown route (404), a wrong method (405): OpenAI's error object too
+    async def http_error(request: Request, e: HTTPException):
+        return refuse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
+
+    @api.exception_handler(Exception)  # (Starlette then re-raises it: uvicorn logs the traceback)
+    async def bug(request: Request, e: Exception):
+        return refuse(ApiError(500, f"internal error ({type(e).__name__}: {e})"))
+
     def check_key(request) -> None:
-        if served.api_key and request.headers.get("authorization") != f"Bearer {served.api_key}":
+        given = request.headers.get("authorization") or ""
+        if served.api_key and not hmac.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
     @api.get("/health")
@@ -412,33 +458,39 @@ def app(served: Served):
         alive = decoder.is_alive()
         return JSONResponse({"status": "ok" if alive else "decoder stopped", "model": served.name,
                              "engine": "vllm" if served.session.vllm is not None else "model",
-                             "in_flight": served.in_flight[0], "queued": decoder.jobs.qsize()},
+                             "in_flight": served.in_flight[0], "queued": decoder.jobs.qsize(),
+                             "decoding": decoder.busy, "largest_batch": decoder.largest, "stopped": decoder.stopped},
                             status_code=200 if alive else 503)
 
     @api.get("/v1/models")
     async def models(request: Request):
-        try:
-            check_key(request)
-        except ApiError as e:
-            return refuse(e)
+        check_key(request)
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
                                             "owned_by": "ovis-tune"}]}
 
+    async def body_of(request: Request, limit: int) -> dict:
+        too_big = ApiError(413, f"request body over {limit} bytes", code="body_too_large")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise too_big
+        raw = bytearray()
+        async for part in request.stream():  # a chunked body has no length to check first
+            raw += part
+            if len(raw) > limit:
+                raise too_big
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
     @api.post("/v1/chat/completions")
     async def chat(request: Request):
+        slot = None
         try:
             check_key(request)
-            if int(request.headers.get("content-length") or 0) > served.limits.max_body_bytes:
-                raise ApiError(413, f"request body over {served.limits.max_body_bytes} bytes", code="body_too_large")
-            raw = await request.body()
-            if len(raw) > served.limits.max_body_bytes:
-                raise ApiError(413, f"request body over {served.limits.max_body_bytes} bytes", code="body_too_large")
-            try:
-                body = json.loads(raw)
-            except ValueError as e:
-                raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
-            if not isinstance(body, dict):
-                raise ApiError(400, "the body must be a JSON object")
+            body = await body_of(request, served.limits.max_body_bytes)
             if body.get("model") not in (None, served.name):
                 raise ApiError(404, f"model {body.get('model')!r} is not served here (GET /v1/models: "
                                     f"{served.name!r})", "model", "model_not_found")
@@ -446,41 +498,41 @@ def app(served: Served):
                 raise ApiError(503, "the decoding thread has stopped; restart the server")
             if served.in_flight[0] >= served.limits.max_concurrency:
                 raise ApiError(429, f"{served.in_flight[0]} requests in flight (--max-concurrency); retry later")
-            msgs = await asyncio.to_thread(messages_of, body, served.image_root, served.limits)
+            slot = Slot(served)  # taken before any await: the limit holds
             settings = settings_of(body, served.limits, served)
-        except ApiError as e:
-            return refuse(e)
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        job = Job(msgs, settings, asyncio.get_running_loop(), asyncio.Queue())
-        served.in_flight[0] += 1
-        decoder.jobs.put(job)
-        crops = bool(body.get("return_crops"))
-        if body.get("stream"):
-            return StreamingResponse(stream(job, served, rid, crops), media_type="text/event-stream")
-        try:
+            msgs = await asyncio.to_thread(messages_of, body, served.image_root, served.limits)
+            rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            crops, streaming = body.get("return_crops") is True, body.get("stream") is True
+            slot.job = job = Job(msgs, settings, asyncio.get_running_loop(), asyncio.Queue(), streaming)
+            decoder.jobs.put(job)
+            if streaming:
+                response = Streamed(stream(job, served, rid, crops), media_type="text/event-stream")
+                response.slot, slot = slot, None  # the response gives it back
+                return response
             while True:  # a client that leaves stops its rows
                 try:
                     item = await asyncio.wait_for(job.out.get(), timeout=0.25)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # (TimeoutError itself only from Python 3.11)
                     if await request.is_disconnected():
-                        job.cancelled = True
                         return JSONResponse({}, status_code=499)
                     continue
                 if item[0] == "error":
                     return refuse(item[1])
-                if item[0] == "done":
-                    return completion(rid, served.name, item[1], crops)
-        finally:
-            served.in_flight[0] -= 1
+                if item[0] == "done":  # (crops PNG-encoded off the event loop)
+                    return await asyncio.to_thread(completion, rid, served.name, item[1], crops)
+        finally:  # (an ApiError is answered by api_error; any other exception, a bug, by bug: logged, a 500)
+            if slot is not None:
+                slot.release()
 
     return api
 
 
 def served_from(session: infer.Session, a, kw: dict) -> Served:
     """infer.py's parsed flags and chat_batch keywords -> what a server serves."""
-    limits = Limits(batch_size=a.batch_size, max_concurrency=a.max_concurrency, max_tokens=a.max_new_tokens,
-                    max_n=a.max_n, max_body_bytes=a.max_body_bytes, max_image_pixels=a.max_image_pixels,
-                    batch_wait_ms=a.batch_wait_ms)
+    same = ("batch_size", "batch_wait_ms", "max_concurrency", "max_body_bytes", "max_image_bytes", "max_image_pixels",
+            "max_n")  # flags named as the limits; --max-tool-calls (else the record's) is the default and the most
+    limits = Limits(**{k: getattr(a, k) for k in same}, max_tokens=a.max_new_tokens,
+                    max_tool_calls=session.setting("max_tool_calls", a.max_tool_calls))
     name = a.served_model_name or Path((a.model or a.adapter).rstrip("/")).name
     defaults = {k: v for k, v in kw.items() if k not in ("use_tools", "max_new_tokens", "seed") and v is not None}
     return Served(session, name, kw["use_tools"] or None, kw["budgets"], limits, {**defaults, "image_dir": "."},
@@ -492,8 +544,7 @@ def main(session: infer.Session, a, kw: dict) -> int:
     import uvicorn
 
     served = served_from(session, a, kw)
-    name, limits = served.name, served.limits
-    print(f"serving {name!r} on http://{a.host}:{a.port}/v1 ({'vLLM' if session.vllm else 'model path'}, batches of "
-          f"<= {limits.batch_size}{', API key required' if a.api_key else ''})", flush=True)
+    print(f"serving {served.name!r} on http://{a.host}:{a.port}/v1 ({'vLLM' if session.vllm else 'model path'}, "
+          f"batches of <= {served.limits.batch_size}{', API key required' if a.api_key else ''})", flush=True)
     uvicorn.run(app(served), host=a.host, port=a.port, log_level="warning")
     return 0

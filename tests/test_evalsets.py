@@ -6,14 +6,18 @@ import base64
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import evalsets
 import infer
+import report
+import tools
 
 INSTR = "Answer with the option's letter from the given choices directly."
 
@@ -116,7 +120,7 @@ def test_vstar_folders(tmp_path):
         ("direct_attributes/sa_4", "json", 1), ("direct_attributes/sa_5", "json", 1),
         ("relative_position/sa_6", "image", 1)]
     assert evalsets.load("vstar", root) == (reqs, errs)  # the shuffle is seeded: a resumed run asks the same
-    with pytest.raises(FileNotFoundError, match="neither test_questions.jsonl nor"):
+    with pytest.raises(FileNotFoundError, match="holds none of test_questions.jsonl, direct_attributes/"):
         evalsets.load("vstar", tmp_path / "vstar_bench" / "direct_attributes")
 
 
@@ -144,7 +148,7 @@ def hr_tsv(tmp_path):
         for row in HR_ROWS[:3]:
             w.writerow(_hr_cells(*row))
         f.write("6\tWhat is it?\tA\tsingle\n")  # line 5: a torn row
-        w.writerow(_hr_cells(7, "cross", "c0", "B")[:-1] + ["not//base64!"])  # line 6
+        w.writerow(_hr_cells(7, "cross", "c0", "B")[:-1] + ["not//base64!" * 8])  # line 6 (too long to name a row)
         w.writerow(_hr_cells(8, "single", "c0", "E"))  # line 7: the answer is no option
         for row in HR_ROWS[3:]:
             w.writerow(_hr_cells(*row))
@@ -185,6 +189,85 @@ def test_hrbench_parquet(tmp_path):
     assert [r["id"] for r in reqs] == ["0", "1"] and errs == []
     assert reqs[1]["prompt"].startswith('Question: What does the "sign" 1 say?\nOptions:\nA. stop\n')
     assert Path(reqs[1]["image"]).read_bytes() == rows[1]["image"]["bytes"]
+    rows = [dict(zip(HR_HEADER, _hr_cells(*r))) for r in HR_ROWS[:2]]  # base64 text, as the ohjoonhee mirror has it
+    rows[0]["image"] = "1"  # a row naming the next one's picture
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hr_bench_4k.parquet")
+    reqs, errs = evalsets.load("hrbench4k", tmp_path, cache_dir=tmp_path / "cache")
+    assert [r["id"] for r in reqs] == ["1", "0"] and errs == [] and reqs[0]["image"] == reqs[1]["image"]
+
+
+def test_hrbench_image_cells_naming_another_row(tmp_path):
+    """VLMEvalKit's TSV convention (HR-Bench's loader is VLMEvalKit's): an image cell of at most 64 characters is the
+    index of the row whose picture it shares. Before or after it in the file; one no row has is this row's error."""
+    path = tmp_path / "hr_bench_4k.tsv"
+    cells = {i: _hr_cells(i, "single", "c0", "A") for i in (0, 1, 2, 3, 6, 7, 9)}
+    cells[6][2] = "E"  # line 6: its answer is no option, but its picture is there for row 7
+    for i, ref in ((1, "0"), (2, "9"), (3, "42"), (7, " 6 ")):
+        cells[i][-1] = ref  # 2 names a later row, 3 one that is not there
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerows([HR_HEADER] + [cells[i] for i in (0, 1, 2, 3, 6, 7, 9)])
+    cache = tmp_path / "cache"
+    reqs, errs = evalsets.load("hrbench4k", path, cache_dir=cache)
+    assert [r["id"] for r in reqs] == ["0", "1", "7", "9", "2"]  # 2 is asked once row 9 has been read
+    image = {r["id"]: Path(r["image"]) for r in reqs}
+    assert image["1"] == image["0"] and image["2"] == image["9"] and image["7"].stem == "6"
+    assert sorted(p.name for p in image["0"].parent.iterdir()) == ["0.png", "6.png", "9.png"]  # each written once
+    assert image["2"].read_bytes() == base64.b64decode(cells[9][-1])
+    assert [(e["id"], e["row"], e["field"]) for e in errs] == [("6", 6, "answer"), ("3", 5, "image")]
+    assert errs[1]["error"] == f"{path}:5 id=3 field=image: names row index 42, which no row has (with a picture)"
+    assert reqs[1]["bench"] == reqs[0]["bench"] and reqs[1]["prompt"] == reqs[0]["prompt"].replace("0 say", "1 say")
+
+
+def test_bytes_that_are_not_utf8_are_the_error_of_their_row(tmp_path, vstar_jsonl, mme_full):
+    """A Latin-1 byte spoils the row or item it is in (an error record naming the file, row and field), never the
+    run; a UTF-8 byte-order mark is no part of the first column's name."""
+    tsv = tmp_path / "hr" / "hr_bench_8k.tsv"
+    tsv.parent.mkdir()
+    lines = ["\t".join(HR_HEADER)] + ["\t".join(_hr_cells(*r)).replace('"sign"', "sign") for r in HR_ROWS[:3]]
+    raw = ("\n".join(lines) + "\n").encode().replace(b"sign 1 say", b"sign 1 say caf\xe9")
+    tsv.write_bytes(b"\xef\xbb\xbf" + raw)  # as Excel saves it
+    reqs, errs = evalsets.load("hrbench8k", tsv, cache_dir=tmp_path / "cache")
+    assert [r["id"] for r in reqs] == ["0", "2"]
+    assert errs[0]["error"] == f"{tsv}:3 id=1 field=question: not UTF-8 (byte 0xe9); the file must be saved as UTF-8"
+
+    mme = mme_full / "MME_RealWorld.json"
+    qid = MME_ITEMS[1][0]
+    text = mme.read_bytes().replace(f'"Question_id": "{qid}"'.encode(), f'"Question_id": "{qid}", "x": "'.encode()
+                                    + b'\xe9"', 1)
+    mme.write_bytes(text)
+    line = text[:text.index(qid.encode())].count(b"\n")  # the line of the item's opening brace
+    reqs, errs = evalsets.load("mmerw", mme_full)
+    assert [r["id"] for r in reqs] == [MME_ITEMS[i][0] for i in (0, 2, 3, 4)]
+    assert (errs[0]["id"], errs[0]["row"], errs[0]["field"]) == (qid, line, "x") and "byte 0xe9" in errs[0]["error"]
+
+    jsonl = vstar_jsonl / "test_questions.jsonl"
+    jsonl.write_bytes(jsonl.read_bytes().replace(b"the glove", b"the gl\xf6ve"))  # line 1
+    note = vstar_jsonl / "folders" / "direct_attributes" / "sa_1.json"
+    _picture(note.with_suffix(".jpg"))
+    note.write_bytes(b'{"question": "Colour of the b\xe9ret?", "options": ["red", "blue"]}')
+    reqs, errs = evalsets.load("vstar", jsonl)
+    assert [r["id"] for r in reqs] == ["1", "2", "3", "4", "5"]
+    assert (errs[0]["id"], errs[0]["row"], errs[0]["field"]) == ("0", 1, "text")
+    reqs, errs = evalsets.load("vstar", note.parent.parent)
+    assert reqs == [] and [(e["id"], e["field"]) for e in errs] == [("direct_attributes/sa_1", "question")]
+
+
+def test_locate_names_a_wrong_data_path(tmp_path, mme_full):
+    """What infer.py checks before the model loads: the path, the file a folder must hold, a file that cannot be
+    read (a parquet that is none: pyarrow's error, or that pyarrow is missing)."""
+    with pytest.raises(FileNotFoundError, match="hrbench4k: .*nowhere does not exist"):
+        evalsets.locate("hrbench4k", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds none of hr_bench_4k.tsv, hr_bench_4k.parquet"):
+        evalsets.locate("hrbench4k", tmp_path)
+    (tmp_path / "hr_bench_4k.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(ValueError, match=r"hrbench4k: cannot read .*hr_bench_4k\.parquet"):
+        evalsets.locate("hrbench4k", tmp_path)
+    assert evalsets.locate("mmerw", mme_full) == mme_full / "MME_RealWorld.json"
+    lite = tmp_path / "lite" / "data" / "MME-RealWorld-Lite.json"
+    lite.parent.mkdir(parents=True)
+    lite.write_text("[]")
+    assert evalsets.locate("mmerw_lite", tmp_path / "lite") == lite
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -433,6 +516,30 @@ def test_compare_line_by_line(vstar_jsonl, tmp_path):
         evalsets.compare([str(tmp_path / "base.summary.json"), str(tmp_path / "score.summary.json")])
 
 
+def test_bench_report_page_shows_the_gold_choice_and_whether_it_was_right(hr_tsv, tmp_path):
+    """--bench --report: a bench request keeps its gold letter in `bench` and its records carry no scores; the page
+    shows the gold option, the choice read from the answer, and `correct` 1 / 0 (an error record: none of them)."""
+    reqs, errs = evalsets.load("hrbench8k", hr_tsv, cache_dir=tmp_path / "cache")
+    recs = [_record(q, a) for q, a in zip(reqs, ["A", "C", "(C)", "stop", "A", "no idea"])] + errs
+    page = report.write_inference_report(tmp_path / "bench.html", reqs, recs).read_text()
+    rows = page.split('<div class="row">')[1:]
+    assert len(rows) == 9
+
+    def fact(row: str, key: str) -> str | None:
+        found = re.search(rf"<tr><th>{key}</th><td>(.*?)</td></tr>", row)
+        return found and found.group(1)
+
+    def correct(row: str) -> str | None:
+        found = re.search(r"<table><tr><th>correct</th></tr><tr><td>(.*?)</td></tr></table>", row)
+        return found and found.group(1)
+
+    shown = [(fact(r, "gold answer"), fact(r, "choice"), correct(r)) for r in rows]
+    assert shown == [("A (stop)", "A (stop)", "1"), ("B (go)", "C (wait)", "0"), ("C (wait)", "C (wait)", "1"),
+                     ("A (stop)", "A (stop)", "1"), ("D (yield)", "A (stop)", "0"),
+                     ("B (go)", "none (unparsed)", "0")] + [(None, None, None)] * 3
+    assert all('class="error"' in r for r in rows[6:])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # infer.py --bench / --compare / --report, end to end with a real model
 
@@ -457,7 +564,7 @@ def test_bench_cli_end_to_end(tool_ckpt, hr_tsv, tmp_path, capsys):
     assert summary == evalsets.summarize(recs) and summary["answered"] == 6 and summary["errors"] == 3
     assert evalsets.table(summary) in said and "6 answered, 3 errors" in said
     assert (tmp_path / "runs" / "tools.html").exists() and (tmp_path / "runs" / "bench_images").is_dir()
-    assert infer.main(args) == 1 and "0 answered, 0 errors, 6 already in" in capsys.readouterr().out
+    assert infer.main(args) == 1 and "0 answered, 0 errors, 9 already in" in capsys.readouterr().out
     assert json.loads((tmp_path / "runs" / "tools.summary.json").read_text()) == summary
     plain = tmp_path / "runs" / "plain.jsonl"  # tools off: a second run to compare with
     plain_args = [str(plain) if a == str(out) else a for a in args if a != "--tools"]
@@ -468,3 +575,113 @@ def test_bench_cli_end_to_end(tool_ckpt, hr_tsv, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| metric | plain | tools | Δ tools |" and any(x.startswith("| HR-Bench 8K") or
                                                                         "FSP" in x for x in table)
+
+
+CLI = ["--tools", "--enable-thinking", "--greedy", "--max-new-tokens", "40", "--single-image-min-pixels", "4096",
+       "--single-image-max-pixels", "8192", "--crop-min-pixels", "4096", "--crop-max-pixels", "8192"]
+
+
+class Killed(BaseException):
+    """The run killed from outside (a BaseException: nothing in infer.py catches it)."""
+
+
+def test_bench_cli_resumes_an_interrupted_run(tool_ckpt, hr_tsv, tmp_path, monkeypatch, capsys):
+    """A --bench run killed while its second batch is answered (the first batch on disk, then a torn line), run
+    again: it asks only what is missing, and its records and summary are the uninterrupted run's (but the seconds)."""
+    def run(out):
+        return ["--model", tool_ckpt, "--bench", "hrbench8k", "--data", str(hr_tsv), "--output", str(out),
+                "--batch-size", "2", *CLI]
+
+    whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
+    assert infer.main(run(whole)) == 1  # 3 rows cannot be read
+    real, batches = infer.answer, []
+
+    def dying(*args, **kw):
+        batches.append(1)
+        if len(batches) == 2:
+            raise Killed
+        return real(*args, **kw)
+
+    monkeypatch.setattr(infer, "answer", dying)
+    with pytest.raises(Killed):
+        infer.main(run(cut))
+    lines = cut.read_text().splitlines()
+    assert len(lines) == 3 + 2 and not (tmp_path / "cut.summary.json").exists()  # the errors, the first batch
+    with open(cut, "a") as f:
+        f.write(whole.read_text().splitlines()[5][:40])  # killed while writing a record
+    monkeypatch.setattr(infer, "answer", real)
+    capsys.readouterr()
+    assert infer.main(run(cut)) == 1
+    assert "4 answered, 0 errors, 5 already in" in capsys.readouterr().out  # the first batch, the 3 unreadable rows
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    recs = {name: sorted((drop(json.loads(x)) for x in p.read_text().splitlines()), key=lambda r: r["id"])
+            for name, p in (("whole", whole), ("cut", cut))}
+    assert recs["cut"] == recs["whole"] and len(recs["cut"]) == 9
+    summaries = [json.loads((tmp_path / f"{n}.summary.json").read_text()) for n in ("whole", "cut")]
+    for s in summaries:
+        assert s.pop("seconds_per_question") > 0
+    assert summaries[0] == summaries[1] and summaries[0]["answered"] == 6
+
+
+def test_bench_cli_says_a_wrong_data_path_before_the_model_loads(tool_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for data, why in ((tmp_path / "HR-Bench", "does not exist"), (tmp_path, "holds none of hr_bench_8k.tsv")):
+        with pytest.raises(SystemExit) as e:
+            infer.main(["--model", tool_ckpt, "--bench", "hrbench8k", "--data", str(data), "--output",
+                        str(tmp_path / "out.jsonl")])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_bench_large_picture_decoded_once_and_cropped_at_full_resolution(tool_ckpt, tmp_path, monkeypatch):
+    """An HR-Bench 8K-size picture (7680 x 4320) through --bench: decoded once, the first pass sees it resized to
+    the budget, and the Crop cuts the full-resolution original (its pixels, not the resized copy's: the picture is a
+    fine gradient that no downscaled copy keeps). The tiny model learned one conversation: it crops when asked that
+    question, so the request keeps its picture and takes the question."""
+    w, h = 7680, 4320
+    px = np.empty((h, w, 3), np.uint8)
+    px[..., 0], px[..., 1], px[..., 2] = np.arange(w) % 256, (np.arange(h) % 256)[:, None], 90
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "PNG", compress_level=1)
+    tsv = tmp_path / "HR-Bench" / "hr_bench_8k.tsv"
+    tsv.parent.mkdir()
+    tsv.write_text("\t".join(HR_HEADER) + "\n" + "\t".join(_hr_cells(0, "single", "c0", "A")[:-1]
+                                                              + [base64.b64encode(buf.getvalue()).decode()]) + "\n")
+    opened, cuts, firsts = [], [], []
+    real_open, real_run, real_pre, real_load = Image.open, tools.Crop.run, infer.ovis.preprocess_image, evalsets.load
+    asked = json.loads((Path(__file__).parent.parent / "data" / "demo" / "grpo.json").read_text())[0]
+    question = asked["conversations"][-1]["value"].removeprefix("<image>\n")
+
+    def demo_question(*a, **k):
+        reqs, errs = real_load(*a, **k)
+        return [{**r, "prompt": question} for r in reqs], errs
+
+    def spy_open(fp, *a, **k):
+        opened.append(str(fp))
+        return real_open(fp, *a, **k)
+
+    def spy_run(self, args, images, keys):
+        out = real_run(self, args, images, keys)
+        cuts.append((images[0].size, tools.crop_box(args, images[0].size, self.bbox_format, self.min_side), out))
+        return out
+
+    def spy_pre(image, *a, **k):
+        firsts.append(image.size)
+        return real_pre(image, *a, **k)
+
+    monkeypatch.setattr(Image, "open", spy_open)
+    monkeypatch.setattr(tools.Crop, "run", spy_run)
+    monkeypatch.setattr(infer.ovis, "preprocess_image", spy_pre)
+    monkeypatch.setattr(evalsets, "load", demo_question)
+    out = tmp_path / "big.jsonl"
+    assert infer.main(["--model", tool_ckpt, "--bench", "hrbench8k", "--data", str(tsv.parent), "--output", str(out),
+                       *CLI]) == 0
+    monkeypatch.setattr(Image, "open", real_open)
+    cached = tmp_path / "bench_images" / f"hr_bench_8k-{tsv.stat().st_size}" / "0.png"
+    assert opened == [str(cached)]  # decoded once, for the first pass and every crop
+    assert firsts[0] == (w, h)  # the first pass resizes the original itself (to <= 8192 px here)
+    rec = json.loads(out.read_text())
+    assert [c["name"] for c in rec["tool_calls"] if c["ok"]] == ["Crop"] and len(cuts) == 1
+    for size, box, result in cuts:
+        assert size == (w, h) and result.image.size == (box[2] - box[0], box[3] - box[1])
+        assert np.array_equal(np.asarray(result.image), px[box[1]:box[3], box[0]:box[2]])

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -390,3 +391,53 @@ def test_infer_use_vllm_batch_and_score_equal_the_model_path(tool_ckpt, tmp_path
                        "2048"]) == 1
     again = [json.loads(x) for x in (tmp_path / "vllm.jsonl").read_text().splitlines()]
     assert untimed(again) == untimed(theirs) and (tmp_path / "vllm.summary.json").read_text() == summary
+
+
+@needs_vllm
+def test_serve_on_vllm_answers_as_the_model_path(tool_ckpt, tmp_path):
+    """`infer.py --serve --use-vllm` (a real server, the real openai client): three concurrent tool chats (greedy)
+    answer as infer.chat on the model path (answer, thinking, tool trajectory, crops, usage); a streamed one
+    reassembles to the same reply."""
+    from test_serve import KEY, PXKW, QUESTION, data_url, openai, sse, start
+
+    import infer
+
+    url, proc = start(tool_ckpt, tmp_path / "server.log", "--use-vllm", "--vllm-max-model-len", "2048")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=600)
+        session = infer.load(tool_ckpt, device="cpu")
+        names = [f"images/syn_00{k}.png" for k in range(3)]
+        parts = [{"type": "image_url", "image_url": {"url": names[0]}}] + [
+            {"type": "image_url", "image_url": {"url": data_url(DEMO / n)}} for n in names[1:]]
+        ask = lambda part, **kw: client.chat.completions.create(  # noqa: E731
+            model="ovis-tiny", temperature=0, messages=[{"role": "user", "content": [part, {"type": "text",
+                                                                                            "text": QUESTION}]}], **kw)
+        replies = [None] * 3
+        threads = [threading.Thread(target=lambda k=k: replies.__setitem__(k, ask(parts[k], extra_body={
+            "return_crops": True}))) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        crops = 0
+        for name, got in zip(names, replies):
+            want = infer.chat(session, image=str(DEMO / name), prompt=QUESTION, enable_thinking=True,
+                              use_tools=True, do_sample=False, max_new_tokens=80, **PXKW)
+            msg = got.choices[0].message
+            assert (msg.content, msg.reasoning_content or "") == (want.answer, want.thinking), name
+            traj = msg.model_extra["tool_trajectory"]
+            assert [(c["name"], c["arguments"], c["ok"], c["result"]) for c in traj] == \
+                [(c["name"], c["args"], c["ok"], c["result"]) for c in want.tool_calls]
+            assert got.usage.completion_tokens == want.n_generated and got.usage.prompt_tokens == want.prompt_len
+            crops += len([c for c in traj if "crop" in c])
+        assert crops >= 3
+        chunks = sse(url, {"model": "ovis-tiny", "max_tokens": 80, "stream": True, "messages": [
+            {"role": "user", "content": [parts[0], {"type": "text", "text": QUESTION}]}]})
+        deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+        first = replies[0].choices[0].message
+        assert "".join(d.get("content") or "" for d in deltas) == first.content
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == (first.reasoning_content or "")
+        assert chunks[-1]["usage"]["completion_tokens"] == replies[0].usage.completion_tokens
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
