@@ -5,6 +5,7 @@
     python bench.py infer   # a 3-Crop tool trajectory: KV continuation vs re-prefill per turn; generation tok/s
     python bench.py lora    # LoRA vs full SFT: trainable params, optimizer-state bytes, step time (+ exact 9B counts)
     python bench.py grpo    # GRPO rollouts: shared vs per-completion prompt; demo steps; model path vs vLLM
+    python bench.py grpo --vllm-only [--model DIR]   # only the model path vs vLLM part
     python bench.py serve   # infer.py --serve: N concurrent clients x M requests vs one by one (--use-vllm)
     python bench.py picture # infer.py --bench: peak memory of one HR-Bench 8K picture (7680x4320) on its way in
     python bench.py gpu     # on a GPU: varlen vs SDPA vs eager, SFT MFU at 8k/16k rows, LoRA, generation, GRPO
@@ -265,9 +266,9 @@ def bench_grpo(steps: int = 6):
 
 def bench_vllm(group: int = 16, new_tokens: int = 64, ckpt: str = "") -> dict:
     """Rollouts on the model path (tools.run_tool_loop, model.generate) vs on vLLM (vllm_engine.Engine), the same
-    prompts: 2 GRPO demo prompts x `group` sampled completions with real tool calls, generated tokens per second
-    each, and greedy rollouts compared token for token. The SFT demo's model when it is there, else a random tiny
-    one (LLM head_dim 64, which vLLM's CPU attention takes)."""
+    prompts: 2 GRPO demo prompts (configs/demo_grpo.json: its data, budgets, thinking) x `group` sampled completions
+    with real tool calls, generated tokens per second each, and greedy rollouts compared token for token. `ckpt`
+    (--model), else the SFT demo's model when there, else a random tiny one (LLM head_dim 64: vLLM's CPU runs it)."""
     import tempfile
 
     import data
@@ -275,19 +276,21 @@ def bench_vllm(group: int = 16, new_tokens: int = 64, ckpt: str = "") -> dict:
     import vllm_engine
 
     root = os.path.dirname(os.path.abspath(__file__))
-    demo = os.path.join(root, "data", "demo")
+    run = json.load(open(os.path.join(root, "configs", "demo_grpo.json")))
+    demo = os.path.join(root, run["image_dir"])
     ckpt = ckpt or os.path.join(root, "out", "demo_sft", "final")
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         ckpt = os.path.join(tempfile.mkdtemp(prefix="bench_vllm_"), "tiny")
         M.Ovis25.from_config(json.load(open(os.path.join(root, "assets", "tiny", "config.json")))).save_pretrained(
             ckpt, source_dir=os.path.join(root, "assets", "tiny"))
     tok, m = M.load_tokenizer(ckpt), M.Ovis25.from_pretrained(ckpt).eval()
-    cfg = grpo.Config(image_dir=demo, single_image_min_pixels=4096, single_image_max_pixels=20480)
-    reg = tools.load_tools()
-    inputs = [grpo.prompt_inputs(s, cfg, tok, reg) for s in data.load_prompts([os.path.join(demo, "grpo.json")],
-                                                                               demo, "pixel")[:2]]
+    cfg = grpo.Config(**{k: v for k, v in run.items() if k in grpo.Config.__dataclass_fields__})
+    cfg.image_dir = demo
+    reg = tools.load_tools(cfg.tools, cfg.bbox_format)
+    samples = data.load_prompts([os.path.join(root, cfg.data_path)], demo, cfg.bbox_format)[:2]
+    inputs = [grpo.prompt_inputs(s, cfg, tok, reg) for s in samples]
     kw = dict(images=[x[1] for x in inputs], keys=[x[2] for x in inputs], registry=reg, max_new_tokens=new_tokens,
-              crop_min_pixels=4096, crop_max_pixels=8192)
+              crop_min_pixels=cfg.crop_min_pixels, crop_max_pixels=cfg.crop_max_pixels)
     prompts = [x[0] for x in inputs]
     t0 = time.perf_counter()
     engine = vllm_engine.Engine(ckpt, max_model_len=4096)
@@ -788,7 +791,7 @@ if __name__ == "__main__":
         bench_rollout()
         if "--vllm-only" not in sys.argv:
             bench_grpo()
-        bench_vllm()
+        bench_vllm(ckpt=sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "")
     elif what == "gpu":
         bench_gpu(smoke="--smoke" in sys.argv)
     elif what == "serve":
