@@ -335,14 +335,14 @@ def export_model(engine, model, out_dir: str, rank: int, record: dict):
     z3 = engine.zero_optimization_stage() == 3
     sd = engine._zero3_consolidated_16bit_state_dict() if z3 else engine.module.state_dict() if rank == 0 else None
     failed = None
-    try:
-        if rank == 0:
+    if rank == 0:  # (only the writer cleans up: another rank's rmtree would race its write)
+        try:
             with saving(out_dir):
                 model.save_pretrained(out_dir, state_dict=sd, record=record)
-    except Exception as e:  # (every rank must learn of it)
-        failed = e
-    finally:
-        shutil.rmtree(out_dir + ".tmp", ignore_errors=True)  # what a failed save left
+        except Exception as e:  # (every rank must learn of it)
+            failed = e
+        finally:
+            shutil.rmtree(out_dir + ".tmp", ignore_errors=True)  # what a failed save left
     all_wrote(failed, engine.device, out_dir)
 
 
@@ -354,18 +354,18 @@ def export_adapter(engine, peft_model, out_dir: str, rank: int, record: dict):
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     failed = None
     with deepspeed.zero.GatheredParameters(trainable, enabled=engine.zero_optimization_stage() == 3):
-        try:
-            if rank == 0:
+        if rank == 0:  # (only the writer cleans up: another rank's rmtree would race its write)
+            try:
                 with saving(out_dir):
                     shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
                     peft_model.save_pretrained(out_dir + ".tmp", save_embedding_layers=False)
                     Path(out_dir + ".tmp", RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
                     shutil.rmtree(out_dir, ignore_errors=True)
                     os.replace(out_dir + ".tmp", out_dir)
-        except Exception as e:  # (every rank must learn of it)
-            failed = e
-        finally:
-            shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
+            except Exception as e:  # (every rank must learn of it)
+                failed = e
+            finally:
+                shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
     all_wrote(failed, engine.device, out_dir)
 
 
