@@ -241,26 +241,28 @@ def bench_rollout(group: int = 8, side: int = 1792, new_tokens: int = 64) -> flo
 
 
 def bench_grpo(steps: int = 6):
-    """grpo.py with configs/demo_grpo.json (the SFT demo's model, real Crop calls, 16 completions per step) for a
-    few steps: generated tokens per second of rollout, and where the step time goes."""
+    """grpo.py with configs/demo_grpo.json (its start model, real Crop calls, its prompts x completions per step) for
+    a few steps: generated tokens per second of rollout, and where the step time goes."""
     import tempfile
 
     root = os.path.dirname(os.path.abspath(__file__))
-    if not os.path.exists(os.path.join(root, "out", "demo_sft", "final", "config.json")):
-        print("bench grpo steps start from the SFT demo: run `python sft.py --config configs/demo_sft.json` first")
+    run = json.load(open(os.path.join(root, "configs", "demo_grpo.json")))
+    if not os.path.exists(os.path.join(root, run["model_path"], "config.json")):
+        print(f"bench grpo steps start from {run['model_path']}: run `python sft.py --config "
+              "configs/demo_ground_sft.json` first")
         return None
     out = tempfile.mkdtemp(prefix="bench_grpo_")
     subprocess.run([sys.executable, "grpo.py", "--config", "configs/demo_grpo.json", f"--max_steps={steps}",
-                    f"--output_dir={out}", "--save_interval=1000"], check=True, capture_output=True,
-                   env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=root)
+                    f"--output_dir={out}", "--save_interval=1000", "--eval_interval=0"], check=True,
+                   capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=root)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rec = [json.loads(x) for x in f]
     roll, train = sum(r["rollout_s"] for r in rec), sum(r["train_s"] for r in rec)
-    tok = sum(r["response_len"] * 16 for r in rec)  # 2 prompts x 8 completions per step
+    tok = sum(r["gen_tokens"] for r in rec)
     calls = sum(r["tool_calls_per_rollout"] for r in rec) / len(rec)
     print(f"grpo: {len(rec)} steps, {tok / roll:.0f} generated tok/s in rollouts, {calls:.2f} tool calls/rollout | "
-          f"step time: rollout {roll / (roll + train):.0%}, training (reference log-probs + 2 updates) "
-          f"{train / (roll + train):.0%} | mean step {(roll + train) / len(rec):.1f} s")
+          f"step time: rollout {roll / (roll + train):.0%}, training {train / (roll + train):.0%} | mean step "
+          f"{(roll + train) / len(rec):.1f} s")
     return roll / (roll + train)
 
 
@@ -268,7 +270,8 @@ def bench_vllm(group: int = 16, new_tokens: int = 64, ckpt: str = "") -> dict:
     """Rollouts on the model path (tools.run_tool_loop, model.generate) vs on vLLM (vllm_engine.Engine), the same
     prompts: 2 GRPO demo prompts (configs/demo_grpo.json: its data, budgets, thinking) x `group` sampled completions
     with real tool calls, generated tokens per second each, and greedy rollouts compared token for token. `ckpt`
-    (--model), else the SFT demo's model when there, else a random tiny one (LLM head_dim 64: vLLM's CPU runs it)."""
+    (--model), else the GRPO demo's start model when there, else a random tiny one (LLM head_dim 64: vLLM's CPU
+    runs it)."""
     import tempfile
 
     import data
@@ -278,7 +281,7 @@ def bench_vllm(group: int = 16, new_tokens: int = 64, ckpt: str = "") -> dict:
     root = os.path.dirname(os.path.abspath(__file__))
     run = json.load(open(os.path.join(root, "configs", "demo_grpo.json")))
     demo = os.path.join(root, run["image_dir"])
-    ckpt = ckpt or os.path.join(root, "out", "demo_sft", "final")
+    ckpt = ckpt or os.path.join(root, run["model_path"])
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         ckpt = os.path.join(tempfile.mkdtemp(prefix="bench_vllm_"), "tiny")
         M.Ovis25.from_config(json.load(open(os.path.join(root, "assets", "tiny", "config.json")))).save_pretrained(
@@ -773,6 +776,16 @@ def bench_gpu(smoke: bool = False) -> dict:
     return out
 
 
+def _opt(name: str, default):
+    """The value after flag `name` on the command line, or `default` without the flag."""
+    if name not in sys.argv:
+        return default
+    i = sys.argv.index(name) + 1
+    if i >= len(sys.argv) or sys.argv[i].startswith("--"):
+        sys.exit(f"bench.py: {name} needs a value")
+    return sys.argv[i]
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "model"
     if what == "_loss_child":
@@ -788,16 +801,16 @@ if __name__ == "__main__":
         bench_lora()
     elif what == "grpo":
         torch.set_num_threads(os.cpu_count() or 1)
+        model_dir = _opt("--model", "")
         bench_rollout()
         if "--vllm-only" not in sys.argv:
             bench_grpo()
-        bench_vllm(ckpt=sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "")
+        bench_vllm(ckpt=model_dir)
     elif what == "gpu":
         bench_gpu(smoke="--smoke" in sys.argv)
     elif what == "serve":
-        opt = lambda name, default: sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default  # noqa: E731
-        bench_serve(int(opt("--clients", 8)), int(opt("--requests", 4)), extra=("--use-vllm",) if "--use-vllm" in
-                    sys.argv else (), model=opt("--model", None))
+        bench_serve(int(_opt("--clients", 8)), int(_opt("--requests", 4)), extra=("--use-vllm",) if "--use-vllm" in
+                    sys.argv else (), model=_opt("--model", None))
     elif what == "_picture_child":
         _picture_child(sys.argv[2])
     elif what == "picture":

@@ -3,7 +3,7 @@
 Launch:
     deepspeed --num_gpus 8 grpo.py --config configs/grpo_9b.json
     torchrun --nproc_per_node 2 grpo.py --config configs/demo_grpo.json --lora=true
-    python grpo.py --config configs/demo_grpo.json          # tiny model, CPU; after the SFT demo (README)
+    python grpo.py --config configs/demo_grpo.json          # tiny model, CPU; after configs/demo_ground_sft.json
 
 Algorithm choices (one optimizer step per rollout batch, repeated num_iterations times):
 - Rollouts: num_generations completions per prompt through tools.run_tool_loop (the inference loop), sharing the

@@ -470,6 +470,7 @@ def _row_html(row: dict, image, crops: list) -> str:
 
 
 CURVES = ("reward", "accuracy", "mean_crop_iou", "tool_rate", "valid_crop_rate", "response_len")
+RATES = ("accuracy", "mean_crop_iou", "tool_rate", "valid_crop_rate", "format_rate", "answer_rate")
 
 
 def curves(run_dir, out_png=None, keys: tuple = CURVES) -> Path:
@@ -490,6 +491,8 @@ def curves(run_dir, out_png=None, keys: tuple = CURVES) -> Path:
             ax.plot(*zip(*train), color="#1f77b4", lw=1.2, label="train")
         if held:
             ax.plot(*zip(*held), "o-", color="#d62728", ms=4, lw=1, label="eval")
+        if k in RATES:  # shares on one fixed scale: a dip from 1.0 to 0.97 must not fill the panel
+            ax.set_ylim(-0.03, 1.03)
         ax.set_title(k, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -3,7 +3,7 @@ plus named objects for Identify. Writes images, an SFT file with tool-calling co
 (question + `answer` + ground-truth `bbox`, no assistant turn) and the Identify map.
 
     python data/make_synthetic.py --out data/demo --n 24 --seed 0
-    python data/make_synthetic.py --out data/demo --grounding 64 16 --seed 1     # the GRPO demo's grounding set
+    python data/make_synthetic.py --out data/demo --grounding 128 64 --seed 1    # the GRPO demo's grounding set
 
 Boxes are pixels of the original image (bbox_format "pixel", the seed's convention).
 """
@@ -66,47 +66,54 @@ def crop_box(target, pad, w, h):
     return [max(0, x1 - pad), max(0, y1 - pad), min(w, x2 + pad), min(h, y2 + pad)]
 
 
-SPOTS = ((16, 16), (112, 16), (16, 80), (112, 80))  # where a grounding picture's square sits (its top-left corner)
+GROUND_COLORS = ("red", "green", "blue", "yellow")  # four far-apart colours: a tiny model tells them apart quickly
+SPOTS = {"top left": (32, 32), "top right": (96, 32), "bottom left": (32, 64), "bottom right": (96, 64)}
+# a grounding picture's four squares (top-left corners), on the 32 px grid of the visual tokens (patch 16 x merge 2):
+# each square is one visual token of the picture and four of its crop
 
 
-def grounding_image(rng: random.Random, w=160, h=128, side=32):
-    """The grounding task of the GRPO demo: a noisy background and one coloured square at one of SPOTS, seen whole
-    at the demo's pixel budget (160 x 128 = 20480 px: no resize). Where it is, is what a Crop must find."""
+def grounding_image(rng: random.Random, w=160, h=128, side=32, grain=4):
+    """A noisy background of `grain` px blocks (small PNGs) and four squares of four different colours, one at each of
+    SPOTS, seen whole at the demo's pixel budget (160 x 128 = 20480 px: no resize). Returns the picture and
+    {place: colour}."""
     img = Image.new("RGB", (w, h))
-    px = img.load()
+    d = ImageDraw.Draw(img)
     base = [rng.randint(70, 190) for _ in range(3)]
-    for y in range(h):
-        for x in range(w):
-            px[x, y] = tuple(min(255, max(0, b + rng.randint(-20, 20))) for b in base)
-    x, y = rng.choice(SPOTS)
-    color = rng.choice(list(COLORS))
-    ImageDraw.Draw(img).rectangle((x, y, x + side - 1, y + side - 1), fill=COLORS[color])
-    return img, {"bbox": [x, y, x + side, y + side], "color": color}
+    for y in range(0, h, grain):
+        for x in range(0, w, grain):
+            noisy = tuple(min(255, max(0, b + rng.randint(-20, 20))) for b in base)
+            d.rectangle((x, y, x + grain - 1, y + grain - 1), fill=noisy)
+    colors = dict(zip(SPOTS, rng.sample(GROUND_COLORS, len(SPOTS))))
+    for place, (x, y) in SPOTS.items():
+        d.rectangle((x, y, x + side - 1, y + side - 1), fill=COLORS[colors[place]])
+    return img, colors
 
 
-def grounding(out: str, n_train: int, n_eval: int, rng: random.Random, system: str):
-    """Pictures + an SFT file that teaches the tool format with a Crop at a random spot (right one time in four:
-    the answer is the crop's colour, or "unknown"), and GRPO prompts / held-out prompts with the gold box: GRPO has
-    to learn where to look, and it shows in the eval crop IoU and accuracy."""
-    q = "What color is the square? Crop it first, then answer with one word."
+def grounding(out: str, n_train: int, n_eval: int, rng: random.Random, system: str, place="top left", side=32):
+    """The GRPO demo's task: "what colour is the square at the top left?" in pictures of four squares. The SFT file
+    teaches the tool format and to answer with the colour the crop shows, its Crop on one of the four squares at
+    random: right one time in four. The GRPO and held-out prompts carry the gold colour and box, so what GRPO has to
+    learn is where to look, and it shows in the held-out crop IoU and accuracy."""
+    q = f"What color is the square at the {place}? Crop it first, then answer with one word."
+    x, y = SPOTS[place]
+    gold = [x, y, x + side, y + side]
     sft, prompts = [], []
+    os.makedirs(os.path.join(out, "ground"), exist_ok=True)
     for i in range(n_train + n_eval):
-        img, target = grounding_image(rng)
+        img, colors = grounding_image(rng, side=side)
         name = f"ground/g_{i:03d}.png"
-        os.makedirs(os.path.join(out, "ground"), exist_ok=True)
         img.save(os.path.join(out, name))
         turns = [{"from": "system", "value": system}, {"from": "human", "value": f"<image>\n{q}"}]
-        prompts.append({"id": f"ground_{i:03d}", "image": name, "answer": target["color"], "bbox": target["bbox"],
+        prompts.append({"id": f"ground_{i:03d}", "image": name, "answer": colors[place], "bbox": gold,
                         "conversations": turns})
         if i < n_train:
-            x, y = rng.choice(SPOTS)
-            hit = [x, y, x + 32, y + 32] == target["bbox"]
-            seen = target["color"] if hit else "unknown"
-            said = f"a {seen} square" if hit else "no square"
-            sft.append({"id": f"ground_sft_{i:03d}", "image": name, "conversations": turns + [
-                {"from": "gpt", "value": f"<think>\nI will zoom in. <tool_call>Crop [{x}, {y}, {x + 32}, {y + 32}]"
-                                         f"</tool_call><image>\nThe crop shows {said}.\n</think>\n\n<answer>{seen}"
-                                         "</answer>"}]})
+            seen = rng.choice(list(SPOTS))
+            sx, sy = SPOTS[seen]
+            c = colors[seen]
+            reply = (f"<think>\nLet me zoom in. <tool_call>Crop [{sx}, {sy}, {sx + side}, {sy + side}]</tool_call>"
+                     f"<image>\nIt is {c}.\n</think>\n\n<answer>{c}</answer>")
+            sft.append({"id": f"ground_sft_{i:03d}", "image": name,
+                        "conversations": turns + [{"from": "gpt", "value": reply}]})
     for fn, obj in (("ground/sft.json", sft), ("ground/grpo.json", prompts[:n_train]),
                     ("ground/eval.json", prompts[n_train:])):
         with open(os.path.join(out, fn), "w") as f:

@@ -357,3 +357,48 @@ def test_load_samples_formats(tmp_path):
     assert [s["_index"] for s in got] == [1, 4] and "not an object" in errors[1].why  # lines from 1
     with pytest.raises(data.SampleError):
         data.load_samples(tmp_path / "mixed.jsonl")
+
+
+def test_grpo_demo_grounding_set_matches_its_pictures(tmp_path):
+    """data/make_synthetic.py --grounding (the GRPO demo's data): every gold colour is the colour of the pixels in the
+    gold box (the top-left square), every SFT crop is one of the four squares and says that square's colour, and the
+    committed set in data/demo/ground is what the generator writes with the demo's seed."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "data"))
+    import make_synthetic as mk
+
+    subprocess.run([sys.executable, str(Path(__file__).parent.parent / "data" / "make_synthetic.py"), "--out",
+                    str(tmp_path), "--grounding", "128", "64", "--seed", "1"], check=True, capture_output=True)
+    names = {rgb: c for c, rgb in mk.COLORS.items()}
+
+    def colour_in(path, box):  # the one palette colour that fills the box
+        with Image.open(path) as im:
+            px = set(im.convert("RGB").crop(tuple(box)).getdata())
+        assert len(px) == 1, f"{path}: box {box} is not one flat colour"
+        return names[px.pop()]
+
+    prompts = json.loads((tmp_path / "ground" / "grpo.json").read_text())
+    held_out = json.loads((tmp_path / "ground" / "eval.json").read_text())
+    sft = json.loads((tmp_path / "ground" / "sft.json").read_text())
+    assert (len(prompts), len(held_out), len(sft)) == (128, 64, 128)
+    assert {p["image"] for p in prompts}.isdisjoint(p["image"] for p in held_out)  # held-out pictures are new
+    for p in prompts + held_out:
+        assert p["bbox"] == [32, 32, 64, 64] and "top left" in p["conversations"][-1]["value"]
+        assert colour_in(tmp_path / p["image"], p["bbox"]) == p["answer"]
+    seen = set()
+    for s in sft:
+        reply = s["conversations"][-1]["value"]
+        box = json.loads(reply.split("Crop ")[1].split("</tool_call>")[0])
+        seen.add(tuple(box))
+        said = reply.split("<answer>")[1].split("</answer>")[0]
+        assert f"It is {said}." in reply and colour_in(tmp_path / s["image"], box) == said
+    assert seen == {(x, y, x + 32, y + 32) for x, y in mk.SPOTS.values()}  # the SFT start is shown every square
+    tokenizer = M.load_tokenizer(str(Path(__file__).parent.parent / "assets" / "tiny"))
+    ds = data.SFTDataset([str(tmp_path / "ground" / "sft.json")], tokenizer, str(tmp_path), log=lambda *_: None,
+                         registry=tools.load_tools("Crop", "pixel"), **SMALL)
+    assert len(ds) == 128 and not ds.errors and ds.stats["calls Crop"] == 128
+    committed = Path(__file__).parent.parent / "data" / "demo" / "ground"
+    for fn in ("sft.json", "grpo.json", "eval.json"):
+        assert json.loads((committed / fn).read_text()) == json.loads((tmp_path / "ground" / fn).read_text())
+    for p in prompts[:4] + held_out[:4]:
+        with Image.open(committed.parent / p["image"]) as a, Image.open(tmp_path / p["image"]) as b:
+            assert list(a.convert("RGB").getdata()) == list(b.convert("RGB").getdata())
