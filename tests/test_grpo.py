@@ -444,22 +444,29 @@ def test_rollout_pages_tool_health_and_the_collapse_guard(tool_ckpt, tmp_path, c
     assert not (tmp_path / "stop" / "final").exists() and metrics(tmp_path / "stop")[-1]["tool_rate"] < 0.5
 
 
-def test_tensorboard_gets_the_rollouts_with_their_boxes(tool_ckpt, tmp_path):
-    """tensorboard on: the step scalars (tool use health among them) and a few rollouts per interval as images with
-    the predicted and gold boxes drawn, read back with tensorboard's own EventAccumulator."""
-    pytest.importorskip("tensorboard") if not os.environ.get("CI") else None
+def test_trackers_get_the_rollouts_with_their_boxes(tool_ckpt, tmp_path, monkeypatch):
+    """tensorboard and wandb (offline) on: the step scalars (tool use health among them) and a few rollouts per
+    interval as images with the predicted and gold boxes drawn, read back with tensorboard's own EventAccumulator and
+    from the files wandb wrote (its table JSON, its PNGs, its run summary)."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("tensorboard")
+        pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import report
 
+    for k in ("DIR", "CONFIG_DIR", "CACHE_DIR", "DATA_DIR"):  # everything wandb writes stays under tmp_path
+        monkeypatch.setenv(f"WANDB_{k}", str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "tb"
     grpo.main(grpo.Config(model_path=tool_ckpt, data_path=str(DEMO / "grpo.json"), image_dir=str(DEMO),
                           output_dir=str(out), zero_config=str(ROOT / "zero_configs" / "zero0.json"),
                           prompts_per_rank=1, num_generations=2, micro_batch_size=2, max_new_tokens=60,
                           single_image_min_pixels=4096, single_image_max_pixels=8192, crop_min_pixels=4096,
                           crop_max_pixels=8192, bf16=False, gradient_checkpointing=False, max_steps=1,
-                          rewards="format:0.5|iou:1", tensorboard=True, log_rollouts_interval=1, log_rollouts_count=2,
-                          max_empty_step_frac=1.0))
+                          rewards="format:0.5|iou:1", tensorboard=True, wandb_project="ovis-tune-test",
+                          log_rollouts_interval=1, log_rollouts_count=2, max_empty_step_frac=1.0))
     ev = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert {"grpo/tool_rate", "grpo/reward", "grpo/mean_crop_iou"} <= set(ev.Tags()["scalars"])
     images = ev.Images("rollouts_train/0")
@@ -471,3 +478,47 @@ def test_tensorboard_gets_the_rollouts_with_their_boxes(tool_ckpt, tmp_path):
     x1, y1, x2, y2 = (round(v) for v in row["gold_bbox"])
     gold = tuple(int(report.GOLD[k:k + 2], 16) for k in (1, 3, 5))
     assert shown.size == tuple(row["image_size"]) and shown.getpixel((x1, (y1 + y2) // 2)) == gold
+
+    # wandb, offline: its run log (read with wandb's own Record protobuf) has the step's scalars and the rollouts
+    # table, and the table's artifact holds the table JSON and the PNGs it names, boxes drawn
+    (log,) = (tmp_path / "wandb_home" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = list(_wandb_records(log))
+    step1 = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for r in records
+             if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    assert step1["_step"] == 1 and step1["tool_rate"] == metrics(out)[0]["tool_rate"]
+    assert step1["rollouts_train/_type"] == "table-file" and step1["rollouts_train/nrows"] == 2
+    (art,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"
+              and r.artifact.name.endswith("-rollouts_train")]
+    files = {e.path: e.local_path for e in art.manifest.contents}
+    table = json.loads(Path(files["rollouts_train.table.json"]).read_text())
+    rows = report.read_rows(out / "rollouts" / "step_1.jsonl")
+    assert table["columns"] == ["rollout", "image", "text"] and len(table["data"]) == len(rows) == 2
+    for (cap, cell, text), row in zip(table["data"], rows):
+        assert cap.startswith(row["id"] + ":") and text == row["text"] and cell["_type"] == "image-file"
+        drawn = Image.open(files[cell["path"]]).convert("RGB")
+        x1, y1, x2, y2 = (round(v) for v in row["gold_bbox"])
+        assert drawn.size == tuple(row["image_size"]) and drawn.getpixel((x1, (y1 + y2) // 2)) == gold
+
+
+def _wandb_records(path):
+    """The records of a wandb run log (`run-*.wandb`): a leveldb-style log (a 7-byte file header, then 32 KiB blocks
+    of chunks, each with a 7-byte header: crc32, length, kind 1 full / 2 first / 3 middle / 4 last) of wandb's own
+    protobuf `Record`s."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    blob = Path(path).read_bytes()
+    assert blob[:4] == b":W&B", f"{path} is not a wandb run log"
+    pos, chunks = 7, b""
+    while pos + 7 <= len(blob):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        size = int.from_bytes(blob[pos + 4:pos + 6], "little")
+        kind = blob[pos + 6]
+        chunks += blob[pos + 7:pos + 7 + size]
+        pos += 7 + size
+        if kind in (1, 4):
+            record = Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
