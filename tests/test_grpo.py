@@ -447,7 +447,7 @@ def test_rollout_pages_tool_health_and_the_collapse_guard(tool_ckpt, tmp_path, c
 def test_trackers_get_the_rollouts_with_their_boxes(tool_ckpt, tmp_path, monkeypatch):
     """tensorboard and wandb (offline) on: the step scalars (tool use health among them) and a few rollouts per
     interval as images with the predicted and gold boxes drawn, read back with tensorboard's own EventAccumulator and
-    from the files wandb wrote (its table JSON, its PNGs, its run summary)."""
+    from the files wandb wrote (its run log's history, its table JSON, its PNGs)."""
     if not os.environ.get("CI"):
         pytest.importorskip("tensorboard")
         pytest.importorskip("wandb")
@@ -473,11 +473,14 @@ def test_trackers_get_the_rollouts_with_their_boxes(tool_ckpt, tmp_path, monkeyp
     assert len(images) == 1 and images[0].step == 1
     import io as _io
 
-    shown = Image.open(_io.BytesIO(images[0].encoded_image_string)).convert("RGB")
-    row = report.read_rows(out / "rollouts" / "step_1.jsonl")[0]
-    x1, y1, x2, y2 = (round(v) for v in row["gold_bbox"])
     gold = tuple(int(report.GOLD[k:k + 2], 16) for k in (1, 3, 5))
-    assert shown.size == tuple(row["image_size"]) and shown.getpixel((x1, (y1 + y2) // 2)) == gold
+    rows = report.read_rows(out / "rollouts" / "step_1.jsonl")
+
+    def gold_box_drawn(image, row):  # the prompt image's size, and the gold colour on the gold box's left edge
+        x1, y1, x2, y2 = (round(v) for v in row["gold_bbox"])
+        return image.size == tuple(row["image_size"]) and image.convert("RGB").getpixel((x1, (y1 + y2) // 2)) == gold
+
+    assert gold_box_drawn(Image.open(_io.BytesIO(images[0].encoded_image_string)), rows[0])
 
     # wandb, offline: its run log (read with wandb's own Record protobuf) has the step's scalars and the rollouts
     # table, and the table's artifact holds the table JSON and the PNGs it names, boxes drawn
@@ -491,13 +494,10 @@ def test_trackers_get_the_rollouts_with_their_boxes(tool_ckpt, tmp_path, monkeyp
               and r.artifact.name.endswith("-rollouts_train")]
     files = {e.path: e.local_path for e in art.manifest.contents}
     table = json.loads(Path(files["rollouts_train.table.json"]).read_text())
-    rows = report.read_rows(out / "rollouts" / "step_1.jsonl")
     assert table["columns"] == ["rollout", "image", "text"] and len(table["data"]) == len(rows) == 2
     for (cap, cell, text), row in zip(table["data"], rows):
         assert cap.startswith(row["id"] + ":") and text == row["text"] and cell["_type"] == "image-file"
-        drawn = Image.open(files[cell["path"]]).convert("RGB")
-        x1, y1, x2, y2 = (round(v) for v in row["gold_bbox"])
-        assert drawn.size == tuple(row["image_size"]) and drawn.getpixel((x1, (y1 + y2) // 2)) == gold
+        assert gold_box_drawn(Image.open(files[cell["path"]]), row)
 
 
 def _wandb_records(path):
